@@ -1,0 +1,72 @@
+"""One Pipes session on the function side: decode the trigger, claim the lease, open Pipes, run the handler.
+
+Shared by the push entry point (``entrypoint.py``) and the pull worker. A fresh ``PipesContext`` is built for
+every invocation and handed to the handler; the process-wide ``PipesContext`` singleton that
+``open_dagster_pipes`` sets is never touched, so a warm instance serving several requests, one after the
+other or at once, keeps them apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dagster_pipes import PipesContext, PipesMappingParamsLoader
+
+from function import clients
+from function.context_loader import PipesInlineOrGCSContextLoader
+from function.lease import claim_lease
+from function.message_writer import PubSubMessageWriter
+from shared.claim_check import ClaimCheck
+from shared.layout import lease_key
+from shared.protocol import ProtocolError, ReplyChannelParams, Trigger
+
+Handler = Callable[[PipesContext, dict[str, Any]], Any]
+
+_log = logging.getLogger("dagster_pipes_gcp.function")
+
+
+@dataclass(frozen=True)
+class SessionOutcome:
+    session_id: str | None
+    invocation_id: str
+    ran: bool
+    error: BaseException | None = None
+
+
+def decode_trigger(data: bytes, attributes: Mapping[str, str]) -> Trigger:
+    body = ClaimCheck(clients.blob_store("")).unwrap(data, attributes)
+    return Trigger.decode(body, attributes)
+
+
+def run_session(handler: Handler, data: bytes, attributes: Mapping[str, str], *, message_id: str = "") -> SessionOutcome:
+    """Run ``handler`` for one trigger message. Never raises for a handler error: that is reported to Dagster
+    through ``closed`` (with its traceback) and returned, so the platform does not redeliver a trigger
+    whose failure Dagster already knows about."""
+    invocation_id = uuid.uuid4().hex
+    try:
+        trigger = decode_trigger(data, attributes)
+        params_loader = PipesMappingParamsLoader(trigger.bootstrap)
+        settings = ReplyChannelParams.from_params(params_loader.load_messages_params())
+    except (ProtocolError, ValueError, zlib.error) as exc:
+        # Nobody to report to: acknowledge (return) so the platform does not redeliver it forever.
+        _log.error("dropping trigger message %s: %s", message_id or "?", exc)
+        return SessionOutcome(None, invocation_id, ran=False, error=exc)
+
+    if not claim_lease(clients.storage_client(), settings.bucket, lease_key(settings.prefix, trigger.session_id), invocation_id):
+        return SessionOutcome(trigger.session_id, invocation_id, ran=False)
+
+    _log.info("session %s: invocation %s starts (trigger message %s)", trigger.session_id, invocation_id, message_id)
+    writer = PubSubMessageWriter(clients.publisher(), clients.blob_store, invocation_id)
+    pipes = PipesContext(params_loader, PipesInlineOrGCSContextLoader(clients.storage_client()), writer)
+    try:
+        with pipes:
+            handler(pipes, dict(trigger.payload))
+    except Exception as exc:  # reported through `closed` by PipesContext.__exit__
+        _log.exception("session %s: the handler raised; reported to Dagster", trigger.session_id)
+        return SessionOutcome(trigger.session_id, invocation_id, ran=True, error=exc)
+    return SessionOutcome(trigger.session_id, invocation_id, ran=True)

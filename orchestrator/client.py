@@ -1,0 +1,205 @@
+"""``PipesPubSubClient``: runs a Cloud Function as a Dagster Pipes session over Pub/Sub.
+
+``run()`` validates everything it can before publishing, opens a Pipes session (context injector + a
+per-session reply subscription), publishes the trigger, waits for ``closed`` (or a timeout), deletes the
+session's GCS objects, and fails the step with the remote traceback if the function raised.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import google.auth
+from dagster import (
+    AssetExecutionContext,
+    ConfigurableResource,
+    OpExecutionContext,
+    PipesClient,
+    PipesClientCompletedInvocation,
+    open_pipes_session,
+)
+from dagster_pipes import PipesExtras
+from google.api_core import exceptions as gexc
+from google.cloud import pubsub_v1, storage
+from pydantic import Field
+
+from orchestrator.context_injectors import PipesPubSubContextInjector
+from orchestrator.errors import CloudFunctionError, PipesPubSubConfigError
+from orchestrator.message_reader import PipesPubSubMessageReader
+from shared.claim_check import ClaimCheck, GCSBlobStore, validate_threshold
+from shared.layout import context_key, session_prefix, trigger_key
+from shared.protocol import DEFAULT_INLINE_THRESHOLD, ProtocolError, ReplyChannelParams, Trigger, dumps, new_session_id
+from shared.pubsub import publish
+from shared.retry import transient_retry
+
+
+def resolve_project(project: str | None) -> str:
+    """The configured project, else ``GOOGLE_CLOUD_PROJECT``, else the project of Application Default Credentials."""
+    if project:
+        return project
+    if os.environ.get("GOOGLE_CLOUD_PROJECT"):
+        return os.environ["GOOGLE_CLOUD_PROJECT"]
+    try:
+        _, adc_project = google.auth.default()
+    except google.auth.exceptions.DefaultCredentialsError:
+        adc_project = None
+    if not adc_project:
+        raise PipesPubSubConfigError(
+            "no Google Cloud project: set `project` on PipesPubSubClient or the GOOGLE_CLOUD_PROJECT environment "
+            "variable (or `gcloud config set project ...` for Application Default Credentials)"
+        )
+    return adc_project
+
+
+def topic_path(project: str, topic: str) -> str:
+    return topic if topic.startswith("projects/") else f"projects/{project}/topics/{topic}"
+
+
+@transient_retry()
+def _topic_exists(publisher: pubsub_v1.PublisherClient, path: str) -> bool:
+    try:
+        publisher.get_topic(request={"topic": path})
+    except gexc.NotFound:
+        return False
+    return True
+
+
+@transient_retry()
+def _bucket_exists(client: storage.Client, bucket: str) -> bool:
+    try:
+        return client.bucket(bucket).exists()
+    except gexc.Forbidden:
+        return True  # object-level roles only: we cannot tell, and the first upload will say
+
+
+class PipesPubSubClient(ConfigurableResource, PipesClient):
+    """Trigger an event-driven Cloud Function over Pub/Sub and receive its Pipes messages over Pub/Sub.
+
+    The function must be deployed with ``--trigger-topic`` = ``trigger_topic`` and decorated with
+    ``@pipes_function``; it replies on ``reply_topic``. ``bucket`` holds what is too large for a Pub/Sub
+    message (context, payloads, reply batches) and the per-session lease, all under ``prefix``.
+    """
+
+    project: str | None = Field(default=None, description="GCP project; default GOOGLE_CLOUD_PROJECT, then ADC.")
+    trigger_topic: str = Field(description="Topic the function is triggered by (name or projects/P/topics/T).")
+    reply_topic: str = Field(description="Topic the function publishes its Pipes messages to.")
+    bucket: str = Field(description="GCS bucket for claim-check objects and session leases (no gs://).")
+    prefix: str = Field(default="dagster-pipes", description="Object prefix in `bucket` for session objects.")
+    inline_threshold_bytes: int = Field(
+        default=DEFAULT_INLINE_THRESHOLD, description="Bodies above this many bytes travel through GCS."
+    )
+    startup_timeout: float = Field(default=120.0, description="Seconds from trigger to `opened` before failing.")
+    heartbeat_timeout: float = Field(default=60.0, description="Seconds of silence from a running function before failing.")
+    heartbeat_interval: float = Field(default=10.0, description="Seconds between the function's idle heartbeats.")
+    flush_interval: float = Field(default=0.2, description="Seconds the function buffers messages before publishing.")
+    total_timeout: float | None = Field(default=None, description="Optional cap on the whole session, in seconds.")
+
+    def _validated(self, payload: Mapping[str, Any]) -> str:
+        """Check configuration and input before anything is published; return the project."""
+        problems = []
+        try:
+            validate_threshold(self.inline_threshold_bytes)
+        except ValueError as exc:
+            problems.append(str(exc))
+        if self.bucket.startswith("gs://") or "/" in self.bucket:
+            problems.append(f"bucket={self.bucket!r} must be a bare bucket name (no gs://, no path); use `prefix` for a path")
+        if not 0 < self.heartbeat_interval * 2 <= self.heartbeat_timeout:
+            problems.append(
+                f"heartbeat_timeout={self.heartbeat_timeout:g} must be at least twice heartbeat_interval="
+                f"{self.heartbeat_interval:g}, or a healthy but quiet function is taken for dead"
+            )
+        if not isinstance(payload, Mapping):
+            problems.append(f"payload must be a dict (a JSON object), got {type(payload).__name__}")
+        else:
+            try:
+                dumps(dict(payload), "payload")
+            except ProtocolError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise PipesPubSubConfigError("; ".join(problems))
+        return resolve_project(self.project)
+
+    def _check_resources(self, project: str, publisher: pubsub_v1.PublisherClient, gcs: storage.Client) -> None:
+        for setting in ("trigger_topic", "reply_topic"):
+            path = topic_path(project, getattr(self, setting))
+            if not _topic_exists(publisher, path):
+                raise PipesPubSubConfigError(
+                    f"{setting}: topic {path} does not exist; create it (gcloud pubsub topics create "
+                    f"{path.rsplit('/', 1)[-1]} --project {path.split('/')[1]}) or fix {setting} / project"
+                )
+        if not _bucket_exists(gcs, self.bucket):
+            raise PipesPubSubConfigError(
+                f"bucket: gs://{self.bucket} does not exist; create it (gcloud storage buckets create "
+                f"gs://{self.bucket}) or fix `bucket`"
+            )
+
+    def run(  # type: ignore[override]
+        self,
+        *,
+        context: OpExecutionContext | AssetExecutionContext,
+        payload: Mapping[str, Any] | None = None,
+        extras: PipesExtras | None = None,
+    ) -> PipesClientCompletedInvocation:
+        """Run one function session; ``payload`` reaches the handler as its second argument."""
+        payload = {} if payload is None else payload
+        project = self._validated(payload)
+        publisher = pubsub_v1.PublisherClient()
+        subscriber = pubsub_v1.SubscriberClient()
+        gcs = storage.Client(project=project)
+        self._check_resources(project, publisher, gcs)
+
+        session_id = new_session_id()
+        trigger_topic = topic_path(project, self.trigger_topic)
+        blob_store = GCSBlobStore(gcs, self.bucket)
+        claim_check = ClaimCheck(blob_store, self.inline_threshold_bytes)
+        reader = PipesPubSubMessageReader(
+            subscriber=subscriber,
+            claim_check=claim_check,
+            channel_params=ReplyChannelParams(
+                topic=topic_path(project, self.reply_topic),
+                session_id=session_id,
+                bucket=self.bucket,
+                prefix=self.prefix,
+                inline_threshold=self.inline_threshold_bytes,
+                flush_interval=self.flush_interval,
+                heartbeat_interval=self.heartbeat_interval,
+            ),
+            log=context.log,
+        )
+        injector = PipesPubSubContextInjector(
+            blob_store=blob_store, key=context_key(self.prefix, session_id), inline_threshold=self.inline_threshold_bytes
+        )
+        started = time.monotonic()
+        try:
+            with open_pipes_session(context=context, context_injector=injector, message_reader=reader, extras=extras) as session:
+                body, attributes = Trigger(session_id, payload, session.get_bootstrap_env_vars()).encode()
+                data, codec_attributes = claim_check.wrap(body, trigger_key(self.prefix, session_id))
+                triggered_at = time.monotonic()
+                message_id = publish(publisher, trigger_topic, data, {**attributes, **codec_attributes})
+                context.log.info(f"[pipes] session {session_id}: trigger message {message_id} published to {trigger_topic}")
+                reader.wait_for_close(
+                    triggered_at=triggered_at,
+                    trigger_topic=trigger_topic,
+                    startup_timeout=self.startup_timeout,
+                    heartbeat_timeout=self.heartbeat_timeout,
+                    total_timeout=self.total_timeout,
+                )
+        finally:
+            blob_store.delete_prefix(session_prefix(self.prefix, session_id))
+            subscriber.close()
+
+        exception = (reader.closed_params or {}).get("exception")
+        if exception:
+            raise CloudFunctionError(session_id, exception)
+        return PipesClientCompletedInvocation(
+            session,
+            metadata={
+                "pipes_session_id": session_id,
+                "pipes_trigger_message_id": message_id,
+                "pipes_invocation_id": reader.invocation_id or "",
+                "pipes_session_seconds": round(time.monotonic() - started, 3),
+            },
+        )

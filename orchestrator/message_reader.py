@@ -1,0 +1,226 @@
+"""The Pipes message reader: one session's replies, read from a per-session Pub/Sub subscription.
+
+The subscription is created on the reply topic with a filter on the session attribute **before** the
+trigger is published (so no reply can be missed) and deleted when the session ends; it also carries an
+expiration policy, the backstop for an orchestrator that dies without cleaning up. Messages arrive by
+streaming pull; each is decoded (claim-check objects fetched from GCS), checked for the session id (the
+Pub/Sub emulator stores filters but does not apply them, so this check is what isolates sessions there),
+reassembled into order and handed to Dagster's handler, then acked. Anything malformed is logged with its
+message id and acked: it never reaches Dagster and never stops the reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+from dagster import PipesMessageHandler, PipesMessageReader
+from dagster_pipes import PipesParams
+from google.api_core import exceptions as gexc
+from google.cloud import pubsub_v1
+
+from orchestrator.errors import (
+    FunctionHeartbeatTimeout,
+    FunctionStartupTimeout,
+    FunctionTotalTimeout,
+    PipesPubSubConfigError,
+    ReplyStreamError,
+)
+from orchestrator.reassembly import ReassemblyError, SessionReassembler
+from shared.claim_check import ClaimCheck
+from shared.protocol import ProtocolError, Reply, ReplyChannelParams, subscription_filter
+from shared.retry import transient_retry
+
+#: Pub/Sub's minimum expiration TTL: an idle per-session subscription disappears a day after its last use.
+SUBSCRIPTION_TTL_SECONDS = 24 * 3600
+
+
+@transient_retry()
+def _create_subscription(subscriber: pubsub_v1.SubscriberClient, request: Mapping[str, Any]) -> None:
+    subscriber.create_subscription(request=request)
+
+
+@transient_retry()
+def _delete_subscription(subscriber: pubsub_v1.SubscriberClient, path: str) -> None:
+    try:
+        subscriber.delete_subscription(request={"subscription": path})
+    except gexc.NotFound:
+        pass
+
+
+class PipesPubSubMessageReader(PipesMessageReader):
+    def __init__(
+        self,
+        *,
+        subscriber: pubsub_v1.SubscriberClient,
+        claim_check: ClaimCheck,
+        channel_params: ReplyChannelParams,
+        log: logging.Logger | Any | None = None,
+        ack_deadline_seconds: int = 60,
+    ):
+        self._subscriber = subscriber
+        self._claim_check = claim_check
+        self._channel_params = channel_params
+        self.session_id = channel_params.session_id
+        self._log = log or logging.getLogger("dagster_pipes_gcp.reader")
+        self._ack_deadline_seconds = ack_deadline_seconds
+        project = channel_params.topic.split("/")[1]
+        self.subscription_path = subscriber.subscription_path(project, f"dagster-pipes-{self.session_id}")
+        self._cond = threading.Condition()
+        self._reassembler = SessionReassembler(self.session_id, warn=self._log.warning)
+        self._handler: PipesMessageHandler | None = None
+        self._streaming: pubsub_v1.subscriber.futures.StreamingPullFuture | None = None
+        self._failure: BaseException | None = None
+        self._last_heard: tuple[float, float] | None = None  # (monotonic, wall clock)
+        self.messages_ignored = 0
+
+    # ---------------------------------------------------------------- PipesMessageReader
+    @contextmanager
+    def read_messages(self, handler: PipesMessageHandler) -> Iterator[PipesParams]:
+        self._handler = handler
+        self._create_subscription()
+        try:
+            self._streaming = self._subscriber.subscribe(
+                self.subscription_path,
+                self._on_message,
+                flow_control=pubsub_v1.types.FlowControl(max_messages=1000),
+                await_callbacks_on_shutdown=True,
+            )
+            yield self._channel_params.to_params()
+        finally:
+            if self._streaming is not None:
+                self._streaming.cancel()
+                try:
+                    self._streaming.result(timeout=30)
+                except BaseException:  # noqa: BLE001 - the stream's end is not the step's outcome
+                    pass
+            _delete_subscription(self._subscriber, self.subscription_path)
+
+    def no_messages_debug_text(self) -> str:
+        return (
+            f"Attempted to read replies of session {self.session_id} from {self._channel_params.topic} through "
+            f"subscription {self.subscription_path}. Expected the function to be decorated with @pipes_function "
+            "(or to open Pipes with PubSubMessageWriter)."
+        )
+
+    def _create_subscription(self) -> None:
+        request = {
+            "name": self.subscription_path,
+            "topic": self._channel_params.topic,
+            "filter": subscription_filter(self.session_id),
+            "ack_deadline_seconds": self._ack_deadline_seconds,
+            "expiration_policy": {"ttl": {"seconds": SUBSCRIPTION_TTL_SECONDS}},
+            "message_retention_duration": {"seconds": 600},
+        }
+        try:
+            _create_subscription(self._subscriber, request)
+        except gexc.NotFound as exc:
+            raise PipesPubSubConfigError(
+                f"reply topic {self._channel_params.topic} does not exist: create it "
+                f"(gcloud pubsub topics create {self._channel_params.topic.rsplit('/', 1)[-1]}) or fix reply_topic"
+            ) from exc
+        except gexc.PermissionDenied as exc:
+            raise PipesPubSubConfigError(
+                f"not allowed to create subscription {self.subscription_path} on {self._channel_params.topic}: "
+                "grant the orchestrator's service account roles/pubsub.subscriber and roles/pubsub.editor "
+                f"(or a custom role with pubsub.subscriptions.create/delete) ({exc.message})"
+            ) from exc
+
+    # ---------------------------------------------------------------- the streaming-pull callback
+    def _on_message(self, message: pubsub_v1.subscriber.message.Message) -> None:
+        try:
+            self._take(message)
+        except ReassemblyError as exc:
+            with self._cond:
+                self._failure = exc
+                self._cond.notify_all()
+        except ProtocolError as exc:
+            self.messages_ignored += 1
+            self._log.warning(f"[pipes] dropped reply message {message.message_id}: {exc}")
+        except Exception:  # noqa: BLE001 - a bad message must never stop the reader
+            self.messages_ignored += 1
+            self._log.exception(f"[pipes] failed to process reply message {message.message_id}; dropped")
+        message.ack()
+
+    def _take(self, message: pubsub_v1.subscriber.message.Message) -> None:
+        attributes = dict(message.attributes)
+        if attributes.get("dagster_pipes_session") not in (None, self.session_id):
+            return  # another session's reply: only reaches us where filters are not applied (the emulator)
+        reply = Reply.decode(self._claim_check.unwrap(message.data, attributes), attributes)
+        with self._cond:
+            if self._reassembler.counts_as_alive(reply):
+                self._last_heard = (time.monotonic(), time.time())
+            for pipes_message in self._reassembler.offer(reply):
+                self._hand_to_dagster(pipes_message)
+            self._cond.notify_all()
+
+    def _hand_to_dagster(self, pipes_message: Mapping[str, Any]) -> None:
+        assert self._handler is not None
+        try:
+            self._handler.handle_message(pipes_message)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - as dagster's own readers do: report and go on
+            self._handler.report_pipes_framework_exception(
+                f"{self.__class__.__name__} handling a {pipes_message.get('method')!r} message", sys.exc_info()
+            )
+
+    # ---------------------------------------------------------------- waiting for the end
+    @property
+    def closed_params(self) -> Mapping[str, Any] | None:
+        return self._reassembler.closed_params
+
+    @property
+    def invocation_id(self) -> str | None:
+        return self._reassembler.accepted_invocation
+
+    def wait_for_close(
+        self,
+        *,
+        triggered_at: float,
+        trigger_topic: str,
+        startup_timeout: float,
+        heartbeat_timeout: float,
+        total_timeout: float | None = None,
+    ) -> None:
+        """Block until the session's ``closed`` message was handled; raise if a timeout expires first.
+
+        ``triggered_at`` is the ``time.monotonic()`` at which the trigger was published."""
+        with self._cond:
+            while not self._reassembler.closed:
+                if self._failure is not None:
+                    raise ReplyStreamError(f"session {self.session_id}: {self._failure}") from self._failure
+                if self._streaming is not None and self._streaming.done():
+                    raise ReplyStreamError(
+                        f"session {self.session_id}: reading {self.subscription_path} stopped: "
+                        f"{self._streaming.exception()!r}; check that Pub/Sub is reachable and the subscription exists"
+                    )
+                now = time.monotonic()
+                if total_timeout is not None and now - triggered_at > total_timeout:
+                    raise FunctionTotalTimeout(
+                        f"session {self.session_id} ran longer than total_timeout={total_timeout:g}s without closing; "
+                        "the function may still be running: raise total_timeout if the work needs longer"
+                    )
+                if not self._reassembler.opened:
+                    if now - triggered_at > startup_timeout:
+                        raise FunctionStartupTimeout(
+                            f"the Cloud Function did not start session {self.session_id} within "
+                            f"startup_timeout={startup_timeout:g}s of the trigger being published to {trigger_topic}. "
+                            f"Check that a function is deployed with --trigger-topic {trigger_topic} (or that a push "
+                            "subscription or pull worker consumes that topic), that it is ACTIVE, and its logs for "
+                            "errors at start-up; raise startup_timeout for slow cold starts."
+                        )
+                elif self._last_heard is not None and now - self._last_heard[0] > heartbeat_timeout:
+                    last_heard_at = datetime.fromtimestamp(self._last_heard[1], tz=timezone.utc).isoformat(timespec="seconds")
+                    raise FunctionHeartbeatTimeout(
+                        f"the Cloud Function stopped sending heartbeats: invocation {self.invocation_id} of session "
+                        f"{self.session_id} was last heard from at {last_heard_at} ({now - self._last_heard[0]:.1f}s "
+                        f"ago; heartbeat_timeout={heartbeat_timeout:g}s). It was probably killed (function timeout, "
+                        "out of memory, instance shut down): check the function's logs for that invocation and its "
+                        "timeout and memory settings."
+                    )
+                self._cond.wait(timeout=0.1)

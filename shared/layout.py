@@ -1,0 +1,24 @@
+"""Where a session's objects live in the bucket: everything of a session under one prefix, so one
+prefix delete cleans it up."""
+
+from __future__ import annotations
+
+
+def session_prefix(prefix: str, session_id: str) -> str:
+    return f"{prefix.strip('/')}/{session_id}/" if prefix.strip("/") else f"{session_id}/"
+
+
+def trigger_key(prefix: str, session_id: str) -> str:
+    return session_prefix(prefix, session_id) + "trigger.json"
+
+
+def context_key(prefix: str, session_id: str) -> str:
+    return session_prefix(prefix, session_id) + "context.json"
+
+
+def lease_key(prefix: str, session_id: str) -> str:
+    return session_prefix(prefix, session_id) + "lease"
+
+
+def reply_key(prefix: str, session_id: str, invocation_id: str, seq: int) -> str:
+    return session_prefix(prefix, session_id) + f"replies/{invocation_id}/{seq}.json"

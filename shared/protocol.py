@@ -1,0 +1,214 @@
+"""Wire protocol v1 between the orchestrator and the function.
+
+Two kinds of Pub/Sub message cross the wire:
+
+* the **trigger** (orchestrator -> trigger topic): data is one JSON object, the user's payload merged with
+  the Pipes bootstrap params (``DAGSTER_PIPES_CONTEXT`` / ``DAGSTER_PIPES_MESSAGES``, encoded as dagster
+  encodes them for environment variables, so ``PipesMappingParamsLoader`` reads them unchanged);
+* the **reply** (function -> reply topic): either a batch of Pipes messages (a JSON list) carrying a
+  per-invocation sequence number, or an empty heartbeat.
+
+Every message carries the session id and the protocol version as attributes, so a subscription filter can
+select one session and a reader can reject what it does not understand. This module knows nothing about
+transports or storage: it maps values to ``(bytes, attributes)`` and back, and raises ``ProtocolError`` with
+a message that names the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = "1"
+
+#: Pub/Sub's hard limit for one message (data + attributes), in bytes.
+PUBSUB_MAX_MESSAGE_BYTES = 10_000_000
+
+BOOTSTRAP_KEYS = ("DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES")
+
+#: Default claim-check threshold: well under the 4 MiB that a default gRPC channel will receive.
+DEFAULT_INLINE_THRESHOLD = 1_000_000
+
+
+class Attr:
+    """Attribute names on every message of the protocol."""
+
+    SESSION = "dagster_pipes_session"
+    VERSION = "dagster_pipes_version"
+    INVOCATION = "dagster_pipes_invocation"
+    SEQ = "dagster_pipes_seq"
+    KIND = "dagster_pipes_kind"
+    #: set by the claim-check codec: ``inline`` or ``claim`` (data is a ``gs://`` pointer)
+    BODY = "dagster_pipes_body"
+
+
+class ReplyKind:
+    BATCH = "batch"
+    HEARTBEAT = "heartbeat"
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; the text says what is wrong with it."""
+
+
+_SESSION_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_session_id() -> str:
+    """128 random bits from ``secrets``, hex encoded (valid in subscription names and filters)."""
+    return secrets.token_hex(16)
+
+
+def subscription_filter(session_id: str) -> str:
+    """The Pub/Sub filter that selects one session's replies."""
+    return f'attributes.{Attr.SESSION} = "{session_id}"'
+
+
+def _require_session_id(attributes: Mapping[str, str]) -> str:
+    session_id = attributes.get(Attr.SESSION)
+    if session_id is None:
+        raise ProtocolError(f"missing attribute {Attr.SESSION!r}: not a Dagster Pipes message")
+    if not _SESSION_ID_RE.match(session_id):
+        raise ProtocolError(f"attribute {Attr.SESSION!r} is not a 32-hex-digit session id: {session_id!r}")
+    version = attributes.get(Attr.VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"unsupported protocol version {version!r} (this side speaks {PROTOCOL_VERSION!r}); "
+            "deploy the same release of the integration on both sides"
+        )
+    return session_id
+
+
+def dumps(value: Any, what: str) -> bytes:
+    """Compact JSON, failing with a message that names ``what`` could not be serialised."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(
+            f"{what} is not JSON-serialisable ({exc}); pass only dicts with string keys, lists, strings, "
+            "finite numbers, booleans and None"
+        ) from exc
+
+
+def _loads(data: bytes, what: str) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"{what} is not UTF-8 JSON: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------- trigger
+
+
+@dataclass(frozen=True)
+class Trigger:
+    session_id: str
+    payload: Mapping[str, Any]
+    bootstrap: Mapping[str, str]
+
+    def encode(self) -> tuple[bytes, dict[str, str]]:
+        if not isinstance(self.payload, Mapping):
+            raise ProtocolError(f"the payload must be a JSON object (a dict), got {type(self.payload).__name__}")
+        clash = sorted(set(self.payload) & set(BOOTSTRAP_KEYS))
+        if clash:
+            raise ProtocolError(f"payload keys {clash} are reserved for the Pipes bootstrap params; rename them")
+        body = dumps({**self.payload, **self.bootstrap}, "the payload")
+        return body, {Attr.SESSION: self.session_id, Attr.VERSION: PROTOCOL_VERSION}
+
+    @classmethod
+    def decode(cls, body: bytes, attributes: Mapping[str, str]) -> Trigger:
+        session_id = _require_session_id(attributes)
+        obj = _loads(body, "the trigger")
+        if not isinstance(obj, dict):
+            raise ProtocolError(f"the trigger must be a JSON object, got {type(obj).__name__}")
+        missing = [k for k in BOOTSTRAP_KEYS if not isinstance(obj.get(k), str)]
+        if missing:
+            raise ProtocolError(f"the trigger lacks the Pipes bootstrap params {missing}")
+        bootstrap = {k: obj.pop(k) for k in BOOTSTRAP_KEYS}
+        return cls(session_id=session_id, payload=obj, bootstrap=bootstrap)
+
+
+# ---------------------------------------------------------------------------------------------- replies
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One reply message: a batch of Pipes messages (``seq`` set) or a heartbeat (``seq`` None, no messages)."""
+
+    session_id: str
+    invocation_id: str
+    seq: int | None
+    messages: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
+
+    @property
+    def is_heartbeat(self) -> bool:
+        return self.seq is None
+
+    def attributes(self) -> dict[str, str]:
+        attributes = {
+            Attr.SESSION: self.session_id,
+            Attr.VERSION: PROTOCOL_VERSION,
+            Attr.INVOCATION: self.invocation_id,
+            Attr.KIND: ReplyKind.HEARTBEAT if self.is_heartbeat else ReplyKind.BATCH,
+        }
+        if not self.is_heartbeat:
+            attributes[Attr.SEQ] = str(self.seq)
+        return attributes
+
+    def encode(self) -> tuple[bytes, dict[str, str]]:
+        body = b"" if self.is_heartbeat else dumps(list(self.messages), "a Pipes message batch")
+        return body, self.attributes()
+
+    @classmethod
+    def decode(cls, body: bytes, attributes: Mapping[str, str]) -> Reply:
+        session_id = _require_session_id(attributes)
+        invocation_id = attributes.get(Attr.INVOCATION)
+        if not invocation_id:
+            raise ProtocolError(f"reply without the {Attr.INVOCATION!r} attribute")
+        kind = attributes.get(Attr.KIND)
+        if kind == ReplyKind.HEARTBEAT:
+            return cls(session_id=session_id, invocation_id=invocation_id, seq=None)
+        if kind != ReplyKind.BATCH:
+            raise ProtocolError(f"unknown reply kind {kind!r} (expected {ReplyKind.BATCH!r} or {ReplyKind.HEARTBEAT!r})")
+        raw_seq = attributes.get(Attr.SEQ, "")
+        if not raw_seq.isdigit():
+            raise ProtocolError(f"reply batch with a missing or non-numeric {Attr.SEQ!r} attribute: {raw_seq!r}")
+        messages = _loads(body, "the reply batch")
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("method"), str) for m in messages
+        ):
+            raise ProtocolError("a reply batch must be a JSON list of Pipes messages (objects with a 'method')")
+        return cls(session_id=session_id, invocation_id=invocation_id, seq=int(raw_seq), messages=messages)
+
+
+# ---------------------------------------------------------------------------------------------- channel
+
+
+@dataclass(frozen=True)
+class ReplyChannelParams:
+    """How the function must reply: the reader's ``DAGSTER_PIPES_MESSAGES`` params, sent in the trigger."""
+
+    topic: str
+    session_id: str
+    bucket: str
+    prefix: str
+    inline_threshold: int = DEFAULT_INLINE_THRESHOLD
+    flush_interval: float = 0.2
+    heartbeat_interval: float = 10.0
+    max_batch_messages: int = 1000
+    max_batch_bytes: int = 512_000
+    publish_timeout: float = 60.0
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> ReplyChannelParams:
+        missing = [k for k in ("topic", "session_id", "bucket", "prefix") if k not in params]
+        if missing:
+            raise ProtocolError(f"DAGSTER_PIPES_MESSAGES lacks {missing}: the trigger was not sent by PipesPubSubClient")
+        return cls(**{k: v for k, v in params.items() if k in cls.__dataclass_fields__})
+
+    def to_params(self) -> dict[str, Any]:
+        return dict(self.__dict__)

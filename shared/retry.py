@@ -1,0 +1,55 @@
+"""One retry policy for every Pub/Sub and GCS call on both sides of the wire.
+
+Transient failures (the service is unavailable, overloaded, timed out or reset the connection) are retried
+with bounded, jittered exponential backoff; anything else (not found, permission denied, a failed
+precondition, bad input) is permanent and raised at once, so a misconfiguration fails fast.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+import requests
+from google.api_core import exceptions as gexc
+from tenacity import (
+    before_sleep_log,
+    retry,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+T = TypeVar("T")
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    gexc.ServiceUnavailable,
+    gexc.DeadlineExceeded,
+    gexc.InternalServerError,
+    gexc.BadGateway,
+    gexc.GatewayTimeout,
+    gexc.TooManyRequests,
+    gexc.ResourceExhausted,
+    gexc.Aborted,
+    gexc.Unknown,
+    gexc.RetryError,
+    requests.ConnectionError,
+    requests.Timeout,
+    ConnectionError,
+    TimeoutError,
+)
+
+_log = logging.getLogger("dagster_pipes_gcp.retry")
+
+
+def transient_retry(*, max_seconds: float = 60.0, max_attempts: int = 12) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorator: retry ``TRANSIENT_ERRORS`` for at most ``max_seconds`` / ``max_attempts``, then re-raise."""
+    return retry(
+        retry=retry_if_exception_type(TRANSIENT_ERRORS),
+        wait=wait_random_exponential(multiplier=0.2, max=5.0),
+        stop=stop_after_delay(max_seconds) | stop_after_attempt(max_attempts),
+        before_sleep=before_sleep_log(_log, logging.WARNING),
+        reraise=True,
+    )
