@@ -27,13 +27,13 @@ from google.cloud import pubsub_v1, storage
 from pydantic import Field
 
 from orchestrator.context_injectors import PipesPubSubContextInjector
-from orchestrator.errors import CloudFunctionError, PipesPubSubConfigError
+from orchestrator.errors import CloudFunctionError, GCPUnreachableError, PipesPubSubConfigError
 from orchestrator.message_reader import PipesPubSubMessageReader
 from shared.claim_check import ClaimCheck, GCSBlobStore, validate_threshold
 from shared.layout import context_key, session_prefix, trigger_key
 from shared.protocol import DEFAULT_INLINE_THRESHOLD, ProtocolError, ReplyChannelParams, Trigger, dumps, new_session_id
 from shared.pubsub import publish
-from shared.retry import transient_retry
+from shared.retry import TRANSIENT_ERRORS, transient_retry
 
 
 def resolve_project(project: str | None) -> str:
@@ -58,19 +58,17 @@ def topic_path(project: str, topic: str) -> str:
     return topic if topic.startswith("projects/") else f"projects/{project}/topics/{topic}"
 
 
-@transient_retry()
 def _topic_exists(publisher: pubsub_v1.PublisherClient, path: str) -> bool:
     try:
-        publisher.get_topic(request={"topic": path})
+        publisher.get_topic(request={"topic": path}, retry=None, timeout=10)
     except gexc.NotFound:
         return False
     return True
 
 
-@transient_retry()
 def _bucket_exists(client: storage.Client, bucket: str) -> bool:
     try:
-        return client.bucket(bucket).exists()
+        return client.bucket(bucket).exists(timeout=10, retry=None)
     except gexc.Forbidden:
         return True  # object-level roles only: we cannot tell, and the first upload will say
 
@@ -96,6 +94,9 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
     heartbeat_interval: float = Field(default=10.0, description="Seconds between the function's idle heartbeats.")
     flush_interval: float = Field(default=0.2, description="Seconds the function buffers messages before publishing.")
     total_timeout: float | None = Field(default=None, description="Optional cap on the whole session, in seconds.")
+    preflight_timeout: float = Field(
+        default=30.0, description="Seconds to keep retrying the checks of topics and bucket while GCP is unreachable."
+    )
 
     def _validated(self, payload: Mapping[str, Any]) -> str:
         """Check configuration and input before anything is published; return the project."""
@@ -122,15 +123,25 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             raise PipesPubSubConfigError("; ".join(problems))
         return resolve_project(self.project)
 
+    def _preflight(self, service: str, emulator_env_var: str, call: Any, *args: Any) -> Any:
+        try:
+            return transient_retry(max_seconds=self.preflight_timeout)(call)(*args)
+        except TRANSIENT_ERRORS as exc:
+            raise GCPUnreachableError(
+                f"{service} did not answer within preflight_timeout={self.preflight_timeout:g}s ({exc}); check the "
+                f"network path to {service} (or that the emulator at {emulator_env_var}="
+                f"{os.environ.get(emulator_env_var, '(unset)')} is running)"
+            ) from exc
+
     def _check_resources(self, project: str, publisher: pubsub_v1.PublisherClient, gcs: storage.Client) -> None:
         for setting in ("trigger_topic", "reply_topic"):
             path = topic_path(project, getattr(self, setting))
-            if not _topic_exists(publisher, path):
+            if not self._preflight("Pub/Sub", "PUBSUB_EMULATOR_HOST", _topic_exists, publisher, path):
                 raise PipesPubSubConfigError(
                     f"{setting}: topic {path} does not exist; create it (gcloud pubsub topics create "
                     f"{path.rsplit('/', 1)[-1]} --project {path.split('/')[1]}) or fix {setting} / project"
                 )
-        if not _bucket_exists(gcs, self.bucket):
+        if not self._preflight("Cloud Storage", "STORAGE_EMULATOR_HOST", _bucket_exists, gcs, self.bucket):
             raise PipesPubSubConfigError(
                 f"bucket: gs://{self.bucket} does not exist; create it (gcloud storage buckets create "
                 f"gs://{self.bucket}) or fix `bucket`"
@@ -147,9 +158,9 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         payload = {} if payload is None else payload
         project = self._validated(payload)
         publisher = pubsub_v1.PublisherClient()
-        subscriber = pubsub_v1.SubscriberClient()
         gcs = storage.Client(project=project)
         self._check_resources(project, publisher, gcs)
+        subscriber = pubsub_v1.SubscriberClient()
 
         session_id = new_session_id()
         trigger_topic = topic_path(project, self.trigger_topic)

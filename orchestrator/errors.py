@@ -14,6 +14,10 @@ class PipesPubSubConfigError(PipesPubSubError, ValueError):
     """The resource's configuration or the call's input is wrong; raised before anything is published."""
 
 
+class GCPUnreachableError(PipesPubSubError):
+    """Pub/Sub or GCS did not answer within the retry budget."""
+
+
 class FunctionStartupTimeout(PipesPubSubError):
     """No ``opened`` message arrived within the startup timeout."""
 

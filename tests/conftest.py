@@ -1,0 +1,29 @@
+"""Fixtures on the real local stack: Google's Pub/Sub emulator, fake-gcs-server, the Functions Framework.
+
+The stack is started once per test session on free loopback ports and stopped after; a missing emulator
+fails the tests with the install command, it never skips them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from orchestrator.local_stack import LocalFunction, LocalStack
+
+EXAMPLE_TOPIC = "pipes-trigger"
+TEST_TOPIC = "test-trigger"
+REPLY_TOPIC = "pipes-replies"
+PAYLOAD_BUCKET = "pipes-payloads"
+LAKE_BUCKET = "data-lake"
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[LocalStack]:
+    functions = [
+        LocalFunction("function/main.py", "main", EXAMPLE_TOPIC),
+        LocalFunction("tests/functions/main.py", "main", TEST_TOPIC),
+    ]
+    with LocalStack(functions=functions, topics=[REPLY_TOPIC], buckets=[PAYLOAD_BUCKET, LAKE_BUCKET]) as running:
+        with running.activated():
+            yield running

@@ -1,0 +1,72 @@
+"""Run a one-asset Dagster job that calls PipesPubSubClient, in an ephemeral instance, and keep what it saw."""
+
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dagster import AssetExecutionContext, DagsterEventType, DagsterInstance, ExecuteInProcessResult, asset, materialize
+from google.cloud import pubsub_v1, storage
+
+from orchestrator.client import PipesPubSubClient
+from tests.conftest import PAYLOAD_BUCKET, REPLY_TOPIC, TEST_TOPIC
+
+
+def make_client(**overrides: Any) -> PipesPubSubClient:
+    settings: dict[str, Any] = {
+        "trigger_topic": TEST_TOPIC,
+        "reply_topic": REPLY_TOPIC,
+        "bucket": PAYLOAD_BUCKET,
+        "startup_timeout": 30.0,
+        "heartbeat_timeout": 20.0,
+        "heartbeat_interval": 2.0,
+    }
+    return PipesPubSubClient(**{**settings, **overrides})
+
+
+
+
+@dataclass
+class Outcome:
+    result: ExecuteInProcessResult
+    instance: DagsterInstance
+    custom_messages: list[Any] = field(default_factory=list)
+
+    @property
+    def log_messages(self) -> list[str]:
+        return [e.user_message for e in self.instance.all_logs(self.result.run_id) if e.dagster_event is None]
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        (event,) = self.result.get_asset_materialization_events()
+        return {k: v.value for k, v in event.event_specific_data.materialization.metadata.items()}
+
+    @property
+    def failure_message(self) -> str:
+        failures = [e for e in self.result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
+        assert failures, "expected the step to fail"
+        return failures[0].event_specific_data.error.to_string()
+
+
+def run_asset(client: PipesPubSubClient, payload: Any = None, extras: Any = None) -> Outcome:
+    custom: list[Any] = []
+
+    @asset(name="pipes_test_asset")
+    def pipes_test_asset(context: AssetExecutionContext, pipes_pubsub: PipesPubSubClient):
+        invocation = pipes_pubsub.run(context=context, payload=payload, extras=extras)
+        custom.extend(invocation.get_custom_messages())
+        return invocation.get_materialize_result()
+
+    instance = DagsterInstance.ephemeral()
+    result = materialize([pipes_test_asset], resources={"pipes_pubsub": client}, instance=instance, raise_on_error=False)
+    return Outcome(result, instance, custom)
+
+
+def session_subscriptions(project: str) -> list[str]:
+    """Per-session reply subscriptions that still exist."""
+    with pubsub_v1.SubscriberClient() as subscriber:
+        names = [s.name for s in subscriber.list_subscriptions(request={"project": f"projects/{project}"})]
+    return [n for n in names if "/dagster-pipes-" in n]
+
+
+def session_objects(project: str) -> list[str]:
+    return [b.name for b in storage.Client(project=project).list_blobs(PAYLOAD_BUCKET)]
