@@ -6,10 +6,12 @@ recorded (the function's log lines and the materialization's metadata), tear eve
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+import warnings
 
-from dagster import DagsterEventType, DagsterInstance, materialize
+from dagster import DagsterEventType, DagsterInstance, PreviewWarning, materialize
 
 from orchestrator.local_stack import LocalFunction, LocalStack
 
@@ -17,6 +19,7 @@ TRIGGER_TOPIC = "pipes-trigger"
 
 
 def main() -> int:
+    warnings.filterwarnings("ignore", category=PreviewWarning)
     started = time.monotonic()
     print("starting the local stack (Pub/Sub emulator, fake-gcs-server, Functions Framework) ...", flush=True)
     with LocalStack(functions=[LocalFunction("function/main.py", "main", TRIGGER_TOPIC)]) as stack, stack.activated():
@@ -33,7 +36,7 @@ def main() -> int:
             print("\nlog lines recorded by Dagster:")
             for entry in instance.all_logs(result.run_id):
                 if entry.dagster_event is None:
-                    print(f"  [{entry.level_name if hasattr(entry, 'level_name') else entry.level}] {entry.user_message}")
+                    print(f"  {logging.getLevelName(entry.level):<7} {entry.user_message}")
             for event in result.get_asset_materialization_events():
                 materialization = event.event_specific_data.materialization
                 print(f"\nmaterialization of {materialization.asset_key.to_user_string()}:")

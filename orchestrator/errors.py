@@ -41,8 +41,8 @@ class CloudFunctionError(PipesPubSubError):
         self.session_id = session_id
         self.remote_exception = dict(exception)
         super().__init__(
-            f"the Cloud Function raised {exception.get('name') or 'an exception'} in session {session_id}: "
-            f"{exception.get('message', '').strip()}\n\nRemote traceback:\n{format_remote_traceback(exception)}"
+            f"the Cloud Function raised in session {session_id}: {str(exception.get('message', '')).strip()}"
+            f"\n\nRemote traceback:\n{format_remote_traceback(exception)}"
         )
 
 
@@ -53,5 +53,6 @@ def format_remote_traceback(exception: Mapping[str, Any]) -> str:
     while current:
         chain.append(current)
         current = current.get("cause") or current.get("context")
-    blocks = [f"{''.join(e.get('stack') or [])}{e.get('name')}: {str(e.get('message', '')).strip()}\n" for e in chain]
+    # dagster-pipes' `message` is Python's format_exception_only(): it already starts with the exception's name
+    blocks = [f"{''.join(e.get('stack') or [])}{str(e.get('message', '')).strip()}\n" for e in chain]
     return "\nThe above exception was the direct cause of the following exception:\n\n".join(reversed(blocks))

@@ -68,5 +68,6 @@ def session_subscriptions(project: str) -> list[str]:
     return [n for n in names if "/dagster-pipes-" in n]
 
 
-def session_objects(project: str) -> list[str]:
-    return [b.name for b in storage.Client(project=project).list_blobs(PAYLOAD_BUCKET)]
+def session_objects(project: str, prefix: str = "dagster-pipes/") -> list[str]:
+    """Objects the client's sessions left in the payload bucket (claim-checks, context, leases)."""
+    return [b.name for b in storage.Client(project=project).list_blobs(PAYLOAD_BUCKET, prefix=prefix)]

@@ -1,0 +1,105 @@
+"""The function side in-process against the real emulators: CloudEvent decoding, a fresh Pipes context per
+invocation (no process-wide singleton left behind), exactly one run per trigger, bad events acknowledged."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+
+import pytest
+from dagster_pipes import PipesContext
+
+from orchestrator.local_stack import LocalStack
+from tests.functions.main import main as scenario_function
+from tests.integration.function_harness import FunctionHarness
+
+
+@pytest.fixture
+def harness(stack: LocalStack):
+    created: list[FunctionHarness] = []
+
+    def make(payload=None, **channel) -> FunctionHarness:
+        created.append(FunctionHarness(stack.project, payload, **channel))
+        return created[-1]
+
+    yield make
+    for h in created:
+        h.close()
+
+
+def test_one_invocation_reports_opened_logs_materialization_closed_in_order(harness):
+    h = harness({"n": 3, "log_lines": 2})
+    outcome = scenario_function(h.cloud_event())
+
+    assert outcome.ran and outcome.error is None
+    methods = [m["method"] for m in h.read_until_closed()]
+    assert methods == ["opened", "log", "log", "log", "report_asset_materialization", "closed"]
+    assert not PipesContext.is_initialized(), "the process-wide Pipes singleton must stay untouched"
+
+
+def test_the_next_invocation_on_a_warm_instance_works(harness):
+    for n in range(3):
+        h = harness({"n": n})
+        assert scenario_function(h.cloud_event()).ran
+        materialization = [m for m in h.read_until_closed() if m["method"] == "report_asset_materialization"]
+        assert materialization[0]["params"]["metadata"]["n"]["raw_value"] == n
+
+
+def test_a_redelivered_trigger_does_not_run_twice(harness):
+    h = harness({"n": 1})
+    first = scenario_function(h.cloud_event(message_id="7"))
+    second = scenario_function(h.cloud_event(message_id="7"))
+
+    assert first.ran and not second.ran
+    assert [m["method"] for m in h.read_until_closed()].count("report_asset_materialization") == 1
+    assert h.invocations == {first.invocation_id}
+
+
+def test_concurrent_deliveries_of_one_trigger_run_it_once(harness):
+    h = harness({"n": 1, "sleep": 0.3})
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        outcomes = list(pool.map(lambda _: scenario_function(h.cloud_event()), range(4)))
+
+    assert sum(o.ran for o in outcomes) == 1
+    h.read_until_closed()
+    assert h.invocations == {next(o.invocation_id for o in outcomes if o.ran)}
+
+
+def test_handler_exception_is_reported_through_closed_and_acknowledged(harness):
+    h = harness({"scenario": "raise"})
+    outcome = scenario_function(h.cloud_event())  # returns: the platform must not redeliver
+
+    assert outcome.ran and isinstance(outcome.error, RuntimeError)
+    closed = h.read_until_closed()[-1]
+    assert closed["method"] == "closed"
+    exception = closed["params"]["exception"]
+    assert exception["name"] == "RuntimeError" and exception["message"].strip() == "RuntimeError: boom from the function"
+    assert exception["cause"]["name"] == "ValueError"
+    assert not PipesContext.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("data", "attributes", "expected"),
+    [
+        (b"not json", None, "the trigger is not UTF-8 JSON"),
+        (b"{}", None, "lacks the Pipes bootstrap params"),
+        (None, {"dagster_pipes_version": "1"}, "missing attribute 'dagster_pipes_session'"),
+        (None, {"dagster_pipes_session": "0" * 32, "dagster_pipes_version": "99"}, "unsupported protocol version '99'"),
+    ],
+)
+def test_malformed_triggers_are_logged_and_acknowledged(harness, caplog, data, attributes, expected):
+    h = harness()
+    with caplog.at_level(logging.ERROR, logger="dagster_pipes_gcp.function"):
+        outcome = scenario_function(h.cloud_event(message_id="m-1", data=data, attributes=attributes))
+    assert not outcome.ran
+    assert expected in str(outcome.error)
+    assert any("m-1" in r.getMessage() and expected in r.getMessage() for r in caplog.records)
+
+
+def test_an_event_without_a_pubsub_message_is_refused_clearly():
+    from cloudevents.http import CloudEvent
+
+    event = CloudEvent({"type": "google.cloud.storage.object.v1.finalized", "source": "//storage"}, {"bucket": "b"})
+    outcome = scenario_function(event)
+    assert not outcome.ran
+    assert "--trigger-topic" in str(outcome.error)
