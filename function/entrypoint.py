@@ -16,6 +16,7 @@ from typing import Any
 
 import functions_framework
 
+from function.logs import configure_function_logging
 from function.session import Handler, SessionOutcome, run_session
 
 _log = logging.getLogger("dagster_pipes_gcp.function")
@@ -40,6 +41,7 @@ def pubsub_message_from_cloud_event(cloud_event: Any) -> tuple[bytes, dict[str, 
 def pipes_function(handler: Handler) -> Callable[[Any], SessionOutcome]:
     """Decorate a business function ``handler(pipes, payload)``; the result is a Functions Framework
     ``cloud_event`` entry point with the same name (use it as ``--target`` / ``--entry-point``)."""
+    configure_function_logging()
 
     @functools.wraps(handler)
     def entry_point(cloud_event: Any) -> SessionOutcome:

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,6 +25,7 @@ from shared.claim_check import ClaimCheck, GCSBlobStore
 from shared.layout import reply_key
 from shared.protocol import Reply, ReplyChannelParams
 from shared.pubsub import publish
+from shared.signing import sign
 
 _log = logging.getLogger("dagster_pipes_gcp.function")
 
@@ -32,9 +33,16 @@ _log = logging.getLogger("dagster_pipes_gcp.function")
 class PubSubMessageWriter(PipesMessageWriter["PubSubMessageWriterChannel"]):
     """Opens a ``PubSubMessageWriterChannel`` per Pipes session; clients are shared and thread-safe."""
 
-    def __init__(self, publisher: pubsub_v1.PublisherClient, blob_store_factory: Any, invocation_id: str | None = None):
+    def __init__(
+        self,
+        publisher: pubsub_v1.PublisherClient,
+        blob_store_factory: Callable[[str], GCSBlobStore],
+        invocation_id: str | None = None,
+        signing_secret: str | None = None,
+    ):
         self._publisher = publisher
         self._blob_store_factory = blob_store_factory
+        self._signing_secret = signing_secret
         self.invocation_id = invocation_id or uuid.uuid4().hex
 
     @contextmanager
@@ -45,6 +53,7 @@ class PubSubMessageWriter(PipesMessageWriter["PubSubMessageWriterChannel"]):
             blob_store=self._blob_store_factory(settings.bucket),
             settings=settings,
             invocation_id=self.invocation_id,
+            signing_secret=self._signing_secret,
         )
         with channel.flushing():
             yield channel
@@ -61,8 +70,10 @@ class PubSubMessageWriterChannel(PipesMessageWriterChannel):
         blob_store: GCSBlobStore,
         settings: ReplyChannelParams,
         invocation_id: str,
+        signing_secret: str | None = None,
     ):
         self._publisher = publisher
+        self._signing_secret = signing_secret
         self._settings = settings
         self._claim_check = ClaimCheck(blob_store, settings.inline_threshold)
         self._invocation_id = invocation_id
@@ -161,13 +172,17 @@ class PubSubMessageWriterChannel(PipesMessageWriterChannel):
         s = self._settings
         body = b"[" + b",".join(encoded_messages) + b"]"
         seq = self._seq
-        attributes = Reply(s.session_id, self._invocation_id, seq=seq).attributes()
+        attributes = self._signed(body, Reply(s.session_id, self._invocation_id, seq=seq).attributes())
         data, codec_attributes = self._claim_check.wrap(body, reply_key(s.prefix, s.session_id, self._invocation_id, seq))
         self._send(data, {**attributes, **codec_attributes})
         self._seq += 1
 
     def _publish_heartbeat(self) -> None:
-        self._send(*Reply(self._settings.session_id, self._invocation_id, seq=None).encode())
+        body, attributes = Reply(self._settings.session_id, self._invocation_id, seq=None).encode()
+        self._send(body, self._signed(body, attributes))
+
+    def _signed(self, body: bytes, attributes: dict[str, str]) -> dict[str, str]:
+        return sign(self._signing_secret, body, attributes) if self._signing_secret else attributes
 
     def _send(self, data: bytes, attributes: Mapping[str, str]) -> None:
         publish(self._publisher, self._settings.topic, data, attributes, timeout=self._settings.publish_timeout)

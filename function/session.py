@@ -9,23 +9,28 @@ other or at once, keeps them apart.
 from __future__ import annotations
 
 import logging
+import os
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dagster_pipes import PipesContext, PipesMappingParamsLoader
+from dagster_pipes import PipesMappingParamsLoader
 
 from function import clients
+from function.cancellation import watch_for_cancellation
+from function.context import CloudFunctionPipesContext
 from function.context_loader import PipesInlineOrGCSContextLoader
 from function.lease import claim_lease
 from function.message_writer import PubSubMessageWriter
 from shared.claim_check import ClaimCheck
-from shared.layout import lease_key
+from shared.layout import cancel_key, lease_key
 from shared.protocol import ProtocolError, ReplyChannelParams, Trigger
+from shared.signing import SECRET_ENV_VAR
 
-Handler = Callable[[PipesContext, dict[str, Any]], Any]
+Handler = Callable[[CloudFunctionPipesContext, dict[str, Any]], Any]
 
 _log = logging.getLogger("dagster_pipes_gcp.function")
 
@@ -43,29 +48,52 @@ def decode_trigger(data: bytes, attributes: Mapping[str, str]) -> Trigger:
     return Trigger.decode(body, attributes)
 
 
+def _refusal(trigger: Trigger, settings: ReplyChannelParams, signing_secret: str | None) -> str | None:
+    """Why this delivery must not start the session, if it must not."""
+    if settings.start_deadline is not None and time.time() > settings.start_deadline:
+        return (
+            f"session {trigger.session_id}: delivered after its start deadline (the orchestrator stopped waiting "
+            "for it to start): a late duplicate or a backlog; not running it"
+        )
+    if settings.signed and not signing_secret:
+        return (
+            f"session {trigger.session_id}: the orchestrator requires signed replies but {SECRET_ENV_VAR} is not set "
+            "on the function: set it to the orchestrator's signing_secret"
+        )
+    return None
+
+
 def run_session(handler: Handler, data: bytes, attributes: Mapping[str, str], *, message_id: str = "") -> SessionOutcome:
     """Run ``handler`` for one trigger message. Never raises for a handler error: that is reported to Dagster
     through ``closed`` (with its traceback) and returned, so the platform does not redeliver a trigger
-    whose failure Dagster already knows about."""
+    whose failure Dagster already knows about. A trigger that cannot run (malformed, late, a duplicate) is
+    logged and returned too: redelivering it could never help."""
     invocation_id = uuid.uuid4().hex
     try:
         trigger = decode_trigger(data, attributes)
         params_loader = PipesMappingParamsLoader(trigger.bootstrap)
         settings = ReplyChannelParams.from_params(params_loader.load_messages_params())
     except (ProtocolError, ValueError, zlib.error) as exc:
-        # Nobody to report to: acknowledge (return) so the platform does not redeliver it forever.
         _log.error("dropping trigger message %s: %s", message_id or "?", exc)
         return SessionOutcome(None, invocation_id, ran=False, error=exc)
 
-    if not claim_lease(clients.storage_client(), settings.bucket, lease_key(settings.prefix, trigger.session_id), invocation_id):
+    signing_secret = os.environ.get(SECRET_ENV_VAR) or None
+    refusal = _refusal(trigger, settings, signing_secret)
+    if refusal:
+        _log.error("dropping trigger message %s: %s", message_id or "?", refusal)
+        return SessionOutcome(trigger.session_id, invocation_id, ran=False, error=ProtocolError(refusal))
+
+    gcs = clients.storage_client()
+    if not claim_lease(gcs, settings.bucket, lease_key(settings.prefix, trigger.session_id), invocation_id, settings.lease_seconds):
         return SessionOutcome(trigger.session_id, invocation_id, ran=False)
 
     _log.info("session %s: invocation %s starts (trigger message %s)", trigger.session_id, invocation_id, message_id)
-    writer = PubSubMessageWriter(clients.publisher(), clients.blob_store, invocation_id)
-    pipes = PipesContext(params_loader, PipesInlineOrGCSContextLoader(clients.storage_client()), writer)
+    writer = PubSubMessageWriter(clients.publisher(), clients.blob_store, invocation_id, signing_secret=signing_secret)
+    cancel_marker = cancel_key(settings.prefix, trigger.session_id)
     try:
-        with pipes:
-            handler(pipes, dict(trigger.payload))
+        with watch_for_cancellation(gcs, settings.bucket, cancel_marker, settings.heartbeat_interval) as cancelled:
+            with CloudFunctionPipesContext(params_loader, PipesInlineOrGCSContextLoader(gcs), writer, cancelled) as pipes:
+                handler(pipes, dict(trigger.payload))
     except Exception as exc:  # reported through `closed` by PipesContext.__exit__
         _log.exception("session %s: the handler raised; reported to Dagster", trigger.session_id)
         return SessionOutcome(trigger.session_id, invocation_id, ran=True, error=exc)

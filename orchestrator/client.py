@@ -16,6 +16,7 @@ import google.auth
 from dagster import (
     AssetExecutionContext,
     ConfigurableResource,
+    DagsterExecutionInterruptedError,
     OpExecutionContext,
     PipesClient,
     PipesClientCompletedInvocation,
@@ -27,13 +28,17 @@ from google.cloud import pubsub_v1, storage
 from pydantic import Field
 
 from orchestrator.context_injectors import PipesPubSubContextInjector
-from orchestrator.errors import CloudFunctionError, GCPUnreachableError, PipesPubSubConfigError
+from orchestrator.errors import CloudFunctionError, GCPUnreachableError, PipesPubSubConfigError, PipesPubSubError
 from orchestrator.message_reader import PipesPubSubMessageReader
 from shared.claim_check import ClaimCheck, GCSBlobStore, validate_threshold
-from shared.layout import context_key, session_prefix, trigger_key
+from shared.layout import cancel_key, context_key, session_prefix, trigger_key
 from shared.protocol import DEFAULT_INLINE_THRESHOLD, ProtocolError, ReplyChannelParams, Trigger, dumps, new_session_id
 from shared.pubsub import publish
 from shared.retry import TRANSIENT_ERRORS, transient_retry
+
+
+#: the lease outlives the function's timeout by this much, so it never expires under a running attempt
+LEASE_MARGIN_SECONDS = 60.0
 
 
 def resolve_project(project: str | None) -> str:
@@ -94,6 +99,17 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
     heartbeat_interval: float = Field(default=10.0, description="Seconds between the function's idle heartbeats.")
     flush_interval: float = Field(default=0.2, description="Seconds the function buffers messages before publishing.")
     total_timeout: float | None = Field(default=None, description="Optional cap on the whole session, in seconds.")
+    function_timeout: float = Field(
+        default=540.0,
+        description="The function's configured timeout in seconds; the session lease lasts this long plus a margin.",
+    )
+    cancel_timeout: float = Field(
+        default=30.0, description="Seconds a cancelled session gets to report `closed` before it is torn down."
+    )
+    signing_secret: str | None = Field(
+        default=None,
+        description="Shared secret for HMAC-signed replies (use EnvVar('DAGSTER_PIPES_SIGNING_SECRET')); off if unset.",
+    )
     preflight_timeout: float = Field(
         default=30.0, description="Seconds to keep retrying the checks of topics and bucket while GCP is unreachable."
     )
@@ -169,16 +185,9 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         reader = PipesPubSubMessageReader(
             subscriber=subscriber,
             claim_check=claim_check,
-            channel_params=ReplyChannelParams(
-                topic=topic_path(project, self.reply_topic),
-                session_id=session_id,
-                bucket=self.bucket,
-                prefix=self.prefix,
-                inline_threshold=self.inline_threshold_bytes,
-                flush_interval=self.flush_interval,
-                heartbeat_interval=self.heartbeat_interval,
-            ),
+            channel_params=self._session_params(project, session_id),
             log=context.log,
+            signing_secret=self.signing_secret,
         )
         injector = PipesPubSubContextInjector(
             blob_store=blob_store, key=context_key(self.prefix, session_id), inline_threshold=self.inline_threshold_bytes
@@ -191,13 +200,17 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 triggered_at = time.monotonic()
                 message_id = publish(publisher, trigger_topic, data, {**attributes, **codec_attributes})
                 context.log.info(f"[pipes] session {session_id}: trigger message {message_id} published to {trigger_topic}")
-                reader.wait_for_close(
-                    triggered_at=triggered_at,
-                    trigger_topic=trigger_topic,
-                    startup_timeout=self.startup_timeout,
-                    heartbeat_timeout=self.heartbeat_timeout,
-                    total_timeout=self.total_timeout,
-                )
+                try:
+                    reader.wait_for_close(
+                        triggered_at=triggered_at,
+                        trigger_topic=trigger_topic,
+                        startup_timeout=self.startup_timeout,
+                        heartbeat_timeout=self.heartbeat_timeout,
+                        total_timeout=self.total_timeout,
+                    )
+                except (KeyboardInterrupt, DagsterExecutionInterruptedError):
+                    self._cancel(context, reader, blob_store, trigger_topic)
+                    raise
         finally:
             blob_store.delete_prefix(session_prefix(self.prefix, session_id))
             subscriber.close()
@@ -214,3 +227,42 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 "pipes_session_seconds": round(time.monotonic() - started, 3),
             },
         )
+
+    def _session_params(self, project: str, session_id: str) -> ReplyChannelParams:
+        return ReplyChannelParams(
+            topic=topic_path(project, self.reply_topic),
+            session_id=session_id,
+            bucket=self.bucket,
+            prefix=self.prefix,
+            inline_threshold=self.inline_threshold_bytes,
+            flush_interval=self.flush_interval,
+            heartbeat_interval=self.heartbeat_interval,
+            lease_seconds=self.function_timeout + LEASE_MARGIN_SECONDS,
+            # the trigger is published a moment later; a delivery after this finds nobody waiting for it
+            start_deadline=time.time() + self.startup_timeout,
+            signed=bool(self.signing_secret),
+        )
+
+    def _cancel(
+        self,
+        context: OpExecutionContext | AssetExecutionContext,
+        reader: PipesPubSubMessageReader,
+        blob_store: GCSBlobStore,
+        trigger_topic: str,
+    ) -> None:
+        """The run was terminated: ask the function to stop (the cancel marker its session watches) and give
+        it ``cancel_timeout`` seconds to report ``closed`` before the session is torn down."""
+        session_id = reader.session_id
+        blob_store.put(cancel_key(self.prefix, session_id), b'{"reason": "dagster run terminated"}')
+        context.log.warning(f"[pipes] run terminated: asked the function to cancel session {session_id}")
+        try:
+            reader.wait_for_close(
+                triggered_at=time.monotonic(),
+                trigger_topic=trigger_topic,
+                startup_timeout=self.cancel_timeout,
+                heartbeat_timeout=self.cancel_timeout,
+                total_timeout=self.cancel_timeout,
+            )
+            context.log.warning(f"[pipes] session {session_id} closed after cancellation")
+        except PipesPubSubError as exc:
+            context.log.warning(f"[pipes] session {session_id} did not close within cancel_timeout: {exc}")

@@ -28,6 +28,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from google.api_core.exceptions import AlreadyExists
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PUBSUB_EMULATOR = Path("/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator")
 INSTALL_HINT = (
@@ -116,6 +118,7 @@ class LocalFunction:
     target: str
     trigger_topic: str
     ack_deadline_seconds: int = 600  # >= the function's run time, or Pub/Sub redelivers while it runs
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -141,7 +144,7 @@ class LocalStack:
             with self.activated():
                 self._create_topics_and_buckets()
                 for function in self.functions:
-                    self._start_function(function)
+                    self.add_function(function)
         except BaseException:
             self.stop()
             raise
@@ -214,13 +217,15 @@ class LocalStack:
         self._spawn("fake-gcs-server", argv, f"http://127.0.0.1:{port}/storage/v1/b", timeout=30)
         self.storage_host = f"127.0.0.1:{port}"
 
-    def _start_function(self, function: LocalFunction) -> None:
+    def add_function(self, function: LocalFunction) -> ManagedProcess:
+        """Serve ``function`` in its own Functions Framework process, pushed from its trigger topic."""
         from google.cloud import pubsub_v1
 
         port = free_port()
         env = {
             **os.environ,
             **self.environment,
+            **function.env,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
             "PYTHONUNBUFFERED": "1",
         }
@@ -229,16 +234,19 @@ class LocalStack:
             "--signature-type=cloudevent", f"--source={REPO_ROOT / function.source}",
             "--host=127.0.0.1", f"--port={port}",
         ]
-        self._spawn(f"function-{function.trigger_topic}", argv, f"http://127.0.0.1:{port}/", timeout=60, env=env)
-        subscriber = pubsub_v1.SubscriberClient()
-        with subscriber:
+        server = self._spawn(f"function-{function.trigger_topic}", argv, f"http://127.0.0.1:{port}/", timeout=60, env=env)
+        with self.activated(), pubsub_v1.PublisherClient() as publisher, pubsub_v1.SubscriberClient() as subscriber:
+            topic = publisher.topic_path(self.project, function.trigger_topic)
+            with contextlib.suppress(AlreadyExists):
+                publisher.create_topic(request={"name": topic})
             subscriber.create_subscription(request={
                 "name": subscriber.subscription_path(self.project, f"{function.trigger_topic}-push"),
-                "topic": f"projects/{self.project}/topics/{function.trigger_topic}",
+                "topic": topic,
                 # Eventarc's push path: the CloudEvent's `source` then names the topic
                 "push_config": {"push_endpoint": f"http://127.0.0.1:{port}/projects/{self.project}/topics/{function.trigger_topic}"},
                 "ack_deadline_seconds": function.ack_deadline_seconds,
             })
+        return server
 
     def function_server(self, trigger_topic: str) -> ManagedProcess:
         return self.servers[f"function-{trigger_topic}"]
@@ -247,7 +255,7 @@ class LocalStack:
         from google.cloud import pubsub_v1, storage
 
         publisher = pubsub_v1.PublisherClient()
-        for topic in {*self.topics, *(f.trigger_topic for f in self.functions)}:
+        for topic in self.topics:
             publisher.create_topic(request={"name": publisher.topic_path(self.project, topic)})
         gcs = storage.Client(project=self.project)
         for bucket in self.buckets:

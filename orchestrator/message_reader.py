@@ -34,8 +34,9 @@ from orchestrator.errors import (
 )
 from orchestrator.reassembly import ReassemblyError, SessionReassembler
 from shared.claim_check import ClaimCheck
-from shared.protocol import ProtocolError, Reply, ReplyChannelParams, subscription_filter
+from shared.protocol import Attr, ProtocolError, Reply, ReplyChannelParams, subscription_filter
 from shared.retry import transient_retry
+from shared.signing import is_authentic
 
 #: Pub/Sub's minimum expiration TTL: an idle per-session subscription disappears a day after its last use.
 SUBSCRIPTION_TTL_SECONDS = 24 * 3600
@@ -63,6 +64,7 @@ class PipesPubSubMessageReader(PipesMessageReader):
         channel_params: ReplyChannelParams,
         log: logging.Logger | Any | None = None,
         ack_deadline_seconds: int = 60,
+        signing_secret: str | None = None,
     ):
         self._subscriber = subscriber
         self._claim_check = claim_check
@@ -70,6 +72,7 @@ class PipesPubSubMessageReader(PipesMessageReader):
         self.session_id = channel_params.session_id
         self._log = log or logging.getLogger("dagster_pipes_gcp.reader")
         self._ack_deadline_seconds = ack_deadline_seconds
+        self._signing_secret = signing_secret
         project = channel_params.topic.split("/")[1]
         self.subscription_path = subscriber.subscription_path(project, f"dagster-pipes-{self.session_id}")
         self._cond = threading.Condition()
@@ -150,9 +153,15 @@ class PipesPubSubMessageReader(PipesMessageReader):
 
     def _take(self, message: pubsub_v1.subscriber.message.Message) -> None:
         attributes = dict(message.attributes)
-        if attributes.get("dagster_pipes_session") not in (None, self.session_id):
+        if attributes.get(Attr.SESSION) not in (None, self.session_id):
             return  # another session's reply: only reaches us where filters are not applied (the emulator)
-        reply = Reply.decode(self._claim_check.unwrap(message.data, attributes), attributes)
+        body = self._claim_check.unwrap(message.data, attributes)
+        if self._signing_secret and not is_authentic(self._signing_secret, body, attributes):
+            raise ProtocolError(
+                f"unsigned or badly signed reply of invocation {attributes.get(Attr.INVOCATION)!r}; "
+                "the function must have the orchestrator's signing secret"
+            )
+        reply = Reply.decode(body, attributes)
         with self._cond:
             if self._reassembler.counts_as_alive(reply):
                 self._last_heard = (time.monotonic(), time.time())

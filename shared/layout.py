@@ -22,3 +22,7 @@ def lease_key(prefix: str, session_id: str) -> str:
 
 def reply_key(prefix: str, session_id: str, invocation_id: str, seq: int) -> str:
     return session_prefix(prefix, session_id) + f"replies/{invocation_id}/{seq}.json"
+
+
+def cancel_key(prefix: str, session_id: str) -> str:
+    return session_prefix(prefix, session_id) + "cancel"

@@ -44,6 +44,8 @@ class Attr:
     KIND = "dagster_pipes_kind"
     #: set by the claim-check codec: ``inline`` or ``claim`` (data is a ``gs://`` pointer)
     BODY = "dagster_pipes_body"
+    #: optional HMAC-SHA256 of a reply (see ``shared.signing``)
+    SIGNATURE = "dagster_pipes_signature"
 
 
 class ReplyKind:
@@ -190,7 +192,10 @@ class Reply:
 
 @dataclass(frozen=True)
 class ReplyChannelParams:
-    """How the function must reply: the reader's ``DAGSTER_PIPES_MESSAGES`` params, sent in the trigger."""
+    """How the function takes part in the session: the reader's ``DAGSTER_PIPES_MESSAGES`` params, sent in
+    the trigger. Where to reply and how to batch; where the session's objects live (claim-checks, the lease,
+    the cancel marker); how long the lease lasts; the latest time at which the session may still start; and
+    whether replies must be signed."""
 
     topic: str
     session_id: str
@@ -202,6 +207,12 @@ class ReplyChannelParams:
     max_batch_messages: int = 1000
     max_batch_bytes: int = 512_000
     publish_timeout: float = 60.0
+    #: lifetime of the session lease: the function's timeout plus a margin
+    lease_seconds: float = 600.0
+    #: epoch seconds after which a (late, duplicate) delivery of the trigger must not start the session
+    start_deadline: float | None = None
+    #: whether the orchestrator verifies an HMAC on every reply (both sides then need the same secret)
+    signed: bool = False
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ReplyChannelParams:

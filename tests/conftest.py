@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+# Import hypothesis while the interpreter is fresh: if its pytest plugin first imports it at the end of a
+# long session, CPython 3.11.7's compiler can fail the assertion-rewrite with "SystemError: AST constructor
+# recursion depth mismatch" (a CPython bug fixed in 3.11.8), failing an otherwise green run.
+import hypothesis  # noqa: F401
 import pytest
 
 from orchestrator.local_stack import LocalFunction, LocalStack
@@ -14,6 +18,7 @@ from orchestrator.local_stack import LocalFunction, LocalStack
 EXAMPLE_TOPIC = "pipes-trigger"
 TEST_TOPIC = "test-trigger"
 REPLY_TOPIC = "pipes-replies"
+SCRIPTED_TOPIC = "scripted-trigger"  # no function behind it: tests play the function by hand
 PAYLOAD_BUCKET = "pipes-payloads"
 LAKE_BUCKET = "data-lake"
 
@@ -24,6 +29,6 @@ def stack() -> Iterator[LocalStack]:
         LocalFunction("function/main.py", "main", EXAMPLE_TOPIC),
         LocalFunction("tests/functions/main.py", "main", TEST_TOPIC),
     ]
-    with LocalStack(functions=functions, topics=[REPLY_TOPIC], buckets=[PAYLOAD_BUCKET, LAKE_BUCKET]) as running:
+    with LocalStack(functions=functions, topics=[REPLY_TOPIC, SCRIPTED_TOPIC], buckets=[PAYLOAD_BUCKET, LAKE_BUCKET]) as running:
         with running.activated():
             yield running

@@ -27,13 +27,11 @@ def make_client(**overrides: Any) -> PipesPubSubClient:
 
 @dataclass
 class Outcome:
-    result: ExecuteInProcessResult
-    instance: DagsterInstance
-    custom_messages: list[Any] = field(default_factory=list)
+    """What one run recorded, read out of its (thread-bound, in-memory) instance before it is closed."""
 
-    @property
-    def log_messages(self) -> list[str]:
-        return [e.user_message for e in self.instance.all_logs(self.result.run_id) if e.dagster_event is None]
+    result: ExecuteInProcessResult
+    log_messages: list[str]
+    custom_messages: list[Any] = field(default_factory=list)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -56,9 +54,10 @@ def run_asset(client: PipesPubSubClient, payload: Any = None, extras: Any = None
         custom.extend(invocation.get_custom_messages())
         return invocation.get_materialize_result()
 
-    instance = DagsterInstance.ephemeral()
-    result = materialize([pipes_test_asset], resources={"pipes_pubsub": client}, instance=instance, raise_on_error=False)
-    return Outcome(result, instance, custom)
+    with DagsterInstance.ephemeral() as instance:
+        result = materialize([pipes_test_asset], resources={"pipes_pubsub": client}, instance=instance, raise_on_error=False)
+        logs = [e.user_message for e in instance.all_logs(result.run_id) if e.dagster_event is None]
+    return Outcome(result, logs, custom)
 
 
 def session_subscriptions(project: str) -> list[str]:
