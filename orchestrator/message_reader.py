@@ -38,6 +38,10 @@ from shared.protocol import Attr, ProtocolError, Reply, ReplyChannelParams, subs
 from shared.retry import transient_retry
 from shared.signing import is_authentic
 
+#: How long tearing a session down may wait on an unreachable Pub/Sub before leaving the subscription to
+#: its expiration policy: cleanup must not hold up (or mask) the step's real outcome.
+CLEANUP_BUDGET_SECONDS = 10.0
+
 #: Pub/Sub's minimum expiration TTL: an idle per-session subscription disappears a day after its last use.
 SUBSCRIPTION_TTL_SECONDS = 24 * 3600
 
@@ -47,10 +51,10 @@ def _create_subscription(subscriber: pubsub_v1.SubscriberClient, request: Mappin
     subscriber.create_subscription(request=request)
 
 
-@transient_retry()
+@transient_retry(max_seconds=CLEANUP_BUDGET_SECONDS)
 def _delete_subscription(subscriber: pubsub_v1.SubscriberClient, path: str) -> None:
     try:
-        subscriber.delete_subscription(request={"subscription": path})
+        subscriber.delete_subscription(request={"subscription": path}, retry=None, timeout=5)
     except gexc.NotFound:
         pass
 
@@ -100,10 +104,16 @@ class PipesPubSubMessageReader(PipesMessageReader):
             if self._streaming is not None:
                 self._streaming.cancel()
                 try:
-                    self._streaming.result(timeout=30)
+                    self._streaming.result(timeout=CLEANUP_BUDGET_SECONDS)
                 except BaseException:  # noqa: BLE001 - the stream's end is not the step's outcome
                     pass
-            _delete_subscription(self._subscriber, self.subscription_path)
+            try:
+                _delete_subscription(self._subscriber, self.subscription_path)
+            except gexc.GoogleAPIError as exc:
+                self._log.warning(
+                    f"[pipes] could not delete {self.subscription_path} ({exc}); its expiration policy removes it "
+                    f"after {SUBSCRIPTION_TTL_SECONDS // 3600} h unused"
+                )
 
     def no_messages_debug_text(self) -> str:
         return (

@@ -8,9 +8,16 @@ import json
 import time
 from typing import Any
 
-from dagster_pipes import PipesContext
-
+from function.clients import storage_client
+from function.context import CloudFunctionPipesContext
 from function.entrypoint import pipes_function
+
+LAKE_BUCKET = "data-lake"
+
+
+def mark(kind: str, token: str) -> None:
+    """Leave gs://data-lake/KIND/TOKEN for the test to see what the function did."""
+    storage_client().bucket(LAKE_BUCKET).blob(f"{kind}/{token}").upload_from_string(kind)
 
 
 def sha256_json(value: Any) -> str:
@@ -18,9 +25,19 @@ def sha256_json(value: Any) -> str:
 
 
 @pipes_function
-def main(pipes: PipesContext, payload: dict[str, Any]) -> None:
+def main(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -> None:
     scenario = payload.get("scenario", "echo")
+    token = payload.get("token")
     pipes.log.info(f"scenario {scenario} starts")
+    if token:
+        mark("started", token)
+    if scenario == "wait_for_cancel":
+        deadline = time.monotonic() + float(payload.get("sleep", 60))
+        while time.monotonic() < deadline:
+            if pipes.is_cancelled:
+                mark("cancel-observed", token)
+                pipes.raise_if_cancelled()
+            time.sleep(0.05)
     if scenario == "raise":
         try:
             int("not a number")

@@ -1,0 +1,70 @@
+"""The session lease on fake-gcs-server (which enforces generation preconditions, as GCS does): a live lease
+blocks a duplicate; an expired one (a crashed attempt) is taken over by exactly one retry; a delivery after
+the session's start deadline does not run."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+from google.cloud import storage
+
+from function.lease import claim_lease
+from shared.layout import lease_key
+from tests.conftest import PAYLOAD_BUCKET
+from tests.functions.main import main as scenario_function
+from tests.integration.function_harness import FunctionHarness
+
+
+def plant_lease(project: str, session_id: str, invocation: str, expires_in: float) -> None:
+    now = time.time()
+    storage.Client(project=project).bucket(PAYLOAD_BUCKET).blob(lease_key("harness", session_id)).upload_from_string(
+        json.dumps({"invocation_id": invocation, "claimed_at": now - 100, "expires_at": now + expires_in})
+    )
+
+
+def test_a_live_lease_of_another_invocation_blocks_the_delivery(stack):
+    h = FunctionHarness(stack.project, {"n": 1})
+    try:
+        plant_lease(stack.project, h.session_id, "still-running", expires_in=300)
+        assert not scenario_function(h.cloud_event()).ran
+    finally:
+        h.close()
+
+
+def test_an_expired_lease_of_a_crashed_attempt_is_taken_over_by_the_retry(stack):
+    h = FunctionHarness(stack.project, {"n": 2})
+    try:
+        plant_lease(stack.project, h.session_id, "crashed", expires_in=-1)
+        outcome = scenario_function(h.cloud_event())
+        assert outcome.ran
+        assert [m["method"] for m in h.read_until_closed()][-1] == "closed"
+        lease = storage.Client(project=stack.project).bucket(PAYLOAD_BUCKET).blob(lease_key("harness", h.session_id))
+        assert json.loads(lease.download_as_bytes())["invocation_id"] == outcome.invocation_id
+    finally:
+        h.close()
+
+
+def test_only_one_of_several_concurrent_retries_takes_an_expired_lease_over(stack):
+    h = FunctionHarness(stack.project)
+    try:
+        plant_lease(stack.project, h.session_id, "crashed", expires_in=-1)
+        gcs = storage.Client(project=stack.project)
+        key = lease_key("harness", h.session_id)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+            won = list(pool.map(lambda i: claim_lease(gcs, PAYLOAD_BUCKET, key, f"retry-{i}", 60), range(6)))
+        assert sum(won) == 1
+    finally:
+        h.close()
+
+
+def test_a_delivery_after_the_start_deadline_does_not_run(stack, caplog):
+    h = FunctionHarness(stack.project, {"n": 3}, start_deadline=time.time() - 1)
+    try:
+        outcome = scenario_function(h.cloud_event(message_id="late-1"))
+        assert not outcome.ran
+        assert "delivered after its start deadline" in str(outcome.error)
+        assert not storage.Client(project=stack.project).bucket(PAYLOAD_BUCKET).blob(lease_key("harness", h.session_id)).exists()
+    finally:
+        h.close()
