@@ -44,7 +44,8 @@ class SessionOutcome:
 
 
 def decode_trigger(data: bytes, attributes: Mapping[str, str]) -> Trigger:
-    body = ClaimCheck(clients.blob_store("")).unwrap(data, attributes)
+    # Only reads: a claim-check pointer names its own bucket, so the store needs no default one.
+    body = ClaimCheck(clients.blob_store(bucket="")).unwrap(data, attributes)
     return Trigger.decode(body, attributes)
 
 

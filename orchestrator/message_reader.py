@@ -85,7 +85,6 @@ class PipesPubSubMessageReader(PipesMessageReader):
         self._streaming: pubsub_v1.subscriber.futures.StreamingPullFuture | None = None
         self._failure: BaseException | None = None
         self._last_heard: tuple[float, float] | None = None  # (monotonic, wall clock)
-        self.messages_ignored = 0
 
     # ---------------------------------------------------------------- PipesMessageReader
     @contextmanager
@@ -154,10 +153,8 @@ class PipesPubSubMessageReader(PipesMessageReader):
                 self._failure = exc
                 self._cond.notify_all()
         except ProtocolError as exc:
-            self.messages_ignored += 1
             self._log.warning(f"[pipes] dropped reply message {message.message_id}: {exc}")
         except Exception:  # noqa: BLE001 - a bad message must never stop the reader
-            self.messages_ignored += 1
             self._log.exception(f"[pipes] failed to process reply message {message.message_id}; dropped")
         message.ack()
 

@@ -12,6 +12,7 @@ from dagster_pipes import PipesContext
 from orchestrator.local_stack import LocalStack
 from tests.functions.main import main as scenario_function
 from tests.integration.function_harness import FunctionHarness
+from tests.integration.helpers import make_client, run_asset
 
 
 @pytest.fixture
@@ -103,3 +104,25 @@ def test_an_event_without_a_pubsub_message_is_refused_clearly():
     outcome = scenario_function(event)
     assert not outcome.ran
     assert "--trigger-topic" in str(outcome.error)
+
+
+def test_writer_batches_by_count_and_numbers_the_batches(harness):
+    h = harness({"log_lines": 450}, max_batch_messages=100, flush_interval=5.0)
+    assert scenario_function(h.cloud_event()).ran
+    messages = h.read_until_closed()
+
+    assert [m["params"]["message"] for m in messages if m["method"] == "log"][1:] == [f"line {i}" for i in range(450)]
+    # opened + 451 logs + materialization + closed = 454 messages in batches of at most 100: seq 0..4
+    assert h.reassembler.next_seq == 5
+
+
+def test_writer_batches_by_bytes(harness):
+    h = harness({"log_lines": 200}, max_batch_bytes=2_000, flush_interval=5.0)
+    assert scenario_function(h.cloud_event()).ran
+    h.read_until_closed()
+    assert h.reassembler.next_seq >= 10  # ~60-byte messages, at most ~2 kB per batch
+
+
+def test_idle_writer_heartbeats_keep_a_quiet_function_alive(stack):
+    outcome = run_asset(make_client(heartbeat_interval=0.3, heartbeat_timeout=1.0), payload={"sleep": 3})
+    assert outcome.result.success, outcome.failure_message
