@@ -8,8 +8,10 @@ session's GCS objects, and fails the step with the remote traceback if the funct
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import google.auth
@@ -28,7 +30,14 @@ from google.cloud import pubsub_v1, storage
 from pydantic import Field
 
 from orchestrator.context_injectors import PipesPubSubContextInjector
-from orchestrator.errors import CloudFunctionError, GCPUnreachableError, PipesPubSubConfigError, PipesPubSubError
+from orchestrator.errors import (
+    CloudFunctionError,
+    GCPUnreachableError,
+    PipesPubSubConfigError,
+    PipesPubSubError,
+    RunInterrupted,
+)
+from orchestrator.fanout import FanOutResult, run_fan_out
 from orchestrator.message_reader import PipesPubSubMessageReader
 from shared.claim_check import ClaimCheck, GCSBlobStore, validate_threshold
 from shared.layout import cancel_key, context_key, session_prefix, trigger_key
@@ -76,6 +85,15 @@ def _bucket_exists(client: storage.Client, bucket: str) -> bool:
         return client.bucket(bucket).exists(timeout=10, retry=None)
     except gexc.Forbidden:
         return True  # object-level roles only: we cannot tell, and the first upload will say
+
+
+@dataclass(frozen=True)
+class _Clients:
+    """The Google clients one ``run``/``run_many`` call shares across its sessions (both are thread-safe)."""
+
+    project: str
+    publisher: pubsub_v1.PublisherClient
+    gcs: storage.Client
 
 
 class PipesPubSubClient(ConfigurableResource, PipesClient):
@@ -173,21 +191,79 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         """Run one function session; ``payload`` reaches the handler as its second argument."""
         payload = {} if payload is None else payload
         project = self._validated(payload)
-        publisher = pubsub_v1.PublisherClient()
-        gcs = storage.Client(project=project)
-        self._check_resources(project, publisher, gcs)
-        subscriber = pubsub_v1.SubscriberClient()
+        return self._run_session(context, self._checked_clients(project), payload, extras)
 
+    def run_many(
+        self,
+        *,
+        context: OpExecutionContext | AssetExecutionContext,
+        payloads: Sequence[Mapping[str, Any]],
+        max_concurrency: int = 10,
+        shard_retries: int = 0,
+        extras: PipesExtras | None = None,
+    ) -> FanOutResult:
+        """Fan out: one function session per payload (a shard), at most ``max_concurrency`` at once.
+
+        Every shard is a full session with the guarantees of ``run()`` (its own subscription, dedupe, order,
+        fencing, timeouts). A failed shard is retried ``shard_retries`` times, each time as a new session.
+        Each shard's log lines reach the step prefixed ``[shard i]``. Waits for all shards; raises
+        ``FanOutError`` listing every failed shard (with its remote traceback) once all have ended.
+        """
+        payloads = [dict(p) if isinstance(p, Mapping) else p for p in payloads]  # type: ignore[misc]
+        problems = []
+        if not payloads:
+            problems.append("payloads is empty: pass one payload (a dict) per shard")
+        if max_concurrency < 1:
+            problems.append(f"max_concurrency={max_concurrency} must be at least 1")
+        if shard_retries < 0:
+            problems.append(f"shard_retries={shard_retries} must be 0 or more")
+        for shard, payload in enumerate(payloads):
+            try:
+                project = self._validated(payload)
+            except PipesPubSubConfigError as exc:
+                problems.append(f"shard {shard}: {exc}")
+        if problems:
+            raise PipesPubSubConfigError("; ".join(problems))
+        clients = self._checked_clients(project)
+        interrupted = threading.Event()
+        return run_fan_out(
+            lambda shard, payload: self._run_session(
+                context, clients, payload, extras, log_prefix=f"[shard {shard}] ", interrupted=interrupted
+            ),
+            payloads,
+            max_concurrency=max_concurrency,
+            shard_retries=shard_retries,
+            log=context.log,
+            interrupted=interrupted,
+        )
+
+    def _checked_clients(self, project: str) -> _Clients:
+        clients = _Clients(project, pubsub_v1.PublisherClient(), storage.Client(project=project))
+        self._check_resources(project, clients.publisher, clients.gcs)
+        return clients
+
+    def _run_session(
+        self,
+        context: OpExecutionContext | AssetExecutionContext,
+        clients: _Clients,
+        payload: Mapping[str, Any],
+        extras: PipesExtras | None,
+        *,
+        log_prefix: str = "",
+        interrupted: threading.Event | None = None,
+    ) -> PipesClientCompletedInvocation:
+        subscriber = pubsub_v1.SubscriberClient()
         session_id = new_session_id()
-        trigger_topic = topic_path(project, self.trigger_topic)
-        blob_store = GCSBlobStore(gcs, self.bucket)
+        trigger_topic = topic_path(clients.project, self.trigger_topic)
+        blob_store = GCSBlobStore(clients.gcs, self.bucket)
         claim_check = ClaimCheck(blob_store, self.inline_threshold_bytes)
         reader = PipesPubSubMessageReader(
             subscriber=subscriber,
             claim_check=claim_check,
-            channel_params=self._session_params(project, session_id),
+            channel_params=self._session_params(clients.project, session_id),
             log=context.log,
             signing_secret=self.signing_secret,
+            log_prefix=log_prefix,
         )
         injector = PipesPubSubContextInjector(
             blob_store=blob_store, key=context_key(self.prefix, session_id), inline_threshold=self.inline_threshold_bytes
@@ -198,8 +274,10 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 body, attributes = Trigger(session_id, payload, session.get_bootstrap_env_vars()).encode()
                 data, codec_attributes = claim_check.wrap(body, trigger_key(self.prefix, session_id))
                 triggered_at = time.monotonic()
-                message_id = publish(publisher, trigger_topic, data, {**attributes, **codec_attributes})
-                context.log.info(f"[pipes] session {session_id}: trigger message {message_id} published to {trigger_topic}")
+                message_id = publish(clients.publisher, trigger_topic, data, {**attributes, **codec_attributes})
+                context.log.info(
+                    f"{log_prefix}[pipes] session {session_id}: trigger message {message_id} published to {trigger_topic}"
+                )
                 try:
                     reader.wait_for_close(
                         triggered_at=triggered_at,
@@ -207,8 +285,9 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                         startup_timeout=self.startup_timeout,
                         heartbeat_timeout=self.heartbeat_timeout,
                         total_timeout=self.total_timeout,
+                        interrupted=interrupted,
                     )
-                except (KeyboardInterrupt, DagsterExecutionInterruptedError):
+                except (KeyboardInterrupt, DagsterExecutionInterruptedError, RunInterrupted):
                     self._cancel(context, reader, blob_store, trigger_topic)
                     raise
         finally:

@@ -34,6 +34,10 @@ class ReplyStreamError(PipesPubSubError):
     """The reply stream could not be read (subscription gone, Pub/Sub unreachable past the retry budget)."""
 
 
+class RunInterrupted(PipesPubSubError):
+    """The step was interrupted while a fan-out shard ran; the shard's session was asked to cancel."""
+
+
 class CloudFunctionError(PipesPubSubError):
     """The function's handler raised; the message carries the remote exception and traceback."""
 

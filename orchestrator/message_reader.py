@@ -31,6 +31,7 @@ from orchestrator.errors import (
     FunctionTotalTimeout,
     PipesPubSubConfigError,
     ReplyStreamError,
+    RunInterrupted,
 )
 from orchestrator.reassembly import ReassemblyError, SessionReassembler
 from shared.claim_check import ClaimCheck
@@ -69,6 +70,7 @@ class PipesPubSubMessageReader(PipesMessageReader):
         log: logging.Logger | Any | None = None,
         ack_deadline_seconds: int = 60,
         signing_secret: str | None = None,
+        log_prefix: str = "",
     ):
         self._subscriber = subscriber
         self._claim_check = claim_check
@@ -77,6 +79,7 @@ class PipesPubSubMessageReader(PipesMessageReader):
         self._log = log or logging.getLogger("dagster_pipes_gcp.reader")
         self._ack_deadline_seconds = ack_deadline_seconds
         self._signing_secret = signing_secret
+        self._log_prefix = log_prefix
         project = channel_params.topic.split("/")[1]
         self.subscription_path = subscriber.subscription_path(project, f"dagster-pipes-{self.session_id}")
         self._cond = threading.Condition()
@@ -178,6 +181,9 @@ class PipesPubSubMessageReader(PipesMessageReader):
 
     def _hand_to_dagster(self, pipes_message: Mapping[str, Any]) -> None:
         assert self._handler is not None
+        if self._log_prefix and pipes_message.get("method") == "log":
+            params = pipes_message["params"]
+            pipes_message = {**pipes_message, "params": {**params, "message": f"{self._log_prefix}{params['message']}"}}
         try:
             self._handler.handle_message(pipes_message)  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - as dagster's own readers do: report and go on
@@ -202,12 +208,16 @@ class PipesPubSubMessageReader(PipesMessageReader):
         startup_timeout: float,
         heartbeat_timeout: float,
         total_timeout: float | None = None,
+        interrupted: threading.Event | None = None,
     ) -> None:
-        """Block until the session's ``closed`` message was handled; raise if a timeout expires first.
+        """Block until the session's ``closed`` message was handled; raise if a timeout expires first, or
+        ``RunInterrupted`` once ``interrupted`` is set (how a fan-out's step thread stops its shards' waits).
 
         ``triggered_at`` is the ``time.monotonic()`` at which the trigger was published."""
         with self._cond:
             while not self._reassembler.closed:
+                if interrupted is not None and interrupted.is_set():
+                    raise RunInterrupted(f"session {self.session_id}: the step was interrupted")
                 if self._failure is not None:
                     raise ReplyStreamError(f"session {self.session_id}: {self._failure}") from self._failure
                 if self._streaming is not None and self._streaming.done():

@@ -26,6 +26,7 @@ def sha256_json(value: Any) -> str:
 
 @pipes_function
 def main(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -> None:
+    started = time.time()
     scenario = payload.get("scenario", "echo")
     token = payload.get("token")
     pipes.log.info(f"scenario {scenario} starts")
@@ -38,6 +39,9 @@ def main(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -> None:
                 mark("cancel-observed", token)
                 pipes.raise_if_cancelled()
             time.sleep(0.05)
+    if scenario == "fail_once" and not storage_client().bucket(LAKE_BUCKET).blob(f"failed-once/{token}").exists():
+        mark("failed-once", token)
+        raise RuntimeError("failing the first attempt on purpose")
     if scenario == "raise":
         try:
             int("not a number")
@@ -47,6 +51,9 @@ def main(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -> None:
         pipes.log.info(f"line {i}")
     if payload.get("sleep"):
         time.sleep(float(payload["sleep"]))
+    if payload.get("interval_token"):  # when this invocation ran, for the fan-out concurrency test
+        interval = json.dumps({"start": started, "end": time.time()})
+        storage_client().bucket(LAKE_BUCKET).blob(f"intervals/{payload['interval_token']}").upload_from_string(interval)
     if payload.get("reply_bytes"):
         pipes.report_custom_message("r" * int(payload["reply_bytes"]))
     pipes.report_asset_materialization(
