@@ -17,6 +17,7 @@ from typing import Any
 import google.auth
 from dagster import (
     AssetExecutionContext,
+    AssetKey,
     ConfigurableResource,
     DagsterExecutionInterruptedError,
     OpExecutionContext,
@@ -24,7 +25,9 @@ from dagster import (
     PipesClientCompletedInvocation,
     open_pipes_session,
 )
-from dagster_pipes import PipesExtras
+from dagster._core.definitions.asset_key import CoercibleToAssetKey
+from dagster._core.pipes.context import build_external_execution_context_data
+from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, DAGSTER_PIPES_MESSAGES_ENV_VAR, PipesExtras, encode_env_var
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1, storage
 from pydantic import Field
@@ -96,6 +99,18 @@ class _Clients:
     gcs: storage.Client
 
 
+@dataclass(frozen=True)
+class DetachedSession:
+    """What ``run_detached`` started: record it as the step's metadata."""
+
+    session_id: str
+    trigger_message_id: str
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return {"pipes_session_id": self.session_id, "pipes_trigger_message_id": self.trigger_message_id}
+
+
 class PipesPubSubClient(ConfigurableResource, PipesClient):
     """Trigger an event-driven Cloud Function over Pub/Sub and receive its Pipes messages over Pub/Sub.
 
@@ -127,6 +142,10 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
     signing_secret: str | None = Field(
         default=None,
         description="Shared secret for HMAC-signed replies (use EnvVar('DAGSTER_PIPES_SIGNING_SECRET')); off if unset.",
+    )
+    detached_reply_topic: str | None = Field(
+        default=None,
+        description="Topic detached sessions (run_detached) reply to; a durable subscription on it feeds the completion sensor.",
     )
     preflight_timeout: float = Field(
         default=30.0, description="Seconds to keep retrying the checks of topics and bucket while GCP is unreachable."
@@ -167,8 +186,10 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 f"{os.environ.get(emulator_env_var, '(unset)')} is running)"
             ) from exc
 
-    def _check_resources(self, project: str, publisher: pubsub_v1.PublisherClient, gcs: storage.Client) -> None:
-        for setting in ("trigger_topic", "reply_topic"):
+    def _check_resources(
+        self, project: str, publisher: pubsub_v1.PublisherClient, gcs: storage.Client, reply_setting: str
+    ) -> None:
+        for setting in ("trigger_topic", reply_setting):
             path = topic_path(project, getattr(self, setting))
             if not self._preflight("Pub/Sub", "PUBSUB_EMULATOR_HOST", _topic_exists, publisher, path):
                 raise PipesPubSubConfigError(
@@ -237,9 +258,9 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             interrupted=interrupted,
         )
 
-    def _checked_clients(self, project: str) -> _Clients:
+    def _checked_clients(self, project: str, reply_setting: str = "reply_topic") -> _Clients:
         clients = _Clients(project, pubsub_v1.PublisherClient(), storage.Client(project=project))
-        self._check_resources(project, clients.publisher, clients.gcs)
+        self._check_resources(project, clients.publisher, clients.gcs, reply_setting)
         return clients
 
     def _run_session(
@@ -271,10 +292,8 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         started = time.monotonic()
         try:
             with open_pipes_session(context=context, context_injector=injector, message_reader=reader, extras=extras) as session:
-                body, attributes = Trigger(session_id, payload, session.get_bootstrap_env_vars()).encode()
-                data, codec_attributes = claim_check.wrap(body, trigger_key(self.prefix, session_id))
                 triggered_at = time.monotonic()
-                message_id = publish(clients.publisher, trigger_topic, data, {**attributes, **codec_attributes})
+                message_id = self._publish_trigger(clients, claim_check, session_id, payload, session.get_bootstrap_env_vars())
                 context.log.info(
                     f"{log_prefix}[pipes] session {session_id}: trigger message {message_id} published to {trigger_topic}"
                 )
@@ -307,9 +326,68 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             },
         )
 
-    def _session_params(self, project: str, session_id: str) -> ReplyChannelParams:
+    def run_detached(
+        self,
+        *,
+        context: OpExecutionContext | AssetExecutionContext,
+        payload: Mapping[str, Any] | None = None,
+        asset_key: CoercibleToAssetKey | None = None,
+        extras: PipesExtras | None = None,
+    ) -> DetachedSession:
+        """Publish the trigger and return at once: the function replies on ``detached_reply_topic``, where a
+        durable subscription keeps its messages until ``pipes_completion_sensor`` records them.
+
+        Use it from an op (not from the asset the function materializes: the sensor records that asset's
+        materialization when the function reports it). ``asset_key`` names the asset the function
+        materializes when its ``report_asset_materialization`` does not name one.
+        """
+        payload = {} if payload is None else payload
+        project = self._validated(payload)
+        if not self.detached_reply_topic:
+            raise PipesPubSubConfigError(
+                "detached_reply_topic is not set: create a topic and a durable subscription for detached replies "
+                "(gcloud pubsub topics create pipes-detached-replies; gcloud pubsub subscriptions create "
+                "pipes-detached-completions --topic pipes-detached-replies) and set detached_reply_topic"
+            )
+        clients = self._checked_clients(project, "detached_reply_topic")
+        session_id = new_session_id()
+        blob_store = GCSBlobStore(clients.gcs, self.bucket)
+        context_data = build_external_execution_context_data(context, extras)
+        if asset_key is not None:
+            context_data["asset_keys"] = [AssetKey.from_coercible(asset_key).to_user_string()]
+        injector = PipesPubSubContextInjector(
+            blob_store=blob_store, key=context_key(self.prefix, session_id), inline_threshold=self.inline_threshold_bytes
+        )
+        with injector.inject_context(context_data) as context_params:
+            bootstrap = {
+                DAGSTER_PIPES_CONTEXT_ENV_VAR: encode_env_var(context_params),
+                DAGSTER_PIPES_MESSAGES_ENV_VAR: encode_env_var(
+                    self._session_params(clients.project, session_id, self.detached_reply_topic).to_params()
+                ),
+            }
+        claim_check = ClaimCheck(blob_store, self.inline_threshold_bytes)
+        message_id = self._publish_trigger(clients, claim_check, session_id, payload, bootstrap)
+        context.log.info(
+            f"[pipes] detached session {session_id}: trigger message {message_id} published to "
+            f"{topic_path(clients.project, self.trigger_topic)}; replies go to {self.detached_reply_topic}"
+        )
+        return DetachedSession(session_id, message_id)
+
+    def _publish_trigger(
+        self,
+        clients: _Clients,
+        claim_check: ClaimCheck,
+        session_id: str,
+        payload: Mapping[str, Any],
+        bootstrap_env_vars: Mapping[str, str],
+    ) -> str:
+        body, attributes = Trigger(session_id, payload, bootstrap_env_vars).encode()
+        data, codec_attributes = claim_check.wrap(body, trigger_key(self.prefix, session_id))
+        return publish(clients.publisher, topic_path(clients.project, self.trigger_topic), data, {**attributes, **codec_attributes})
+
+    def _session_params(self, project: str, session_id: str, reply_topic: str | None = None) -> ReplyChannelParams:
         return ReplyChannelParams(
-            topic=topic_path(project, self.reply_topic),
+            topic=topic_path(project, reply_topic or self.reply_topic),
             session_id=session_id,
             bucket=self.bucket,
             prefix=self.prefix,

@@ -60,6 +60,18 @@ def _delete_subscription(subscriber: pubsub_v1.SubscriberClient, path: str) -> N
         pass
 
 
+def decode_reply(data: bytes, attributes: Mapping[str, str], claim_check: ClaimCheck, signing_secret: str | None) -> Reply:
+    """One reply message as published by the function's writer: fetched from GCS if claim-checked, its
+    signature checked when a secret is configured, decoded. Raises ``ProtocolError`` for anything malformed."""
+    body = claim_check.unwrap(data, attributes)
+    if signing_secret and not is_authentic(signing_secret, body, attributes):
+        raise ProtocolError(
+            f"unsigned or badly signed reply of invocation {attributes.get(Attr.INVOCATION)!r}; "
+            "the function must have the orchestrator's signing secret"
+        )
+    return Reply.decode(body, attributes)
+
+
 class PipesPubSubMessageReader(PipesMessageReader):
     def __init__(
         self,
@@ -165,13 +177,7 @@ class PipesPubSubMessageReader(PipesMessageReader):
         attributes = dict(message.attributes)
         if attributes.get(Attr.SESSION) not in (None, self.session_id):
             return  # another session's reply: only reaches us where filters are not applied (the emulator)
-        body = self._claim_check.unwrap(message.data, attributes)
-        if self._signing_secret and not is_authentic(self._signing_secret, body, attributes):
-            raise ProtocolError(
-                f"unsigned or badly signed reply of invocation {attributes.get(Attr.INVOCATION)!r}; "
-                "the function must have the orchestrator's signing secret"
-            )
-        reply = Reply.decode(body, attributes)
+        reply = decode_reply(message.data, attributes, self._claim_check, self._signing_secret)
         with self._cond:
             if self._reassembler.counts_as_alive(reply):
                 self._last_heard = (time.monotonic(), time.time())
