@@ -36,7 +36,8 @@ def fake_sales(rows: int, seed: int) -> pl.DataFrame:
 def main(pipes: PipesContext, payload: dict[str, Any]) -> None:
     dl_bucket = str(payload["dl_bucket"]).removeprefix("gs://").rstrip("/")
     rows = int(payload.get("rows", 1000))
-    table_path = f"sales/{pipes.asset_key.replace('/', '_')}/part-0.parquet"
+    part = int(payload.get("part", 0))  # fan-out shards each write their own part of the table
+    table_path = f"sales/{pipes.asset_key.replace('/', '_')}/part-{part}.parquet"
     pipes.log.info(f"generating {rows} rows of fake sales data")
     table = fake_sales(rows, seed=int(payload.get("seed", 0)))
 

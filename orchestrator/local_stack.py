@@ -126,6 +126,8 @@ class LocalStack:
     functions: Sequence[LocalFunction] = ()
     topics: Sequence[str] = ("pipes-replies",)
     buckets: Sequence[str] = ("pipes-payloads", "data-lake")
+    #: durable pull subscriptions to create, name -> topic (the topic must be in ``topics``)
+    subscriptions: Mapping[str, str] = field(default_factory=dict)
     project: str = "local-project"
     workdir: Path | None = None
     pubsub_host: str = ""
@@ -257,6 +259,12 @@ class LocalStack:
         publisher = pubsub_v1.PublisherClient()
         for topic in self.topics:
             publisher.create_topic(request={"name": publisher.topic_path(self.project, topic)})
+        with pubsub_v1.SubscriberClient() as subscriber:
+            for name, topic in self.subscriptions.items():
+                subscriber.create_subscription(request={
+                    "name": subscriber.subscription_path(self.project, name),
+                    "topic": publisher.topic_path(self.project, topic),
+                })
         gcs = storage.Client(project=self.project)
         for bucket in self.buckets:
             gcs.create_bucket(bucket)

@@ -18,6 +18,8 @@ from orchestrator.local_stack import LocalFunction, LocalStack
 EXAMPLE_TOPIC = "pipes-trigger"
 TEST_TOPIC = "test-trigger"
 REPLY_TOPIC = "pipes-replies"
+DETACHED_TOPIC = "pipes-detached-replies"  # the example definitions' detached replies ...
+DETACHED_SUBSCRIPTION = "pipes-detached-completions"  # ... and the durable subscription their sensor reads
 SCRIPTED_TOPIC = "scripted-trigger"  # no function behind it: tests play the function by hand
 PAYLOAD_BUCKET = "pipes-payloads"
 LAKE_BUCKET = "data-lake"
@@ -29,6 +31,11 @@ def stack() -> Iterator[LocalStack]:
         LocalFunction("function/main.py", "main", EXAMPLE_TOPIC),
         LocalFunction("tests/functions/main.py", "main", TEST_TOPIC),
     ]
-    with LocalStack(functions=functions, topics=[REPLY_TOPIC, SCRIPTED_TOPIC], buckets=[PAYLOAD_BUCKET, LAKE_BUCKET]) as running:
+    with LocalStack(
+        functions=functions,
+        topics=[REPLY_TOPIC, SCRIPTED_TOPIC, DETACHED_TOPIC],
+        buckets=[PAYLOAD_BUCKET, LAKE_BUCKET],
+        subscriptions={DETACHED_SUBSCRIPTION: DETACHED_TOPIC},
+    ) as running:
         with running.activated():
             yield running
