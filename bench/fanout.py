@@ -1,0 +1,73 @@
+"""Fan-out wall time on the local stack: N trivial shards vs. one, at a given concurrency.
+
+    python -m bench.fanout [--shards 1 20 100] [--concurrency 20]
+
+Prints one table: shards, concurrency, wall time, ratio to one shard, orchestrator peak RSS and threads.
+"""
+
+
+import argparse
+import resource
+import threading
+import time
+import warnings
+
+from dagster import AssetExecutionContext, DagsterInstance, PreviewWarning, asset, materialize
+
+from orchestrator.client import PipesPubSubClient
+from orchestrator.local_stack import LocalFunction, LocalStack
+
+TOPIC = "bench-trigger"
+
+
+def fan_out_seconds(client: PipesPubSubClient, shards: int, concurrency: int) -> tuple[float, int]:
+    peak_threads = 0
+
+    @asset(name=f"bench_fan_out_{shards}")
+    def bench_fan_out(context: AssetExecutionContext, pipes_pubsub: PipesPubSubClient):
+        return pipes_pubsub.run_many(
+            context=context, payloads=[{"n": i} for i in range(shards)], max_concurrency=concurrency
+        ).get_materialize_result()
+
+    stop = threading.Event()
+
+    def watch_threads() -> None:
+        nonlocal peak_threads
+        while not stop.wait(0.05):
+            peak_threads = max(peak_threads, threading.active_count())
+
+    watcher = threading.Thread(target=watch_threads, daemon=True)
+    watcher.start()
+    with DagsterInstance.ephemeral() as instance:
+        started = time.monotonic()
+        result = materialize([bench_fan_out], resources={"pipes_pubsub": client}, instance=instance)
+        elapsed = time.monotonic() - started
+    stop.set()
+    assert result.success
+    return elapsed, peak_threads
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", category=PreviewWarning)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shards", type=int, nargs="+", default=[1, 20, 100])
+    parser.add_argument("--concurrency", type=int, default=20)
+    args = parser.parse_args()
+    function = LocalFunction("tests/functions/main.py", "main", TOPIC, env={"THREADS": str(max(8, args.concurrency * 2))})
+    with LocalStack(functions=[function]) as stack, stack.activated():
+        client = PipesPubSubClient(trigger_topic=TOPIC, reply_topic="pipes-replies", bucket="pipes-payloads")
+        fan_out_seconds(client, 1, 1)  # warm up imports and the function instance
+        rows = []
+        for shards in args.shards:
+            seconds, threads = fan_out_seconds(client, shards, min(args.concurrency, shards))
+            rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            rows.append((shards, min(args.concurrency, shards), seconds, threads, rss_mb))
+    base = rows[0][2] if rows and rows[0][0] == 1 else None
+    print(f"\n| shards | concurrency | wall s | × one shard | peak threads | peak RSS MB |\n|---:|---:|---:|---:|---:|---:|")
+    for shards, concurrency, seconds, threads, rss_mb in rows:
+        ratio = f"{seconds / base:.2f}" if base else "-"
+        print(f"| {shards} | {concurrency} | {seconds:.2f} | {ratio} | {threads} | {rss_mb:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
