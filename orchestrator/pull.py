@@ -34,11 +34,23 @@ def _pull_once(subscriber: pubsub_v1.SubscriberClient, path: str, max_messages: 
     return list(response.received_messages)
 
 
-def pull(subscriber: pubsub_v1.SubscriberClient, path: str, *, max_messages: int, timeout: float = 5.0) -> list[Any]:
-    """Up to ``max_messages`` received messages: pulls until the subscription answers empty or the cap is met."""
+def pull(
+    subscriber: pubsub_v1.SubscriberClient,
+    path: str,
+    *,
+    max_messages: int,
+    timeout: float = 5.0,
+    follow_up_timeout: float = 1.0,
+) -> list[Any]:
+    """Up to ``max_messages`` received messages: pulls until the subscription answers empty or the cap is met.
+
+    A pull may return fewer messages than are waiting, so pulling goes on after a non-empty answer; those
+    follow-up pulls wait at most ``follow_up_timeout``, since an empty subscription answers only at the deadline."""
     received: list[Any] = []
     while len(received) < max_messages:
-        batch = _pull_once(subscriber, path, min(MAX_PER_REQUEST, max_messages - len(received)), timeout)
+        batch = _pull_once(
+            subscriber, path, min(MAX_PER_REQUEST, max_messages - len(received)), follow_up_timeout if received else timeout
+        )
         if not batch:
             break
         received.extend(batch)
