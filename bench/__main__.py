@@ -1,0 +1,173 @@
+"""One command, one table: our Pub/Sub path against the local floor and the raw transport, on the local stack.
+
+    python -m bench [--quick]      (make bench)
+
+Rows: (a) ours, Pub/Sub trigger + Pub/Sub replies, the function in the Functions Framework fed by a push
+subscription; (c) the floor, ``PipesSubprocessClient`` running the same handler as a local process;
+(d) the raw emulator publish -> streaming-pull receive round trip. Times come from the timestamps Dagster
+recorded in its event log, so they are what Dagster handled, not what was sent.
+"""
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dagster import (
+    AssetExecutionContext,
+    DagsterEventType,
+    DagsterInstance,
+    PipesSubprocessClient,
+    PreviewWarning,
+    asset,
+    materialize,
+)
+from google.cloud import pubsub_v1
+
+from bench.fanout import fan_out_seconds
+from orchestrator.client import PipesPubSubClient
+from orchestrator.local_stack import REPO_ROOT, LocalFunction, LocalStack
+
+TOPIC = "bench-trigger"
+RAW_TOPIC = "bench-raw"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run_once(resources: dict[str, Any], call: Callable[[AssetExecutionContext, Any], Any]) -> dict[str, Any]:
+    """Materialize one asset; return the event-log timings and the user log lines Dagster recorded."""
+
+    @asset(name="bench_asset", required_resource_keys={"client"})
+    def bench_asset(context: AssetExecutionContext):
+        return call(context, context.resources.client)
+
+    with DagsterInstance.ephemeral() as instance:
+        result = materialize([bench_asset], resources=resources, instance=instance)
+        assert result.success
+        entries = instance.all_logs(result.run_id)
+    stamp = {e.dagster_event.event_type: e.timestamp for e in entries if e.dagster_event is not None}
+    user = [e for e in entries if e.dagster_event is None]
+    first = next(e.timestamp for e in user if e.user_message == "first line")
+    lines = [e for e in user if e.user_message.startswith("line ")]
+    return {
+        "first_log": first - stamp[DagsterEventType.STEP_START],
+        "step": stamp[DagsterEventType.STEP_SUCCESS] - stamp[DagsterEventType.STEP_START],
+        "lines": len(lines),
+        "lines_seconds": (lines[-1].timestamp - first) if lines else 0.0,
+    }
+
+
+def ours(client: PipesPubSubClient) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda payload: run_once(
+        {"client": client}, lambda context, c: c.run(context=context, payload=payload).get_materialize_result()
+    )
+
+
+def floor() -> Callable[[dict[str, Any]], dict[str, Any]]:
+    client = PipesSubprocessClient(env={"PYTHONPATH": str(REPO_ROOT)})
+    command = [sys.executable, str(REPO_ROOT / "bench" / "handler.py")]
+    return lambda payload: run_once(
+        {"client": client},
+        lambda context, c: c.run(context=context, command=command, extras={"payload": payload}).get_materialize_result(),
+    )
+
+
+def raw_round_trips(project: str, count: int) -> list[float]:
+    """Publish -> streaming-pull receive on the emulator, one message at a time."""
+    publisher = pubsub_v1.PublisherClient()
+    topic = publisher.create_topic(request={"name": publisher.topic_path(project, RAW_TOPIC)}).name
+    subscriber = pubsub_v1.SubscriberClient()
+    subscription = subscriber.create_subscription(
+        request={"name": subscriber.subscription_path(project, RAW_TOPIC), "topic": topic}
+    ).name
+    received = threading.Event()
+
+    def on_message(message: Any) -> None:
+        message.ack()
+        received.set()
+
+    future = subscriber.subscribe(subscription, on_message)
+    times = []
+    for _ in range(count):
+        received.clear()
+        started = time.monotonic()
+        publisher.publish(topic, b"x").result()
+        received.wait(10)
+        times.append(time.monotonic() - started)
+    future.cancel()
+    subscriber.close()
+    return times
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", category=PreviewWarning)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer sessions and smaller loads (< 2 minutes)")
+    args = parser.parse_args()
+    sessions = 5 if args.quick else 20
+    log_lines = 2_000 if args.quick else 20_000
+    payload_sizes = [1_000, 1_000_000] if args.quick else [1_000, 1_000_000, 20_000_000]
+    fan_outs = [1, 10] if args.quick else [1, 10, 50, 100]
+
+    started = time.monotonic()
+    function = LocalFunction("bench/cloud_handler.py", "main", TOPIC, env={"THREADS": "64"})
+    with LocalStack(functions=[function]) as stack, stack.activated():
+        client = PipesPubSubClient(trigger_topic=TOPIC, reply_topic="pipes-replies", bucket="pipes-payloads")
+        runners = {"ours (Pub/Sub)": ours(client), "floor (subprocess)": floor()}
+        rows: dict[str, dict[str, Any]] = {}
+        for name, run in runners.items():
+            run({})  # warm up
+            trivial = [run({}) for _ in range(sessions)]
+            bulk = run({"log_lines": log_lines})
+            sized = {}
+            for size in payload_sizes:
+                outcome = run({"metadata_bytes": size})
+                sized[size] = (outcome["step"], peak_rss_mb())
+            rows[name] = {"trivial": trivial, "bulk": bulk, "sized": sized}
+        raw = raw_round_trips(stack.project, sessions)
+        fan = {n: fan_out_seconds(client, n, min(n, 100)) for n in fan_outs}
+
+    print(f"\nlocal stack, {os.cpu_count()} cores, {sessions} sessions per figure, {log_lines} log lines for throughput")
+    print("\n| path | first log median / p95 s | step median / p95 s | logs/s handled (received/sent) |"
+          + "".join(f" {s / 1e6:g} MB metadata: s, peak RSS MB |" for s in payload_sizes))
+    print("|---|---|---|---|" + "---|" * len(payload_sizes))
+    for name, row in rows.items():
+        first = [t["first_log"] for t in row["trivial"]]
+        step = [t["step"] for t in row["trivial"]]
+        bulk = row["bulk"]
+        rate = bulk["lines"] / bulk["lines_seconds"] if bulk["lines_seconds"] else float("nan")
+        sized = "".join(f" {s:.2f}, {rss:.0f} |" for s, rss in row["sized"].values())
+        print(f"| {name} | {statistics.median(first):.3f} / {percentile(first, 0.95):.3f} | "
+              f"{statistics.median(step):.3f} / {percentile(step, 0.95):.3f} | {rate:,.0f} ({bulk['lines']}/{log_lines}) |{sized}")
+    print(f"| raw emulator round trip | {statistics.median(raw):.3f} / {percentile(raw, 0.95):.3f} | | | " + "| " * len(payload_sizes))
+
+    (ours_row, floor_row) = rows.values()
+    median_step = {k: statistics.median(t["step"] for t in r["trivial"]) for k, r in rows.items()}
+    median_first = statistics.median(t["first_log"] for t in ours_row["trivial"])
+    print("\n| ratio | value |\n|---|---|")
+    print(f"| ours first log / raw round trip | {median_first / statistics.median(raw):.1f}× |")
+    print(f"| ours step − floor step | {median_step['ours (Pub/Sub)'] - median_step['floor (subprocess)']:+.3f} s |")
+    print(f"| ours step / floor step | {median_step['ours (Pub/Sub)'] / median_step['floor (subprocess)']:.2f}× |")
+
+    print("\n| fan-out shards | wall s | × one shard | peak threads |\n|---:|---:|---:|---:|")
+    for n, (seconds, threads) in fan.items():
+        print(f"| {n} | {seconds:.2f} | {seconds / fan[1][0]:.2f} | {threads} |")
+    print(f"\nbench took {time.monotonic() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

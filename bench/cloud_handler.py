@@ -1,0 +1,6 @@
+"""``bench/handler.py``'s ``work`` as a Cloud Function entry point, for the Functions Framework."""
+
+from bench.handler import work
+from function.entrypoint import pipes_function
+
+main = pipes_function(work)
