@@ -38,6 +38,8 @@ def main(pipes: PipesContext, payload: dict[str, Any]) -> None:
     rows = int(payload.get("rows", 1000))
     part = int(payload.get("part", 0))  # fan-out shards each write their own part of the table
     table_path = f"sales/{pipes.asset_key.replace('/', '_')}/part-{part}.parquet"
+    if payload.get("source_uri"):  # set when a sensor requested the run for a landed object
+        pipes.log.info(f"triggered by {payload['source_uri']}")
     pipes.log.info(f"generating {rows} rows of fake sales data")
     table = fake_sales(rows, seed=int(payload.get("seed", 0)))
 

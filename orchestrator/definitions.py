@@ -3,7 +3,9 @@
 * ``cloud_function_pipes_asset``: one session, attached (the step waits for the function's messages);
 * ``sharded_sales``: fan-out, one session per shard at bounded concurrency, one aggregated materialization;
 * ``detached_sales_job`` + ``detached_completions``: detached, the step only triggers and a sensor records
-  the materialization of ``detached_sales`` when the function's replies arrive.
+  the materialization of ``detached_sales`` when the function's replies arrive;
+* ``landed_objects``: sensor-triggered, a new object under ``landing/`` in a bucket (a GCS notification on
+  Pub/Sub) materializes ``cloud_function_pipes_asset`` with the object's path.
 
 Configuration comes from the environment (see the README's configuration table), so the same file serves
 the local stack (``make demo`` / ``make dev``) and a real project.
@@ -15,10 +17,13 @@ import os
 from dagster import (
     AssetExecutionContext,
     AssetSpec,
+    Config,
     Definitions,
     MaterializeResult,
     OpExecutionContext,
     Output,
+    RunConfig,
+    RunRequest,
     asset,
     job,
     op,
@@ -26,15 +31,47 @@ from dagster import (
 
 from orchestrator.client import PipesPubSubClient
 from orchestrator.detached import pipes_completion_sensor
+from orchestrator.sensors import PubSubEvent, gcs_object_event, pubsub_sensor
 
 
 def data_lake() -> str:
     return os.environ.get("DATA_LAKE_BUCKET", "gs://data-lake")
 
 
+class LandedObject(Config):
+    """The object a run was requested for (by ``landed_objects``); empty when materialized by hand."""
+
+    uri: str = ""
+
+
 @asset(description="Fake sales data written as a Parquet table by a Cloud Function.")
-def cloud_function_pipes_asset(context: AssetExecutionContext, pipes_pubsub: PipesPubSubClient) -> MaterializeResult:
-    return pipes_pubsub.run(context=context, payload={"dl_bucket": data_lake()}).get_materialize_result()
+def cloud_function_pipes_asset(
+    context: AssetExecutionContext, config: LandedObject, pipes_pubsub: PipesPubSubClient
+) -> MaterializeResult:
+    payload = {"dl_bucket": data_lake()}
+    if config.uri:
+        payload["source_uri"] = config.uri
+    return pipes_pubsub.run(context=context, payload=payload).get_materialize_result()
+
+
+def landed_object_request(event: PubSubEvent) -> RunRequest | None:
+    """A new object under landing/ materializes cloud_function_pipes_asset with the object's path."""
+    obj = gcs_object_event(event)  # not a GCS notification: acked and skipped with a warning
+    if not obj.created or not obj.name.startswith("landing/"):
+        return None  # deletes, metadata updates, other prefixes: acked, no run
+    return RunRequest(
+        run_config=RunConfig(ops={"cloud_function_pipes_asset": LandedObject(uri=obj.uri)}),
+        tags={"gcs/bucket": obj.bucket, "gcs/object": obj.name, "gcs/generation": obj.generation or ""},
+    )
+
+
+landed_objects = pubsub_sensor(
+    "landed_objects",
+    os.environ.get("PIPES_LANDING_SUBSCRIPTION", "landing-objects"),
+    target=[cloud_function_pipes_asset],
+    build_run_request=landed_object_request,
+    minimum_interval_seconds=30,
+)
 
 
 @asset(description="Fake sales data written in four parts by four concurrent function sessions (fan-out).")
@@ -77,6 +114,6 @@ def pipes_pubsub_from_env() -> PipesPubSubClient:
 defs = Definitions(
     assets=[cloud_function_pipes_asset, sharded_sales, detached_sales],
     jobs=[detached_sales_job],
-    sensors=[detached_completions],
+    sensors=[detached_completions, landed_objects],
     resources={"pipes_pubsub": pipes_pubsub_from_env()},
 )

@@ -4,12 +4,14 @@ import time
 from typing import Any
 
 from dagster import DagsterInstance, SensorResult, build_sensor_context, materialize
-from google.cloud import storage
+from google.cloud import pubsub_v1, storage
 
 from orchestrator.definitions import (
+    cloud_function_pipes_asset,
     detached_completions,
     detached_sales,
     detached_sales_job,
+    landed_objects,
     pipes_pubsub_from_env,
     sharded_sales,
 )
@@ -50,3 +52,28 @@ def test_detached_job_then_completion_sensor_records_the_materialization(stack: 
         assert "generating 1000 rows" in event.metadata["pipes_log_tail"].value
         # the ack phase, with the cursor the daemon kept
         detached_completions(build_sensor_context(instance=instance, cursor=result.cursor, resources={"pipes_pubsub": client}))
+
+
+def test_landed_object_notification_materializes_the_asset_with_its_path(stack: Any) -> None:
+    with pubsub_v1.PublisherClient() as publisher, pubsub_v1.SubscriberClient() as subscriber:
+        topic = publisher.create_topic(request={"name": publisher.topic_path(stack.project, "landing-objects")}).name
+        subscriber.create_subscription(
+            request={"name": subscriber.subscription_path(stack.project, "landing-objects"), "topic": topic}
+        )
+        notification = {"bucketId": "raw-drops", "eventType": "OBJECT_FINALIZE", "payloadFormat": "JSON_API_V1"}
+        publisher.publish(topic, b"{}", **notification, objectId="landing/orders-1.csv", objectGeneration="7").result()
+        publisher.publish(topic, b"{}", **notification, objectId="elsewhere/x.csv", objectGeneration="8").result()
+
+    with DagsterInstance.ephemeral() as instance:
+        tick = landed_objects(build_sensor_context(instance=instance))
+        (request,) = tick.run_requests
+        assert request.tags["gcs/object"] == "landing/orders-1.csv"
+        result = materialize(
+            [cloud_function_pipes_asset],
+            resources={"pipes_pubsub": pipes_pubsub_from_env()},
+            instance=instance,
+            run_config=request.run_config,
+        )
+        assert result.success
+        logs = [e.user_message for e in instance.all_logs(result.run_id) if e.dagster_event is None]
+    assert "triggered by gs://raw-drops/landing/orders-1.csv" in logs
