@@ -52,4 +52,6 @@ def pipes_function(handler: Handler) -> Callable[[Any], SessionOutcome]:
             return SessionOutcome(None, "", ran=False, error=exc)
         return run_session(handler, data, attributes, message_id=message_id)
 
-    return functions_framework.cloud_event(entry_point)
+    decorated = functions_framework.cloud_event(entry_point)
+    decorated.pipes_handler = handler  # the plain business function, for the pull worker
+    return decorated
