@@ -8,7 +8,7 @@
   Pub/Sub) materializes ``cloud_function_pipes_asset`` with the object's path.
 
 Configuration comes from the environment (see the README's configuration table), so the same file serves
-the local stack (``make demo`` / ``make dev``) and a real project.
+the local stack (``make demo``, the tests) and a real project.
 """
 
 

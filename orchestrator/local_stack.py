@@ -1,7 +1,7 @@
 """The local stack: Google's Pub/Sub emulator, fake-gcs-server and the Functions Framework, on free loopback
 ports, wired the way Eventarc wires a deployed function (a push subscription from the trigger topic).
 
-Used by the demo, ``make dev`` and the test fixtures::
+Used by the demo, the benchmark and the test fixtures::
 
     with LocalStack(functions=[LocalFunction(source="function/main.py", target="main", trigger_topic="t")]) as stack:
         with stack.activated():            # PUBSUB_EMULATOR_HOST / STORAGE_EMULATOR_HOST / GOOGLE_CLOUD_PROJECT
