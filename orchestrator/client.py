@@ -90,6 +90,16 @@ def _bucket_exists(client: storage.Client, bucket: str) -> bool:
         return True  # object-level roles only: we cannot tell, and the first upload will say
 
 
+def _payload_problems(payload: Any) -> list[str]:
+    if not isinstance(payload, Mapping):
+        return [f"payload must be a dict (a JSON object), got {type(payload).__name__}"]
+    try:
+        dumps(dict(payload), "payload")
+    except ProtocolError as exc:
+        return [str(exc)]
+    return []
+
+
 @dataclass(frozen=True)
 class _Clients:
     """The Google clients one ``run``/``run_many`` call shares across its sessions (both are thread-safe)."""
@@ -153,6 +163,12 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
 
     def _validated(self, payload: Mapping[str, Any]) -> str:
         """Check configuration and input before anything is published; return the project."""
+        problems = self._config_problems() + _payload_problems(payload)
+        if problems:
+            raise PipesPubSubConfigError("; ".join(problems))
+        return resolve_project(self.project)
+
+    def _config_problems(self) -> list[str]:
         problems = []
         try:
             validate_threshold(self.inline_threshold_bytes)
@@ -165,16 +181,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 f"heartbeat_timeout={self.heartbeat_timeout:g} must be at least twice heartbeat_interval="
                 f"{self.heartbeat_interval:g}, or a healthy but quiet function is taken for dead"
             )
-        if not isinstance(payload, Mapping):
-            problems.append(f"payload must be a dict (a JSON object), got {type(payload).__name__}")
-        else:
-            try:
-                dumps(dict(payload), "payload")
-            except ProtocolError as exc:
-                problems.append(str(exc))
-        if problems:
-            raise PipesPubSubConfigError("; ".join(problems))
-        return resolve_project(self.project)
+        return problems
 
     def _preflight(self, service: str, emulator_env_var: str, call: Any, *args: Any) -> Any:
         try:
@@ -231,21 +238,17 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         ``FanOutError`` listing every failed shard (with its remote traceback) once all have ended.
         """
         payloads = [dict(p) if isinstance(p, Mapping) else p for p in payloads]  # type: ignore[misc]
-        problems = []
+        problems = self._config_problems()
         if not payloads:
             problems.append("payloads is empty: pass one payload (a dict) per shard")
         if max_concurrency < 1:
             problems.append(f"max_concurrency={max_concurrency} must be at least 1")
         if shard_retries < 0:
             problems.append(f"shard_retries={shard_retries} must be 0 or more")
-        for shard, payload in enumerate(payloads):
-            try:
-                project = self._validated(payload)
-            except PipesPubSubConfigError as exc:
-                problems.append(f"shard {shard}: {exc}")
+        problems += [f"shard {shard}: {problem}" for shard, p in enumerate(payloads) for problem in _payload_problems(p)]
         if problems:
             raise PipesPubSubConfigError("; ".join(problems))
-        clients = self._checked_clients(project)
+        clients = self._checked_clients(resolve_project(self.project))
         interrupted = threading.Event()
         return run_fan_out(
             lambda shard, payload: self._run_session(
