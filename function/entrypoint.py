@@ -1,8 +1,13 @@
-"""``@pipes_function``: turns ``def handler(pipes, payload)`` into a Cloud Functions CloudEvent entry point.
+"""``@pipes_function``: turns ``def handler(pipes, payload)`` into Cloud Functions entry points.
 
-Eventarc (and the Functions Framework locally, when fed by a Pub/Sub push subscription) hands the function a
-CloudEvent of type ``google.cloud.pubsub.topic.v1.messagePublished`` whose data is
-``{"message": {"data": <base64>, "attributes": {...}, "messageId": ...}}``.
+The decorated name is a CloudEvent entry point: Eventarc (and the Functions Framework locally, when fed by a
+Pub/Sub push subscription) hands it a CloudEvent of type ``google.cloud.pubsub.topic.v1.messagePublished``
+whose data is ``{"message": {"data": <base64>, "attributes": {...}, "messageId": ...}}``.
+
+Its ``.http`` attribute is an HTTP entry point for the HTTP-invoked mode (the earlier design): the
+orchestrator POSTs a body of that same ``{"message": ...}`` shape and the response comes when the session
+has ended. Expose it under a name of its own (``main_http = main.http``) and deploy it with
+``--trigger-http`` (locally: ``--signature-type http``).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -22,14 +28,13 @@ from function.session import Handler, SessionOutcome, run_session
 _log = logging.getLogger("dagster_pipes_gcp.function")
 
 
-def pubsub_message_from_cloud_event(cloud_event: Any) -> tuple[bytes, dict[str, str], str]:
-    """(data, attributes, message id) of the Pub/Sub message inside a messagePublished CloudEvent."""
-    event_data = cloud_event.data if hasattr(cloud_event, "data") else cloud_event.get("data")
-    message = (event_data or {}).get("message") if isinstance(event_data, dict) else None
+def pubsub_message_from_push_body(body: Any) -> tuple[bytes, dict[str, str], str]:
+    """(data, attributes, message id) of the Pub/Sub message in a push body ``{"message": {...}}``."""
+    message = body.get("message") if isinstance(body, dict) else None
     if not isinstance(message, dict):
         raise ValueError(
-            "the CloudEvent carries no Pub/Sub message: deploy the function with --trigger-topic "
-            "(event type google.cloud.pubsub.topic.v1.messagePublished)"
+            "the request carries no Pub/Sub message: deploy the function with --trigger-topic "
+            "(event type google.cloud.pubsub.topic.v1.messagePublished), or POST {\"message\": {...}} to .http"
         )
     try:
         data = base64.b64decode(message.get("data") or "", validate=True)
@@ -38,20 +43,47 @@ def pubsub_message_from_cloud_event(cloud_event: Any) -> tuple[bytes, dict[str, 
     return data, dict(message.get("attributes") or {}), str(message.get("messageId", ""))
 
 
+def _http_status(outcome: SessionOutcome) -> int:
+    """200 once the session ran (a handler error reached Dagster through ``closed``); 409 when another
+    invocation holds the session; 400 for a trigger that can never run."""
+    if outcome.ran:
+        return 200
+    return 400 if outcome.error is not None else 409
+
+
 def pipes_function(handler: Handler) -> Callable[[Any], SessionOutcome]:
     """Decorate a business function ``handler(pipes, payload)``; the result is a Functions Framework
-    ``cloud_event`` entry point with the same name (use it as ``--target`` / ``--entry-point``)."""
+    ``cloud_event`` entry point with the same name (use it as ``--target`` / ``--entry-point``), with the
+    HTTP entry point as ``.http`` and the plain handler as ``.pipes_handler`` (for the pull worker)."""
     configure_function_logging()
 
     @functools.wraps(handler)
     def entry_point(cloud_event: Any) -> SessionOutcome:
+        event_data = cloud_event.data if hasattr(cloud_event, "data") else cloud_event.get("data")
         try:
-            data, attributes, message_id = pubsub_message_from_cloud_event(cloud_event)
+            data, attributes, message_id = pubsub_message_from_push_body(event_data)
         except ValueError as exc:
             _log.error("ignoring event %s: %s", getattr(cloud_event, "get", lambda _k: None)("id"), exc)
             return SessionOutcome(None, "", ran=False, error=exc)
         return run_session(handler, data, attributes, message_id=message_id)
 
+    def http_entry_point(request: Any) -> tuple[str, int, dict[str, str]]:
+        try:
+            data, attributes, message_id = pubsub_message_from_push_body(request.get_json(silent=True))
+        except ValueError as exc:
+            _log.error("rejecting HTTP request: %s", exc)
+            outcome = SessionOutcome(None, "", ran=False, error=exc)
+        else:
+            outcome = run_session(handler, data, attributes, message_id=message_id)
+        response = {
+            "session_id": outcome.session_id,
+            "invocation_id": outcome.invocation_id,
+            "ran": outcome.ran,
+            "error": None if outcome.error is None else str(outcome.error),
+        }
+        return json.dumps(response), _http_status(outcome), {"Content-Type": "application/json"}
+
     decorated = functions_framework.cloud_event(entry_point)
-    decorated.pipes_handler = handler  # the plain business function, for the pull worker
+    decorated.http = http_entry_point
+    decorated.pipes_handler = handler
     return decorated

@@ -60,3 +60,7 @@ def main(pipes: PipesContext, payload: dict[str, Any]) -> None:
         }
     )
     pipes.log.info("done")
+
+
+#: the same function behind an HTTP trigger, for invocation="http" (deploy with --trigger-http --entry-point main_http)
+main_http = main.http

@@ -17,17 +17,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dagster_pipes import PipesMappingParamsLoader
+from dagster_pipes import PipesMappingParamsLoader, PipesMessageWriter
 
 from function import clients
 from function.cancellation import watch_for_cancellation
 from function.context import CloudFunctionPipesContext
 from function.context_loader import PipesInlineOrGCSContextLoader
+from function.gcs_chunk_writer import GCSChunkMessageWriter
 from function.lease import claim_lease
 from function.message_writer import PubSubMessageWriter
 from shared.claim_check import ClaimCheck
 from shared.layout import cancel_key, lease_key
-from shared.protocol import ProtocolError, ReplyChannelParams, Trigger
+from shared.protocol import REPLY_CHANNEL_GCS, ProtocolError, ReplyChannelParams, Trigger
 from shared.signing import SECRET_ENV_VAR
 
 Handler = Callable[[CloudFunctionPipesContext, dict[str, Any]], Any]
@@ -89,7 +90,11 @@ def run_session(handler: Handler, data: bytes, attributes: Mapping[str, str], *,
         return SessionOutcome(trigger.session_id, invocation_id, ran=False)
 
     _log.info("session %s: invocation %s starts (trigger message %s)", trigger.session_id, invocation_id, message_id)
-    writer = PubSubMessageWriter(clients.publisher(), clients.blob_store, invocation_id, signing_secret=signing_secret)
+    writer: PipesMessageWriter
+    if settings.channel == REPLY_CHANNEL_GCS:
+        writer = GCSChunkMessageWriter(gcs, invocation_id, interval=settings.chunk_interval)
+    else:
+        writer = PubSubMessageWriter(clients.publisher(), clients.blob_store, invocation_id, signing_secret=signing_secret)
     cancel_marker = cancel_key(settings.prefix, trigger.session_id)
     try:
         with watch_for_cancellation(gcs, settings.bucket, cancel_marker, settings.heartbeat_interval) as cancelled:

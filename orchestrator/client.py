@@ -12,9 +12,10 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import google.auth
+import requests
 from dagster import (
     AssetExecutionContext,
     AssetKey,
@@ -41,10 +42,21 @@ from orchestrator.errors import (
     RunInterrupted,
 )
 from orchestrator.fanout import FanOutResult, run_fan_out
+from orchestrator.gcs_chunk_reader import PipesGCSChunkMessageReader
+from orchestrator.http_invocation import HttpInvocation, http_session
 from orchestrator.message_reader import PipesPubSubMessageReader
 from shared.claim_check import ClaimCheck, GCSBlobStore, validate_threshold
-from shared.layout import cancel_key, context_key, session_prefix, trigger_key
-from shared.protocol import DEFAULT_INLINE_THRESHOLD, ProtocolError, ReplyChannelParams, Trigger, dumps, new_session_id
+from shared.layout import cancel_key, chunks_prefix, context_key, session_prefix, trigger_key
+from shared.protocol import (
+    DEFAULT_INLINE_THRESHOLD,
+    REPLY_CHANNEL_GCS,
+    REPLY_CHANNEL_PUBSUB,
+    ProtocolError,
+    ReplyChannelParams,
+    Trigger,
+    dumps,
+    new_session_id,
+)
 from shared.pubsub import publish
 from shared.retry import TRANSIENT_ERRORS, transient_retry
 
@@ -102,11 +114,21 @@ def _payload_problems(payload: Any) -> list[str]:
 
 @dataclass(frozen=True)
 class _Clients:
-    """The Google clients one ``run``/``run_many`` call shares across its sessions (both are thread-safe)."""
+    """The clients one ``run``/``run_many`` call shares across its sessions (all thread-safe)."""
 
     project: str
     publisher: pubsub_v1.PublisherClient
     gcs: storage.Client
+    http: requests.Session | None = None
+
+
+@dataclass(frozen=True)
+class _SentTrigger:
+    """Where a session's trigger went, what to record of it, and (HTTP-invoked) the request in flight."""
+
+    sent_to: str
+    metadata: dict[str, str]
+    http: HttpInvocation | None = None
 
 
 @dataclass(frozen=True)
@@ -127,11 +149,35 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
     The function must be deployed with ``--trigger-topic`` = ``trigger_topic`` and decorated with
     ``@pipes_function``; it replies on ``reply_topic``. ``bucket`` holds what is too large for a Pub/Sub
     message (context, payloads, reply batches) and the per-session lease, all under ``prefix``.
+
+    The earlier design stays available for migration: ``invocation="http"`` POSTs the trigger to
+    ``function_url`` (the function's ``.http`` entry point) and ``reply_channel="gcs"`` exchanges the replies
+    as JSON chunks in ``bucket`` polled every ``chunk_interval`` seconds; the two choices are independent.
     """
 
     project: str | None = Field(default=None, description="GCP project; default GOOGLE_CLOUD_PROJECT, then ADC.")
-    trigger_topic: str = Field(description="Topic the function is triggered by (name or projects/P/topics/T).")
-    reply_topic: str = Field(description="Topic the function publishes its Pipes messages to.")
+    trigger_topic: str | None = Field(
+        default=None, description="Topic the function is triggered by (name or projects/P/topics/T); for invocation='pubsub'."
+    )
+    reply_topic: str | None = Field(
+        default=None, description="Topic the function publishes its Pipes messages to; for reply_channel='pubsub'."
+    )
+    invocation: Literal["pubsub", "http"] = Field(
+        default="pubsub", description="How the function is triggered: a Pub/Sub message, or an HTTP POST to function_url."
+    )
+    function_url: str | None = Field(default=None, description="The function's HTTPS URL; for invocation='http'.")
+    http_timeout: float = Field(
+        default=600.0, description="Seconds to wait for the HTTP-invoked function's response; at least its timeout."
+    )
+    http_auth: Literal["id_token", "none"] = Field(
+        default="id_token", description="Send an ID token for function_url from ADC ('none' for unauthenticated functions)."
+    )
+    reply_channel: Literal["pubsub", "gcs"] = Field(
+        default="pubsub", description="How replies travel: Pub/Sub batches, or the earlier design's JSON chunks in GCS."
+    )
+    chunk_interval: float = Field(
+        default=10.0, description="Seconds between the GCS channel's chunk uploads and polls; for reply_channel='gcs'."
+    )
     bucket: str = Field(description="GCS bucket for claim-check objects and session leases (no gs://).")
     prefix: str = Field(default="dagster-pipes", description="Object prefix in `bucket` for session objects.")
     inline_threshold_bytes: int = Field(
@@ -181,7 +227,45 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 f"heartbeat_timeout={self.heartbeat_timeout:g} must be at least twice heartbeat_interval="
                 f"{self.heartbeat_interval:g}, or a healthy but quiet function is taken for dead"
             )
+        return problems + self._mode_problems()
+
+    def _mode_problems(self) -> list[str]:
+        problems = []
+        if self.invocation == "pubsub" and not self.trigger_topic:
+            problems.append("trigger_topic is not set: name the topic the function is deployed with (--trigger-topic)")
+        if self.invocation == "http":
+            if not self.function_url or not self.function_url.startswith(("https://", "http://")):
+                problems.append(
+                    f"function_url={self.function_url!r}: invocation='http' needs the function's URL "
+                    "(gcloud functions describe F --region R --format='value(url)')"
+                )
+            if self.http_timeout < self.function_timeout:
+                problems.append(
+                    f"http_timeout={self.http_timeout:g} is shorter than function_timeout={self.function_timeout:g}: "
+                    "a long session would fail while the function still runs; raise http_timeout"
+                )
+        if self.reply_channel == REPLY_CHANNEL_PUBSUB and not self.reply_topic:
+            problems.append("reply_topic is not set: name the topic the function publishes its replies to")
+        if self.reply_channel == REPLY_CHANNEL_GCS:
+            if self.chunk_interval <= 0:
+                problems.append(f"chunk_interval={self.chunk_interval:g} must be positive")
+            if self.signing_secret:
+                problems.append(
+                    "signing_secret signs Pub/Sub replies; GCS chunks are guarded by the bucket's IAM: unset "
+                    "signing_secret or use reply_channel='pubsub'"
+                )
         return problems
+
+    def _topic_settings(self) -> list[str]:
+        """The topic settings this configuration publishes or subscribes to."""
+        return [
+            setting
+            for setting, used in (
+                ("trigger_topic", self.invocation == "pubsub"),
+                ("reply_topic", self.reply_channel == REPLY_CHANNEL_PUBSUB),
+            )
+            if used
+        ]
 
     def _preflight(self, service: str, emulator_env_var: str, call: Any, *args: Any) -> Any:
         try:
@@ -193,10 +277,9 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 f"{os.environ.get(emulator_env_var, '(unset)')} is running)"
             ) from exc
 
-    def _check_resources(
-        self, project: str, publisher: pubsub_v1.PublisherClient, gcs: storage.Client, reply_setting: str
-    ) -> None:
-        for setting in ("trigger_topic", reply_setting):
+    def _check_resources(self, clients: _Clients, topic_settings: Sequence[str]) -> None:
+        project, publisher, gcs = clients.project, clients.publisher, clients.gcs
+        for setting in topic_settings:
             path = topic_path(project, getattr(self, setting))
             if not self._preflight("Pub/Sub", "PUBSUB_EMULATOR_HOST", _topic_exists, publisher, path):
                 raise PipesPubSubConfigError(
@@ -261,9 +344,10 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             interrupted=interrupted,
         )
 
-    def _checked_clients(self, project: str, reply_setting: str = "reply_topic") -> _Clients:
-        clients = _Clients(project, pubsub_v1.PublisherClient(), storage.Client(project=project))
-        self._check_resources(project, clients.publisher, clients.gcs, reply_setting)
+    def _checked_clients(self, project: str, topic_settings: Sequence[str] | None = None) -> _Clients:
+        http = http_session(self.function_url, self.http_auth) if self.invocation == "http" and self.function_url else None
+        clients = _Clients(project, pubsub_v1.PublisherClient(), storage.Client(project=project), http)
+        self._check_resources(clients, self._topic_settings() if topic_settings is None else topic_settings)
         return clients
 
     def _run_session(
@@ -276,19 +360,25 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         log_prefix: str = "",
         interrupted: threading.Event | None = None,
     ) -> PipesClientCompletedInvocation:
-        subscriber = pubsub_v1.SubscriberClient()
         session_id = new_session_id()
-        trigger_topic = topic_path(clients.project, self.trigger_topic)
         blob_store = GCSBlobStore(clients.gcs, self.bucket)
         claim_check = ClaimCheck(blob_store, self.inline_threshold_bytes)
-        reader = PipesPubSubMessageReader(
-            subscriber=subscriber,
-            claim_check=claim_check,
-            channel_params=self._session_params(clients.project, session_id),
-            log=context.log,
-            signing_secret=self.signing_secret,
-            log_prefix=log_prefix,
-        )
+        channel_params = self._session_params(clients.project, session_id)
+        subscriber = pubsub_v1.SubscriberClient() if self.reply_channel == REPLY_CHANNEL_PUBSUB else None
+        reader: PipesPubSubMessageReader | PipesGCSChunkMessageReader
+        if subscriber is not None:
+            reader = PipesPubSubMessageReader(
+                subscriber=subscriber,
+                claim_check=claim_check,
+                channel_params=channel_params,
+                log=context.log,
+                signing_secret=self.signing_secret,
+                log_prefix=log_prefix,
+            )
+        else:
+            reader = PipesGCSChunkMessageReader(
+                gcs=clients.gcs, channel_params=channel_params, log=context.log, log_prefix=log_prefix
+            )
         injector = PipesPubSubContextInjector(
             blob_store=blob_store, key=context_key(self.prefix, session_id), inline_threshold=self.inline_threshold_bytes
         )
@@ -296,25 +386,31 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         try:
             with open_pipes_session(context=context, context_injector=injector, message_reader=reader, extras=extras) as session:
                 triggered_at = time.monotonic()
-                message_id = self._publish_trigger(clients, claim_check, session_id, payload, session.get_bootstrap_env_vars())
-                context.log.info(
-                    f"{log_prefix}[pipes] session {session_id}: trigger message {message_id} published to {trigger_topic}"
-                )
+                sent = self._send_trigger(clients, claim_check, session_id, payload, session.get_bootstrap_env_vars())
+                context.log.info(f"{log_prefix}[pipes] session {session_id}: trigger sent to {sent.sent_to}")
                 try:
                     reader.wait_for_close(
                         triggered_at=triggered_at,
-                        trigger_topic=trigger_topic,
+                        sent_to=sent.sent_to,
+                        startup_hint=self._startup_hint(sent.sent_to),
                         startup_timeout=self.startup_timeout,
                         heartbeat_timeout=self.heartbeat_timeout,
-                        total_timeout=self.total_timeout,
-                        interrupted=interrupted,
+                        total_timeout=self._total_timeout(),
+                        stop=lambda: self._stop_waiting(session_id, sent, interrupted),
                     )
                 except (KeyboardInterrupt, DagsterExecutionInterruptedError, RunInterrupted):
-                    self._cancel(context, reader, blob_store, trigger_topic)
+                    self._cancel(context, reader, blob_store, sent.sent_to)
                     raise
+            # the GCS channel's last chunks are read as the session above closes
+            if not reader.closed:
+                raise PipesPubSubError(
+                    f"session {session_id}: the function at {sent.sent_to} answered, but its `closed` message never "
+                    f"arrived in gs://{self.bucket}/{channel_params.key_prefix}/; check the function's logs"
+                )
         finally:
             blob_store.delete_prefix(session_prefix(self.prefix, session_id))
-            subscriber.close()
+            if subscriber is not None:
+                subscriber.close()
 
         exception = (reader.closed_params or {}).get("exception")
         if exception:
@@ -323,10 +419,33 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             session,
             metadata={
                 "pipes_session_id": session_id,
-                "pipes_trigger_message_id": message_id,
+                **sent.metadata,
                 "pipes_invocation_id": reader.invocation_id or "",
                 "pipes_session_seconds": round(time.monotonic() - started, 3),
             },
+        )
+
+    def _total_timeout(self) -> float | None:
+        """The configured cap; on the GCS channel (no heartbeats) at most what the function may take."""
+        if self.reply_channel != REPLY_CHANNEL_GCS:
+            return self.total_timeout
+        bound = self.startup_timeout + self.function_timeout + 2 * self.chunk_interval
+        return bound if self.total_timeout is None else min(bound, self.total_timeout)
+
+    def _stop_waiting(self, session_id: str, sent: _SentTrigger, interrupted: threading.Event | None) -> bool:
+        if interrupted is not None and interrupted.is_set():
+            raise RunInterrupted(f"session {session_id}: the step was interrupted")
+        if sent.http is None:
+            return False
+        # raises once the POST failed; on the GCS channel a 200 ends the wait, as in the earlier design
+        return sent.http.succeeded() and self.reply_channel == REPLY_CHANNEL_GCS
+
+    def _startup_hint(self, sent_to: str) -> str:
+        if self.invocation == "http":
+            return f"Check the logs of the function serving {sent_to} for errors at start-up"
+        return (
+            f"Check that a function is deployed with --trigger-topic {sent_to} (or that a push subscription or pull "
+            "worker consumes that topic), that it is ACTIVE, and its logs for errors at start-up"
         )
 
     def run_detached(
@@ -346,13 +465,17 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         """
         payload = {} if payload is None else payload
         project = self._validated(payload)
+        if self.invocation != "pubsub":
+            raise PipesPubSubConfigError(
+                "run_detached needs invocation='pubsub': a detached session must not hang on an HTTP connection"
+            )
         if not self.detached_reply_topic:
             raise PipesPubSubConfigError(
                 "detached_reply_topic is not set: create a topic and a durable subscription for detached replies "
                 "(gcloud pubsub topics create pipes-detached-replies; gcloud pubsub subscriptions create "
                 "pipes-detached-completions --topic pipes-detached-replies) and set detached_reply_topic"
             )
-        clients = self._checked_clients(project, "detached_reply_topic")
+        clients = self._checked_clients(project, ["trigger_topic", "detached_reply_topic"])
         session_id = new_session_id()
         blob_store = GCSBlobStore(clients.gcs, self.bucket)
         context_data = build_external_execution_context_data(context, extras)
@@ -369,31 +492,45 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 ),
             }
         claim_check = ClaimCheck(blob_store, self.inline_threshold_bytes)
-        message_id = self._publish_trigger(clients, claim_check, session_id, payload, bootstrap)
+        message_id = self._send_trigger(clients, claim_check, session_id, payload, bootstrap).metadata[
+            "pipes_trigger_message_id"
+        ]
         context.log.info(
             f"[pipes] detached session {session_id}: trigger message {message_id} published to "
             f"{topic_path(clients.project, self.trigger_topic)}; replies go to {self.detached_reply_topic}"
         )
         return DetachedSession(session_id, message_id)
 
-    def _publish_trigger(
+    def _send_trigger(
         self,
         clients: _Clients,
         claim_check: ClaimCheck,
         session_id: str,
         payload: Mapping[str, Any],
         bootstrap_env_vars: Mapping[str, str],
-    ) -> str:
+    ) -> _SentTrigger:
         body, attributes = Trigger(session_id, payload, bootstrap_env_vars).encode()
         data, codec_attributes = claim_check.wrap(body, trigger_key(self.prefix, session_id))
-        return publish(clients.publisher, topic_path(clients.project, self.trigger_topic), data, {**attributes, **codec_attributes})
+        attributes = {**attributes, **codec_attributes}
+        if clients.http is not None and self.function_url:
+            invocation = HttpInvocation(clients.http, self.function_url, timeout=self.http_timeout)
+            invocation.start(data, attributes, message_id=session_id)
+            return _SentTrigger(self.function_url, {"pipes_function_url": self.function_url}, invocation)
+        trigger_topic = topic_path(clients.project, self.trigger_topic or "")
+        message_id = publish(clients.publisher, trigger_topic, data, attributes)
+        return _SentTrigger(trigger_topic, {"pipes_trigger_message_id": message_id})
 
-    def _session_params(self, project: str, session_id: str, reply_topic: str | None = None) -> ReplyChannelParams:
+    def _session_params(self, project: str, session_id: str, detached_reply_topic: str | None = None) -> ReplyChannelParams:
+        """A detached session always replies over Pub/Sub, to ``detached_reply_topic``."""
+        reply_topic = detached_reply_topic or self.reply_topic
         return ReplyChannelParams(
-            topic=topic_path(project, reply_topic or self.reply_topic),
+            topic=topic_path(project, reply_topic) if reply_topic else "",
             session_id=session_id,
             bucket=self.bucket,
             prefix=self.prefix,
+            channel=REPLY_CHANNEL_PUBSUB if detached_reply_topic else self.reply_channel,
+            key_prefix=chunks_prefix(self.prefix, session_id),
+            chunk_interval=self.chunk_interval,
             inline_threshold=self.inline_threshold_bytes,
             flush_interval=self.flush_interval,
             heartbeat_interval=self.heartbeat_interval,
@@ -406,9 +543,9 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
     def _cancel(
         self,
         context: OpExecutionContext | AssetExecutionContext,
-        reader: PipesPubSubMessageReader,
+        reader: PipesPubSubMessageReader | PipesGCSChunkMessageReader,
         blob_store: GCSBlobStore,
-        trigger_topic: str,
+        sent_to: str,
     ) -> None:
         """The run was terminated: ask the function to stop (the cancel marker its session watches) and give
         it ``cancel_timeout`` seconds to report ``closed`` before the session is torn down."""
@@ -418,7 +555,8 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         try:
             reader.wait_for_close(
                 triggered_at=time.monotonic(),
-                trigger_topic=trigger_topic,
+                sent_to=sent_to,
+                startup_hint="Check the function's logs",
                 startup_timeout=self.cancel_timeout,
                 heartbeat_timeout=self.cancel_timeout,
                 total_timeout=self.cancel_timeout,

@@ -60,3 +60,12 @@ def format_remote_traceback(exception: Mapping[str, Any]) -> str:
     # dagster-pipes' `message` is Python's format_exception_only(): it already starts with the exception's name
     blocks = [f"{''.join(e.get('stack') or [])}{str(e.get('message', '')).strip()}\n" for e in chain]
     return "\nThe above exception was the direct cause of the following exception:\n\n".join(reversed(blocks))
+
+
+class FunctionHttpError(PipesPubSubError):
+    """The HTTP-invoked function answered with an error status, or not in time."""
+
+    def __init__(self, url: str, status: int | None, detail: str):
+        self.status = status
+        answer = f"answered HTTP {status}" if status is not None else "did not answer"
+        super().__init__(f"the Cloud Function at {url} {answer}: {detail}")

@@ -112,11 +112,12 @@ class ManagedProcess:
 
 @dataclass(frozen=True)
 class LocalFunction:
-    """A function served by the Functions Framework and pushed its trigger topic's messages."""
+    """A function served by the Functions Framework: pushed its trigger topic's messages (a CloudEvent
+    function), or, without a trigger topic, invoked over HTTP at ``LocalStack.function_url(target)``."""
 
     source: str
     target: str
-    trigger_topic: str
+    trigger_topic: str | None = None
     ack_deadline_seconds: int = 600  # >= the function's run time, or Pub/Sub redelivers while it runs
     env: Mapping[str, str] = field(default_factory=dict)
 
@@ -133,6 +134,8 @@ class LocalStack:
     pubsub_host: str = ""
     storage_host: str = ""
     servers: dict[str, ManagedProcess] = field(default_factory=dict)
+    #: where each function's Functions Framework listens, by trigger topic (by target for HTTP functions)
+    function_urls: dict[str, str] = field(default_factory=dict)
     _tmp: tempfile.TemporaryDirectory | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -220,7 +223,7 @@ class LocalStack:
         self.storage_host = f"127.0.0.1:{port}"
 
     def add_function(self, function: LocalFunction) -> ManagedProcess:
-        """Serve ``function`` in its own Functions Framework process, pushed from its trigger topic."""
+        """Serve ``function`` in its own Functions Framework process, pushed from its trigger topic if it has one."""
         from google.cloud import pubsub_v1
 
         port = free_port()
@@ -233,10 +236,14 @@ class LocalStack:
         }
         argv = [
             sys.executable, "-m", "functions_framework", f"--target={function.target}",
-            "--signature-type=cloudevent", f"--source={REPO_ROOT / function.source}",
-            "--host=127.0.0.1", f"--port={port}",
+            f"--signature-type={'cloudevent' if function.trigger_topic else 'http'}",
+            f"--source={REPO_ROOT / function.source}", "--host=127.0.0.1", f"--port={port}",
         ]
-        server = self._spawn(f"function-{function.trigger_topic}", argv, f"http://127.0.0.1:{port}/", timeout=60, env=env)
+        name = function.trigger_topic or function.target
+        server = self._spawn(f"function-{name}", argv, f"http://127.0.0.1:{port}/", timeout=60, env=env)
+        self.function_urls[name] = f"http://127.0.0.1:{port}/"
+        if function.trigger_topic is None:
+            return server
         with self.activated(), pubsub_v1.PublisherClient() as publisher, pubsub_v1.SubscriberClient() as subscriber:
             topic = publisher.topic_path(self.project, function.trigger_topic)
             with contextlib.suppress(AlreadyExists):

@@ -14,10 +14,8 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from typing import Any
 
 from dagster import PipesMessageHandler, PipesMessageReader
@@ -25,15 +23,9 @@ from dagster_pipes import PipesParams
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
-from orchestrator.errors import (
-    FunctionHeartbeatTimeout,
-    FunctionStartupTimeout,
-    FunctionTotalTimeout,
-    PipesPubSubConfigError,
-    ReplyStreamError,
-    RunInterrupted,
-)
+from orchestrator.errors import PipesPubSubConfigError, ReplyStreamError
 from orchestrator.reassembly import ReassemblyError, SessionReassembler
+from orchestrator.session_wait import SessionWaiter
 from shared.claim_check import ClaimCheck
 from shared.protocol import Attr, ProtocolError, Reply, ReplyChannelParams, subscription_filter
 from shared.retry import transient_retry
@@ -72,7 +64,15 @@ def decode_reply(data: bytes, attributes: Mapping[str, str], claim_check: ClaimC
     return Reply.decode(body, attributes)
 
 
-class PipesPubSubMessageReader(PipesMessageReader):
+def with_log_prefix(pipes_message: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
+    """The message with ``prefix`` before its text if it is a log line (how fan-out tells shards apart)."""
+    if not prefix or pipes_message.get("method") != "log":
+        return pipes_message
+    params = pipes_message["params"]
+    return {**pipes_message, "params": {**params, "message": f"{prefix}{params['message']}"}}
+
+
+class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
     def __init__(
         self,
         *,
@@ -99,7 +99,6 @@ class PipesPubSubMessageReader(PipesMessageReader):
         self._handler: PipesMessageHandler | None = None
         self._streaming: pubsub_v1.subscriber.futures.StreamingPullFuture | None = None
         self._failure: BaseException | None = None
-        self._last_heard: tuple[float, float] | None = None  # (monotonic, wall clock)
 
     # ---------------------------------------------------------------- PipesMessageReader
     @contextmanager
@@ -180,16 +179,14 @@ class PipesPubSubMessageReader(PipesMessageReader):
         reply = decode_reply(message.data, attributes, self._claim_check, self._signing_secret)
         with self._cond:
             if self._reassembler.counts_as_alive(reply):
-                self._last_heard = (time.monotonic(), time.time())
+                self._heard_from_function()
             for pipes_message in self._reassembler.offer(reply):
                 self._hand_to_dagster(pipes_message)
             self._cond.notify_all()
 
     def _hand_to_dagster(self, pipes_message: Mapping[str, Any]) -> None:
         assert self._handler is not None
-        if self._log_prefix and pipes_message.get("method") == "log":
-            params = pipes_message["params"]
-            pipes_message = {**pipes_message, "params": {**params, "message": f"{self._log_prefix}{params['message']}"}}
+        pipes_message = with_log_prefix(pipes_message, self._log_prefix)
         try:
             self._handler.handle_message(pipes_message)  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - as dagster's own readers do: report and go on
@@ -199,6 +196,14 @@ class PipesPubSubMessageReader(PipesMessageReader):
 
     # ---------------------------------------------------------------- waiting for the end
     @property
+    def opened(self) -> bool:
+        return self._reassembler.opened
+
+    @property
+    def closed(self) -> bool:
+        return self._reassembler.closed
+
+    @property
     def closed_params(self) -> Mapping[str, Any] | None:
         return self._reassembler.closed_params
 
@@ -206,53 +211,11 @@ class PipesPubSubMessageReader(PipesMessageReader):
     def invocation_id(self) -> str | None:
         return self._reassembler.accepted_invocation
 
-    def wait_for_close(
-        self,
-        *,
-        triggered_at: float,
-        trigger_topic: str,
-        startup_timeout: float,
-        heartbeat_timeout: float,
-        total_timeout: float | None = None,
-        interrupted: threading.Event | None = None,
-    ) -> None:
-        """Block until the session's ``closed`` message was handled; raise if a timeout expires first, or
-        ``RunInterrupted`` once ``interrupted`` is set (how a fan-out's step thread stops its shards' waits).
-
-        ``triggered_at`` is the ``time.monotonic()`` at which the trigger was published."""
-        with self._cond:
-            while not self._reassembler.closed:
-                if interrupted is not None and interrupted.is_set():
-                    raise RunInterrupted(f"session {self.session_id}: the step was interrupted")
-                if self._failure is not None:
-                    raise ReplyStreamError(f"session {self.session_id}: {self._failure}") from self._failure
-                if self._streaming is not None and self._streaming.done():
-                    raise ReplyStreamError(
-                        f"session {self.session_id}: reading {self.subscription_path} stopped: "
-                        f"{self._streaming.exception()!r}; check that Pub/Sub is reachable and the subscription exists"
-                    )
-                now = time.monotonic()
-                if total_timeout is not None and now - triggered_at > total_timeout:
-                    raise FunctionTotalTimeout(
-                        f"session {self.session_id} ran longer than total_timeout={total_timeout:g}s without closing; "
-                        "the function may still be running: raise total_timeout if the work needs longer"
-                    )
-                if not self._reassembler.opened:
-                    if now - triggered_at > startup_timeout:
-                        raise FunctionStartupTimeout(
-                            f"the Cloud Function did not start session {self.session_id} within "
-                            f"startup_timeout={startup_timeout:g}s of the trigger being published to {trigger_topic}. "
-                            f"Check that a function is deployed with --trigger-topic {trigger_topic} (or that a push "
-                            "subscription or pull worker consumes that topic), that it is ACTIVE, and its logs for "
-                            "errors at start-up; raise startup_timeout for slow cold starts."
-                        )
-                elif self._last_heard is not None and now - self._last_heard[0] > heartbeat_timeout:
-                    last_heard_at = datetime.fromtimestamp(self._last_heard[1], tz=timezone.utc).isoformat(timespec="seconds")
-                    raise FunctionHeartbeatTimeout(
-                        f"the Cloud Function stopped sending heartbeats: invocation {self.invocation_id} of session "
-                        f"{self.session_id} was last heard from at {last_heard_at} ({now - self._last_heard[0]:.1f}s "
-                        f"ago; heartbeat_timeout={heartbeat_timeout:g}s). It was probably killed (function timeout, "
-                        "out of memory, instance shut down): check the function's logs for that invocation and its "
-                        "timeout and memory settings."
-                    )
-                self._cond.wait(timeout=0.1)
+    def _raise_if_broken(self) -> None:
+        if self._failure is not None:
+            raise ReplyStreamError(f"session {self.session_id}: {self._failure}") from self._failure
+        if self._streaming is not None and self._streaming.done():
+            raise ReplyStreamError(
+                f"session {self.session_id}: reading {self.subscription_path} stopped: "
+                f"{self._streaming.exception()!r}; check that Pub/Sub is reachable and the subscription exists"
+            )

@@ -24,5 +24,10 @@ def reply_key(prefix: str, session_id: str, invocation_id: str, seq: int) -> str
     return session_prefix(prefix, session_id) + f"replies/{invocation_id}/{seq}.json"
 
 
+def chunks_prefix(prefix: str, session_id: str) -> str:
+    """Where the GCS reply channel's chunks go: ``{chunks_prefix}/{n}.json``, as dagster-pipes' GCS writer names them."""
+    return session_prefix(prefix, session_id) + "chunks"
+
+
 def cancel_key(prefix: str, session_id: str) -> str:
     return session_prefix(prefix, session_id) + "cancel"

@@ -30,6 +30,11 @@ PUBSUB_MAX_MESSAGE_BYTES = 10_000_000
 
 BOOTSTRAP_KEYS = ("DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES")
 
+#: How replies travel: Pub/Sub batches (the default), or the earlier design's JSON chunks in GCS.
+REPLY_CHANNEL_PUBSUB = "pubsub"
+REPLY_CHANNEL_GCS = "gcs"
+REPLY_CHANNELS = (REPLY_CHANNEL_PUBSUB, REPLY_CHANNEL_GCS)
+
 #: Default claim-check threshold: well under the 4 MiB that a default gRPC channel will receive.
 DEFAULT_INLINE_THRESHOLD = 1_000_000
 
@@ -195,12 +200,19 @@ class ReplyChannelParams:
     """How the function takes part in the session: the reader's ``DAGSTER_PIPES_MESSAGES`` params, sent in
     the trigger. Where to reply and how to batch; where the session's objects live (claim-checks, the lease,
     the cancel marker); how long the lease lasts; the latest time at which the session may still start; and
-    whether replies must be signed."""
+    whether replies must be signed.
+
+    ``channel`` is ``pubsub`` (batches published to ``topic``) or ``gcs``: the earlier design's JSON chunks
+    ``{key_prefix}/{n}.json`` uploaded every ``chunk_interval`` seconds by dagster-pipes' GCS writer (the
+    ``bucket``/``key_prefix`` keys are the ones that writer reads)."""
 
     topic: str
     session_id: str
     bucket: str
     prefix: str
+    channel: str = REPLY_CHANNEL_PUBSUB
+    key_prefix: str = ""
+    chunk_interval: float = 10.0
     inline_threshold: int = DEFAULT_INLINE_THRESHOLD
     flush_interval: float = 0.2
     heartbeat_interval: float = 10.0
@@ -216,7 +228,11 @@ class ReplyChannelParams:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ReplyChannelParams:
-        missing = [k for k in ("topic", "session_id", "bucket", "prefix") if k not in params]
+        channel = params.get("channel", REPLY_CHANNEL_PUBSUB)
+        if channel not in REPLY_CHANNELS:
+            raise ProtocolError(f"unknown reply channel {channel!r} (expected one of {list(REPLY_CHANNELS)})")
+        required = ("topic" if channel == REPLY_CHANNEL_PUBSUB else "key_prefix", "session_id", "bucket", "prefix")
+        missing = [k for k in required if not params.get(k)]
         if missing:
             raise ProtocolError(f"DAGSTER_PIPES_MESSAGES lacks {missing}: the trigger was not sent by PipesPubSubClient")
         return cls(**{k: v for k, v in params.items() if k in cls.__dataclass_fields__})

@@ -20,6 +20,7 @@ TEST_TOPIC = "test-trigger"
 REPLY_TOPIC = "pipes-replies"
 DETACHED_TOPIC = "pipes-detached-replies"  # the example definitions' detached replies ...
 DETACHED_SUBSCRIPTION = "pipes-detached-completions"  # ... and the durable subscription their sensor reads
+HTTP_TARGET = "main_http"  # the test function's HTTP entry point, at stack.function_urls[HTTP_TARGET]
 SCRIPTED_TOPIC = "scripted-trigger"  # no function behind it: tests play the function by hand
 PAYLOAD_BUCKET = "pipes-payloads"
 LAKE_BUCKET = "data-lake"
@@ -30,6 +31,7 @@ def stack() -> Iterator[LocalStack]:
     functions = [
         LocalFunction("function/main.py", "main", EXAMPLE_TOPIC),
         LocalFunction("tests/functions/main.py", "main", TEST_TOPIC),
+        LocalFunction("tests/functions/main.py", HTTP_TARGET),  # invoked over HTTP: no trigger topic
     ]
     with LocalStack(
         functions=functions,

@@ -63,3 +63,6 @@ def main(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -> None:
             "extras_sha256": {"raw_value": sha256_json(pipes.extras), "type": "text"},
         }
     )
+
+
+main_http = main.http  # the same handler behind an HTTP trigger (invocation="http")

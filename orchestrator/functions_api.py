@@ -1,0 +1,117 @@
+"""Resolve a deployed Cloud Function (2nd gen) through the Cloud Functions v2 API.
+
+The user names the function; its trigger topic and timeout are read from its deployment rather than
+configured a second time, so the topic Dagster publishes to and the timeouts it waits with cannot drift
+from what is actually deployed. A function that cannot serve Pipes sessions (not found, not ACTIVE, not
+Pub/Sub-triggered) is refused up front with the command that shows or fixes the problem.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+
+from google.api_core import exceptions as gexc
+from google.cloud import functions_v2
+
+from orchestrator.errors import PipesPubSubConfigError
+from shared.retry import transient_retry
+
+DEFAULT_FUNCTION_TIMEOUT = 60.0  # Cloud Functions' own default when service_config.timeout_seconds is unset
+DEFAULT_HEARTBEAT_TIMEOUT = 60.0
+TOTAL_TIMEOUT_MARGIN = 60.0  # startup (cold start, Pub/Sub delivery) plus draining the last replies
+MAX_ATTEMPTS = 5
+CALL_TIMEOUT = 10.0  # per GetFunction attempt, so a hung call becomes a retried DeadlineExceeded
+
+_NAME = re.compile(r"projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/functions/(?P<function>[^/]+)")
+
+
+@dataclass(frozen=True)
+class DeployedFunction:
+    name: str  # projects/P/locations/L/functions/F
+    trigger_topic: str  # projects/P/topics/T
+    timeout_seconds: float
+    url: str  # may be "" (not yet assigned)
+    state: str
+
+
+_cache: dict[str, DeployedFunction] = {}
+_cache_lock = threading.Lock()
+
+
+def resolve_function(
+    name: str,
+    client: functions_v2.FunctionServiceClient | None = None,
+    *,
+    retry_seconds: float = 30.0,
+) -> DeployedFunction:
+    """Look up ``name`` once per process; transient API errors are retried, permanent ones raise
+    ``PipesPubSubConfigError`` naming the fix. Only successful resolutions are cached."""
+    match = _NAME.fullmatch(name)
+    if match is None:
+        raise PipesPubSubConfigError(
+            f"Cloud Function name {name!r} is not of the form projects/PROJECT/locations/LOCATION/functions/NAME"
+        )
+    with _cache_lock:
+        if name in _cache:
+            return _cache[name]
+
+    api = client or functions_v2.FunctionServiceClient()
+    get = transient_retry(max_seconds=retry_seconds, max_attempts=MAX_ATTEMPTS)(api.get_function)
+    project, location = match["project"], match["location"]
+    try:
+        # retry=None: the GAPIC layer must not retry under tenacity, or the budgets multiply
+        function = get(name=name, retry=None, timeout=CALL_TIMEOUT)
+    except gexc.NotFound as e:
+        raise PipesPubSubConfigError(
+            f"Cloud Function {name} does not exist (gcloud functions list --v2 --project {project})"
+        ) from e
+    except gexc.PermissionDenied as e:
+        raise PipesPubSubConfigError(
+            f"permission denied reading Cloud Function {name}: grant the account running Dagster "
+            f"roles/cloudfunctions.viewer on project {project}"
+        ) from e
+
+    state = function.state.name
+    describe = f"gcloud functions describe {match['function']} --region {location} --project {project}"
+    if state != "ACTIVE":
+        raise PipesPubSubConfigError(
+            f"Cloud Function {name} is in state {state}; it must be deployed successfully (ACTIVE) first ({describe})"
+        )
+    topic = function.event_trigger.pubsub_topic
+    if not topic:
+        raise PipesPubSubConfigError(
+            f"Cloud Function {name} has no Pub/Sub trigger (HTTP or another event trigger); "
+            f"it must be deployed with --trigger-topic ({describe})"
+        )
+    resolved = DeployedFunction(
+        name=name,
+        trigger_topic=topic,
+        timeout_seconds=float(function.service_config.timeout_seconds or DEFAULT_FUNCTION_TIMEOUT),
+        url=function.service_config.uri or function.url,
+        state=state,
+    )
+    with _cache_lock:
+        _cache[name] = resolved
+    return resolved
+
+
+def clear_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+def derived_timeouts(function: DeployedFunction) -> dict[str, float]:
+    """Session timeouts that follow from the function's own timeout.
+
+    The platform kills the function at ``timeout_seconds``, so a session cannot legitimately outlive it by
+    more than startup and the last replies (``total_timeout``); a heartbeat gap longer than the function's
+    whole timeout cannot be a live function, so the heartbeat timeout is capped by it.
+    """
+    timeout = function.timeout_seconds
+    return {
+        "function_timeout": timeout,
+        "total_timeout": timeout + TOTAL_TIMEOUT_MARGIN,
+        "heartbeat_timeout": min(DEFAULT_HEARTBEAT_TIMEOUT, timeout),
+    }

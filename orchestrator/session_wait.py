@@ -1,0 +1,86 @@
+"""Waiting for a session's end, the same for both reply channels: ``closed`` handled, or a timeout.
+
+A reader mixes in ``SessionWaiter`` and says what it knows: whether ``opened``/``closed`` were handled, when
+the function was last heard from (``None`` where the channel carries no heartbeats, which turns the
+heartbeat check off), and whether the channel broke.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+from orchestrator.errors import FunctionHeartbeatTimeout, FunctionStartupTimeout, FunctionTotalTimeout
+
+
+class SessionWaiter:
+    session_id: str
+    _cond: threading.Condition
+    _last_heard: tuple[float, float] | None = None  # (monotonic, wall clock)
+
+    @property
+    def opened(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def invocation_id(self) -> str | None:
+        raise NotImplementedError
+
+    def _raise_if_broken(self) -> None:
+        """Raise if the channel can no longer deliver this session's replies."""
+
+    def _heard_from_function(self) -> None:
+        self._last_heard = (time.monotonic(), time.time())
+
+    def wait_for_close(
+        self,
+        *,
+        triggered_at: float,
+        sent_to: str,
+        startup_hint: str,
+        startup_timeout: float,
+        heartbeat_timeout: float,
+        total_timeout: float | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Block until the session's ``closed`` message was handled (True), or ``stop()`` returns True (False);
+        raise if a timeout expires first. ``stop`` may raise to end the wait with an error (an interrupted
+        step, a failed HTTP invocation).
+
+        ``triggered_at`` is the ``time.monotonic()`` at which the trigger was sent to ``sent_to``;
+        ``startup_hint`` says what to check when the function never starts."""
+        with self._cond:
+            while not self.closed:
+                if stop is not None and stop():
+                    return False
+                self._raise_if_broken()
+                now = time.monotonic()
+                if total_timeout is not None and now - triggered_at > total_timeout:
+                    raise FunctionTotalTimeout(
+                        f"session {self.session_id} ran longer than total_timeout={total_timeout:g}s without closing; "
+                        "the function may still be running: raise total_timeout if the work needs longer"
+                    )
+                if not self.opened:
+                    if now - triggered_at > startup_timeout:
+                        raise FunctionStartupTimeout(
+                            f"the Cloud Function did not start session {self.session_id} within "
+                            f"startup_timeout={startup_timeout:g}s of the trigger being sent to {sent_to}. "
+                            f"{startup_hint}; raise startup_timeout for slow cold starts."
+                        )
+                elif self._last_heard is not None and now - self._last_heard[0] > heartbeat_timeout:
+                    last_heard_at = datetime.fromtimestamp(self._last_heard[1], tz=timezone.utc).isoformat(timespec="seconds")
+                    raise FunctionHeartbeatTimeout(
+                        f"the Cloud Function stopped sending heartbeats: invocation {self.invocation_id} of session "
+                        f"{self.session_id} was last heard from at {last_heard_at} ({now - self._last_heard[0]:.1f}s "
+                        f"ago; heartbeat_timeout={heartbeat_timeout:g}s). It was probably killed (function timeout, "
+                        "out of memory, instance shut down): check the function's logs for that invocation and its "
+                        "timeout and memory settings."
+                    )
+                self._cond.wait(timeout=0.1)
+        return True

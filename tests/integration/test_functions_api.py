@@ -1,0 +1,155 @@
+"""``resolve_function`` through the real Cloud Functions v2 client against an in-process gRPC fake."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from google.api_core import exceptions as gexc
+from google.cloud import functions_v2
+
+from orchestrator.errors import PipesPubSubConfigError
+from orchestrator.functions_api import DeployedFunction, clear_cache, derived_timeouts, resolve_function
+from tests.fakes.function_service import FakeFunctionService, running_fake
+
+NAME = "projects/demo/locations/europe-west1/functions/pipes-worker"
+TOPIC = "projects/demo/topics/pipes-trigger"
+URL = "https://pipes-worker-abc123-ew.a.run.app"
+
+
+def deployed(
+    name: str = NAME,
+    state: functions_v2.Function.State = functions_v2.Function.State.ACTIVE,
+    topic: str | None = TOPIC,
+    timeout_seconds: int = 540,
+) -> functions_v2.Function:
+    function = functions_v2.Function(
+        name=name,
+        state=state,
+        service_config=functions_v2.ServiceConfig(timeout_seconds=timeout_seconds, uri=URL),
+    )
+    if topic is not None:
+        function.event_trigger = functions_v2.EventTrigger(
+            event_type="google.cloud.pubsub.topic.v1.messagePublished", pubsub_topic=topic
+        )
+    return function
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeFunctionService]:
+    clear_cache()
+    with running_fake() as running:
+        yield running
+    clear_cache()
+
+
+@pytest.fixture
+def client(fake: FakeFunctionService) -> Iterator[functions_v2.FunctionServiceClient]:
+    with fake.client() as real_client:
+        yield real_client
+
+
+def test_active_pubsub_function_resolves(fake: FakeFunctionService, client: functions_v2.FunctionServiceClient) -> None:
+    fake.add(deployed())
+
+    assert resolve_function(NAME, client) == DeployedFunction(
+        name=NAME, trigger_topic=TOPIC, timeout_seconds=540.0, url=URL, state="ACTIVE"
+    )
+
+
+def test_unset_timeout_defaults_to_60_seconds(
+    fake: FakeFunctionService, client: functions_v2.FunctionServiceClient
+) -> None:
+    fake.add(deployed(timeout_seconds=0))
+
+    assert resolve_function(NAME, client).timeout_seconds == 60.0
+
+
+def test_resolution_is_cached_per_name(fake: FakeFunctionService, client: functions_v2.FunctionServiceClient) -> None:
+    fake.add(deployed())
+
+    first = resolve_function(NAME, client)
+    assert resolve_function(NAME, client) is first
+    assert fake.calls == 1
+
+
+@pytest.mark.parametrize("state", [functions_v2.Function.State.FAILED, functions_v2.Function.State.DEPLOYING])
+def test_function_not_active_is_refused(
+    fake: FakeFunctionService, client: functions_v2.FunctionServiceClient, state: functions_v2.Function.State
+) -> None:
+    fake.add(deployed(state=state))
+
+    with pytest.raises(PipesPubSubConfigError, match=f"state {state.name}.*gcloud functions describe pipes-worker"):
+        resolve_function(NAME, client)
+
+
+def test_errors_are_not_cached(fake: FakeFunctionService, client: functions_v2.FunctionServiceClient) -> None:
+    fake.add(deployed(state=functions_v2.Function.State.DEPLOYING))
+    with pytest.raises(PipesPubSubConfigError):
+        resolve_function(NAME, client)
+
+    fake.add(deployed())
+    assert resolve_function(NAME, client).state == "ACTIVE"
+    assert fake.calls == 2
+
+
+def test_http_triggered_function_is_refused(
+    fake: FakeFunctionService, client: functions_v2.FunctionServiceClient
+) -> None:
+    fake.add(deployed(topic=None))
+
+    with pytest.raises(PipesPubSubConfigError, match="--trigger-topic"):
+        resolve_function(NAME, client)
+
+
+def test_missing_function_is_named(fake: FakeFunctionService, client: functions_v2.FunctionServiceClient) -> None:
+    with pytest.raises(PipesPubSubConfigError, match=f"{NAME} does not exist.*--project demo") as raised:
+        resolve_function(NAME, client)
+    assert isinstance(raised.value.__cause__, gexc.NotFound)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["pipes-worker", "projects/demo/functions/pipes-worker", f"{NAME}/extra", "projects//locations/l/functions/f"],
+)
+def test_malformed_name_is_refused_before_any_call(
+    fake: FakeFunctionService, client: functions_v2.FunctionServiceClient, name: str
+) -> None:
+    with pytest.raises(PipesPubSubConfigError, match="projects/PROJECT/locations/LOCATION/functions/NAME"):
+        resolve_function(name, client)
+    assert fake.calls == 0
+
+
+def test_transient_failures_are_retried(fake: FakeFunctionService, client: functions_v2.FunctionServiceClient) -> None:
+    fake.add(deployed())
+    fake.fail_next(2, grpc.StatusCode.UNAVAILABLE)
+
+    assert resolve_function(NAME, client).trigger_topic == TOPIC
+    assert fake.calls == 3
+
+
+def test_transient_retries_are_bounded(fake: FakeFunctionService, client: functions_v2.FunctionServiceClient) -> None:
+    fake.add(deployed())
+    fake.fail_next(10, grpc.StatusCode.UNAVAILABLE)
+
+    with pytest.raises(gexc.ServiceUnavailable):
+        resolve_function(NAME, client)
+    assert fake.calls == 5
+
+
+def test_permission_denied_fails_at_once(fake: FakeFunctionService, client: functions_v2.FunctionServiceClient) -> None:
+    fake.add(deployed())
+    fake.fail_next(1, grpc.StatusCode.PERMISSION_DENIED)
+
+    with pytest.raises(PipesPubSubConfigError, match="roles/cloudfunctions.viewer"):
+        resolve_function(NAME, client)
+    assert fake.calls == 1
+
+
+def test_derived_timeouts() -> None:
+    def timeouts(seconds: float) -> dict[str, float]:
+        return derived_timeouts(DeployedFunction(NAME, TOPIC, seconds, URL, "ACTIVE"))
+
+    assert timeouts(540.0) == {"function_timeout": 540.0, "total_timeout": 600.0, "heartbeat_timeout": 60.0}
+    assert timeouts(30.0) == {"function_timeout": 30.0, "total_timeout": 90.0, "heartbeat_timeout": 30.0}
