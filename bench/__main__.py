@@ -3,7 +3,8 @@
     python -m bench [--quick]      (make bench)
 
 Rows: (a) ours, Pub/Sub trigger + Pub/Sub replies, the function in the Functions Framework fed by a push
-subscription; (c) the floor, ``PipesSubprocessClient`` running the same handler as a local process;
+subscription; (b) the earlier design, the same function invoked over HTTP with its replies as GCS chunks,
+at dagster-pipes' default interval (10 s) and at 1 s; (c) the floor, ``PipesSubprocessClient`` running the same handler as a local process;
 (d) the raw emulator publish -> streaming-pull receive round trip. Times come from the timestamps Dagster
 recorded in its event log, so they are what Dagster handled, not what was sent.
 """
@@ -37,6 +38,10 @@ from orchestrator.local_stack import REPO_ROOT, LocalFunction, LocalStack
 
 TOPIC = "bench-trigger"
 RAW_TOPIC = "bench-raw"
+OURS = "ours (Pub/Sub)"
+EARLIER_DEFAULT = "earlier design (HTTP + GCS chunks, 10 s)"
+EARLIER_1S = "earlier design (HTTP + GCS chunks, 1 s)"
+FLOOR = "floor (subprocess)"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -124,10 +129,22 @@ def main() -> None:
     fan_outs = [1, 10] if args.quick else [1, 10, 50, 100]
 
     started = time.monotonic()
-    function = LocalFunction("bench/cloud_handler.py", "main", TOPIC, env={"THREADS": "64"})
-    with LocalStack(functions=[function]) as stack, stack.activated():
+    functions = [
+        LocalFunction("bench/cloud_handler.py", "main", TOPIC, env={"THREADS": "64"}),
+        LocalFunction("bench/cloud_handler.py", "main_http", env={"THREADS": "64"}),
+    ]
+    with LocalStack(functions=functions) as stack, stack.activated():
         client = PipesPubSubClient(trigger_topic=TOPIC, reply_topic="pipes-replies", bucket="pipes-payloads")
-        runners = {"ours (Pub/Sub)": ours(client), "floor (subprocess)": floor()}
+        earlier = {
+            "invocation": "http", "function_url": stack.function_urls["main_http"], "http_auth": "none",
+            "reply_channel": "gcs", "bucket": "pipes-payloads",
+        }
+        runners = {
+            OURS: ours(client),
+            EARLIER_DEFAULT: ours(PipesPubSubClient(**earlier, chunk_interval=10.0)),
+            EARLIER_1S: ours(PipesPubSubClient(**earlier, chunk_interval=1.0)),
+            FLOOR: floor(),
+        }
         rows: dict[str, dict[str, Any]] = {}
         for name, run in runners.items():
             run({})  # warm up
@@ -155,13 +172,14 @@ def main() -> None:
               f"{statistics.median(step):.3f} / {percentile(step, 0.95):.3f} | {rate:,.0f} ({bulk['lines']}/{log_lines}) |{sized}")
     print(f"| raw emulator round trip | {statistics.median(raw):.3f} / {percentile(raw, 0.95):.3f} | | | " + "| " * len(payload_sizes))
 
-    (ours_row, floor_row) = rows.values()
-    median_step = {k: statistics.median(t["step"] for t in r["trivial"]) for k, r in rows.items()}
-    median_first = statistics.median(t["first_log"] for t in ours_row["trivial"])
+    step_median = {k: statistics.median(t["step"] for t in r["trivial"]) for k, r in rows.items()}
+    first_median = {k: statistics.median(t["first_log"] for t in r["trivial"]) for k, r in rows.items()}
     print("\n| ratio | value |\n|---|---|")
-    print(f"| ours first log / raw round trip | {median_first / statistics.median(raw):.1f}× |")
-    print(f"| ours step − floor step | {median_step['ours (Pub/Sub)'] - median_step['floor (subprocess)']:+.3f} s |")
-    print(f"| ours step / floor step | {median_step['ours (Pub/Sub)'] / median_step['floor (subprocess)']:.2f}× |")
+    print(f"| ours first log / raw round trip | {first_median[OURS] / statistics.median(raw):.1f}× |")
+    print(f"| ours step − floor step | {step_median[OURS] - step_median[FLOOR]:+.3f} s |")
+    print(f"| ours step / floor step | {step_median[OURS] / step_median[FLOOR]:.2f}× |")
+    for earlier in (EARLIER_DEFAULT, EARLIER_1S):
+        print(f"| {earlier}: first log / ours, step / ours | {first_median[earlier] / first_median[OURS]:.1f}×, {step_median[earlier] / step_median[OURS]:.1f}× |")
 
     print("\n| fan-out shards | wall s | × one shard | peak threads |\n|---:|---:|---:|---:|")
     for n, (seconds, threads) in fan.items():

@@ -4,3 +4,4 @@ from bench.handler import work
 from function.entrypoint import pipes_function
 
 main = pipes_function(work)
+main_http = main.http  # the earlier design's HTTP trigger

@@ -8,9 +8,11 @@ session's GCS objects, and fails the step with the remote traceback if the funct
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,6 +47,7 @@ from orchestrator.fanout import FanOutResult, run_fan_out
 from orchestrator.gcs_chunk_reader import PipesGCSChunkMessageReader
 from orchestrator.http_invocation import HttpInvocation, http_session
 from orchestrator.message_reader import PipesPubSubMessageReader
+from orchestrator.reply_subscription import ReplyDemux
 from shared.claim_check import ClaimCheck, GCSBlobStore, validate_threshold
 from shared.layout import cancel_key, chunks_prefix, context_key, session_prefix, trigger_key
 from shared.protocol import (
@@ -204,7 +207,8 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         description="Topic detached sessions (run_detached) reply to; a durable subscription on it feeds the completion sensor.",
     )
     preflight_timeout: float = Field(
-        default=30.0, description="Seconds to keep retrying the checks of topics and bucket while GCP is unreachable."
+        default=30.0,
+        description="Seconds to keep retrying while GCP is unreachable: the checks of topics and bucket, and the HTTP POST.",
     )
 
     def _validated(self, payload: Mapping[str, Any]) -> str:
@@ -333,16 +337,28 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             raise PipesPubSubConfigError("; ".join(problems))
         clients = self._checked_clients(resolve_project(self.project))
         interrupted = threading.Event()
-        return run_fan_out(
-            lambda shard, payload: self._run_session(
-                context, clients, payload, extras, log_prefix=f"[shard {shard}] ", interrupted=interrupted
-            ),
-            payloads,
-            max_concurrency=max_concurrency,
-            shard_retries=shard_retries,
-            log=context.log,
-            interrupted=interrupted,
-        )
+        with self._fan_out_replies(clients, context.log) as demux:
+            return run_fan_out(
+                lambda shard, payload: self._run_session(
+                    context, clients, payload, extras, log_prefix=f"[shard {shard}] ", interrupted=interrupted, demux=demux
+                ),
+                payloads,
+                max_concurrency=max_concurrency,
+                shard_retries=shard_retries,
+                log=context.log,
+                interrupted=interrupted,
+            )
+
+    @contextmanager
+    def _fan_out_replies(self, clients: _Clients, log: Any) -> Iterator[ReplyDemux | None]:
+        """On the Pub/Sub channel, one subscription and stream for all of a fan-out's shards."""
+        if self.reply_channel != REPLY_CHANNEL_PUBSUB:
+            yield None
+            return
+        topic = topic_path(clients.project, self.reply_topic or "")
+        with pubsub_v1.SubscriberClient() as subscriber:
+            with ReplyDemux(subscriber, topic=topic, group=secrets.token_hex(8), log=log) as demux:
+                yield demux
 
     def _checked_clients(self, project: str, topic_settings: Sequence[str] | None = None) -> _Clients:
         http = http_session(self.function_url, self.http_auth) if self.invocation == "http" and self.function_url else None
@@ -359,14 +375,16 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         *,
         log_prefix: str = "",
         interrupted: threading.Event | None = None,
+        demux: ReplyDemux | None = None,
     ) -> PipesClientCompletedInvocation:
-        session_id = new_session_id()
+        session_id = new_session_id(demux.group if demux else "")
         blob_store = GCSBlobStore(clients.gcs, self.bucket)
         claim_check = ClaimCheck(blob_store, self.inline_threshold_bytes)
         channel_params = self._session_params(clients.project, session_id)
-        subscriber = pubsub_v1.SubscriberClient() if self.reply_channel == REPLY_CHANNEL_PUBSUB else None
+        pubsub_replies = self.reply_channel == REPLY_CHANNEL_PUBSUB
+        subscriber = pubsub_v1.SubscriberClient() if pubsub_replies and demux is None else None
         reader: PipesPubSubMessageReader | PipesGCSChunkMessageReader
-        if subscriber is not None:
+        if pubsub_replies:
             reader = PipesPubSubMessageReader(
                 subscriber=subscriber,
                 claim_check=claim_check,
@@ -374,6 +392,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 log=context.log,
                 signing_secret=self.signing_secret,
                 log_prefix=log_prefix,
+                demux=demux,
             )
         else:
             reader = PipesGCSChunkMessageReader(
@@ -513,7 +532,9 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         data, codec_attributes = claim_check.wrap(body, trigger_key(self.prefix, session_id))
         attributes = {**attributes, **codec_attributes}
         if clients.http is not None and self.function_url:
-            invocation = HttpInvocation(clients.http, self.function_url, timeout=self.http_timeout)
+            invocation = HttpInvocation(
+                clients.http, self.function_url, timeout=self.http_timeout, retry_seconds=self.preflight_timeout
+            )
             invocation.start(data, attributes, message_id=session_id)
             return _SentTrigger(self.function_url, {"pipes_function_url": self.function_url}, invocation)
         trigger_topic = topic_path(clients.project, self.trigger_topic or "")

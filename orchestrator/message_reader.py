@@ -1,9 +1,7 @@
-"""The Pipes message reader: one session's replies, read from a per-session Pub/Sub subscription.
+"""The Pipes message reader: one session's replies, read from Pub/Sub (``reply_subscription.py`` says
+through which subscription: the session's own, or its fan-out group's).
 
-The subscription is created on the reply topic with a filter on the session attribute **before** the
-trigger is published (so no reply can be missed) and deleted when the session ends; it also carries an
-expiration policy, the backstop for an orchestrator that dies without cleaning up. Messages arrive by
-streaming pull; each is decoded (claim-check objects fetched from GCS), checked for the session id (the
+Messages arrive by streaming pull; each is decoded (claim-check objects fetched from GCS), checked for the session id (the
 Pub/Sub emulator stores filters but does not apply them, so this check is what isolates sessions there),
 reassembled into order and handed to Dagster's handler, then acked. Anything malformed is logged with its
 message id and acked: it never reaches Dagster and never stops the reader.
@@ -16,40 +14,19 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ContextManager
 
 from dagster import PipesMessageHandler, PipesMessageReader
 from dagster_pipes import PipesParams
-from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
-from orchestrator.errors import PipesPubSubConfigError, ReplyStreamError
+from orchestrator.errors import ReplyStreamError
 from orchestrator.reassembly import ReassemblyError, SessionReassembler
+from orchestrator.reply_subscription import ReplyDemux, ReplySubscription
 from orchestrator.session_wait import SessionWaiter
 from shared.claim_check import ClaimCheck
 from shared.protocol import Attr, ProtocolError, Reply, ReplyChannelParams, subscription_filter
-from shared.retry import transient_retry
 from shared.signing import is_authentic
-
-#: How long tearing a session down may wait on an unreachable Pub/Sub before leaving the subscription to
-#: its expiration policy: cleanup must not hold up (or mask) the step's real outcome.
-CLEANUP_BUDGET_SECONDS = 10.0
-
-#: Pub/Sub's minimum expiration TTL: an idle per-session subscription disappears a day after its last use.
-SUBSCRIPTION_TTL_SECONDS = 24 * 3600
-
-
-@transient_retry()
-def _create_subscription(subscriber: pubsub_v1.SubscriberClient, request: Mapping[str, Any]) -> None:
-    subscriber.create_subscription(request=request)
-
-
-@transient_retry(max_seconds=CLEANUP_BUDGET_SECONDS)
-def _delete_subscription(subscriber: pubsub_v1.SubscriberClient, path: str) -> None:
-    try:
-        subscriber.delete_subscription(request={"subscription": path}, retry=None, timeout=5)
-    except gexc.NotFound:
-        pass
 
 
 def decode_reply(data: bytes, attributes: Mapping[str, str], claim_check: ClaimCheck, signing_secret: str | None) -> Reply:
@@ -76,87 +53,55 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
     def __init__(
         self,
         *,
-        subscriber: pubsub_v1.SubscriberClient,
+        subscriber: pubsub_v1.SubscriberClient | None,
         claim_check: ClaimCheck,
         channel_params: ReplyChannelParams,
         log: logging.Logger | Any | None = None,
-        ack_deadline_seconds: int = 60,
         signing_secret: str | None = None,
         log_prefix: str = "",
+        demux: ReplyDemux | None = None,
     ):
+        """Reads through a subscription of its own (``subscriber``) or, in a fan-out group, through ``demux``."""
         self._subscriber = subscriber
+        self._demux = demux
         self._claim_check = claim_check
         self._channel_params = channel_params
         self.session_id = channel_params.session_id
         self._log = log or logging.getLogger("dagster_pipes_gcp.reader")
-        self._ack_deadline_seconds = ack_deadline_seconds
         self._signing_secret = signing_secret
         self._log_prefix = log_prefix
-        project = channel_params.topic.split("/")[1]
-        self.subscription_path = subscriber.subscription_path(project, f"dagster-pipes-{self.session_id}")
         self._cond = threading.Condition()
         self._reassembler = SessionReassembler(self.session_id, warn=self._log.warning)
         self._handler: PipesMessageHandler | None = None
-        self._streaming: pubsub_v1.subscriber.futures.StreamingPullFuture | None = None
+        self._subscription: ReplySubscription | None = None
         self._failure: BaseException | None = None
 
     # ---------------------------------------------------------------- PipesMessageReader
     @contextmanager
     def read_messages(self, handler: PipesMessageHandler) -> Iterator[PipesParams]:
         self._handler = handler
-        self._create_subscription()
-        try:
-            self._streaming = self._subscriber.subscribe(
-                self.subscription_path,
-                self._on_message,
-                flow_control=pubsub_v1.types.FlowControl(max_messages=1000),
-                await_callbacks_on_shutdown=True,
+        source: ContextManager[ReplySubscription]
+        if self._demux is not None:
+            source = self._demux.route(self.session_id, self._on_message)
+        else:
+            source = ReplySubscription(
+                self._subscriber,
+                topic=self._channel_params.topic,
+                name=f"dagster-pipes-{self.session_id}",
+                filter=subscription_filter(self.session_id),
+                on_message=self._on_message,
+                log=self._log,
             )
+        with source as subscription:
+            self._subscription = subscription
             yield self._channel_params.to_params()
-        finally:
-            if self._streaming is not None:
-                self._streaming.cancel()
-                try:
-                    self._streaming.result(timeout=CLEANUP_BUDGET_SECONDS)
-                except BaseException:  # noqa: BLE001 - the stream's end is not the step's outcome
-                    pass
-            try:
-                _delete_subscription(self._subscriber, self.subscription_path)
-            except gexc.GoogleAPIError as exc:
-                self._log.warning(
-                    f"[pipes] could not delete {self.subscription_path} ({exc}); its expiration policy removes it "
-                    f"after {SUBSCRIPTION_TTL_SECONDS // 3600} h unused"
-                )
 
     def no_messages_debug_text(self) -> str:
         return (
             f"Attempted to read replies of session {self.session_id} from {self._channel_params.topic} through "
-            f"subscription {self.subscription_path}. Expected the function to be decorated with @pipes_function "
+            f"subscription {self._subscription.path if self._subscription else '(none)'}. Expected the function to be decorated with @pipes_function "
             "(or to open Pipes with PubSubMessageWriter)."
         )
-
-    def _create_subscription(self) -> None:
-        request = {
-            "name": self.subscription_path,
-            "topic": self._channel_params.topic,
-            "filter": subscription_filter(self.session_id),
-            "ack_deadline_seconds": self._ack_deadline_seconds,
-            "expiration_policy": {"ttl": {"seconds": SUBSCRIPTION_TTL_SECONDS}},
-            "message_retention_duration": {"seconds": 600},
-        }
-        try:
-            _create_subscription(self._subscriber, request)
-        except gexc.NotFound as exc:
-            raise PipesPubSubConfigError(
-                f"reply topic {self._channel_params.topic} does not exist: create it "
-                f"(gcloud pubsub topics create {self._channel_params.topic.rsplit('/', 1)[-1]}) or fix reply_topic"
-            ) from exc
-        except gexc.PermissionDenied as exc:
-            raise PipesPubSubConfigError(
-                f"not allowed to create subscription {self.subscription_path} on {self._channel_params.topic}: "
-                "grant the orchestrator's service account roles/pubsub.subscriber and roles/pubsub.editor "
-                f"(or a custom role with pubsub.subscriptions.create/delete) ({exc.message})"
-            ) from exc
 
     # ---------------------------------------------------------------- the streaming-pull callback
     def _on_message(self, message: pubsub_v1.subscriber.message.Message) -> None:
@@ -214,8 +159,6 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
     def _raise_if_broken(self) -> None:
         if self._failure is not None:
             raise ReplyStreamError(f"session {self.session_id}: {self._failure}") from self._failure
-        if self._streaming is not None and self._streaming.done():
-            raise ReplyStreamError(
-                f"session {self.session_id}: reading {self.subscription_path} stopped: "
-                f"{self._streaming.exception()!r}; check that Pub/Sub is reachable and the subscription exists"
-            )
+        stopped = self._subscription.stopped() if self._subscription is not None else None
+        if stopped:
+            raise ReplyStreamError(f"session {self.session_id}: {stopped}")

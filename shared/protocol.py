@@ -65,9 +65,12 @@ class ProtocolError(ValueError):
 _SESSION_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
-def new_session_id() -> str:
-    """128 random bits from ``secrets``, hex encoded (valid in subscription names and filters)."""
-    return secrets.token_hex(16)
+def new_session_id(group: str = "") -> str:
+    """32 hex digits (valid in subscription names and filters): random bits from ``secrets`` after ``group``,
+    the 16-hex-digit prefix shared by a fan-out group's sessions (one subscription filter selects them all)."""
+    if group and (len(group) != 16 or not _SESSION_ID_RE.match(group * 2)):
+        raise ValueError(f"a session group is 16 hex digits, got {group!r}")
+    return group + secrets.token_hex(16 - len(group) // 2)
 
 
 def subscription_filter(session_id: str) -> str:
