@@ -358,6 +358,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         topic = topic_path(clients.project, self.reply_topic or "")
         with pubsub_v1.SubscriberClient() as subscriber:
             with ReplyDemux(subscriber, topic=topic, group=secrets.token_hex(8), log=log) as demux:
+                log.info(f"[pipes] fan-out: every shard's replies arrive through {demux.subscription_path}")
                 yield demux
 
     def _checked_clients(self, project: str, topic_settings: Sequence[str] | None = None) -> _Clients:

@@ -152,6 +152,10 @@ class ReplyDemux:
             log=log,
         )
 
+    @property
+    def subscription_path(self) -> str:
+        return self._subscription.path
+
     def __enter__(self) -> ReplyDemux:
         self._subscription.__enter__()
         return self

@@ -10,7 +10,7 @@ from google.cloud import storage
 from orchestrator.client import PipesPubSubClient
 from orchestrator.fanout import FanOutError, FanOutResult
 from tests.conftest import LAKE_BUCKET
-from tests.integration.helpers import make_client
+from tests.integration.helpers import make_client, session_subscriptions
 
 
 def run_fan_out_asset(client: PipesPubSubClient, payloads: list[dict[str, Any]], **options: Any) -> tuple[Any, list[str], list[Any]]:
@@ -67,7 +67,12 @@ def test_twenty_shards_at_concurrency_five_with_one_raising(stack: Any) -> None:
         if shard != 7:
             assert outcome.metadata["n"] == shard
             assert outcome.metadata["pipes_session_id"]
-    assert len({o.metadata.get("pipes_session_id") for o in outcomes if o.ok}) == 19
+    session_ids = {o.metadata.get("pipes_session_id") for o in outcomes if o.ok}
+    assert len(session_ids) == 19
+    # one group: the sessions share a prefix, and one subscription carried every shard's replies
+    (group,) = {session_id[:16] for session_id in session_ids}
+    assert f"[pipes] fan-out: every shard's replies arrive through projects/{stack.project}/subscriptions/dagster-pipes-group-{group}" in logs
+    assert session_subscriptions(stack.project) == []
 
     for shard in (0, 7, 19):
         assert f"[shard {shard}] scenario echo starts" in logs or f"[shard {shard}] scenario raise starts" in logs
