@@ -2,7 +2,8 @@
 
 Messages are buffered and published as numbered batches (one Pub/Sub message per batch) by a background
 flusher: a batch leaves when it reaches ``max_batch_messages`` or ``max_batch_bytes``, or ``flush_interval``
-after its first message; while nothing is written a heartbeat goes out every ``heartbeat_interval`` so the
+after its first message (0 by default: at once, so a batch is whatever was written while the previous
+publish was in flight: one message when the function is quiet, up to the limits when it is chatty); while nothing is written a heartbeat goes out every ``heartbeat_interval`` so the
 orchestrator can tell a quiet function from a dead one. ``closed`` is always the last batch, and closing
 blocks until every batch is acknowledged by Pub/Sub, so the function never returns with messages in flight.
 """
@@ -95,12 +96,13 @@ class PubSubMessageWriterChannel(PipesMessageWriterChannel):
                 raise RuntimeError("the Pipes reply channel failed earlier; see the first error") from self._error
             self._buffer.append(encoded)
             self._buffer_bytes += len(encoded) + 1
-            if self._first_buffered_at is None:
+            was_empty = self._first_buffered_at is None
+            if was_empty:
                 self._first_buffered_at = time.monotonic()
             if message["method"] == "closed":
                 self._closing = True
-            if self._closing or self._batch_full():
-                self._cond.notify()
+            if was_empty or self._closing or self._batch_full():
+                self._cond.notify()  # the flusher may be waiting for a heartbeat: the deadline changed
 
     def _batch_full(self) -> bool:
         s = self._settings

@@ -189,7 +189,10 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
     startup_timeout: float = Field(default=120.0, description="Seconds from trigger to `opened` before failing.")
     heartbeat_timeout: float = Field(default=60.0, description="Seconds of silence from a running function before failing.")
     heartbeat_interval: float = Field(default=10.0, description="Seconds between the function's idle heartbeats.")
-    flush_interval: float = Field(default=0.2, description="Seconds the function buffers messages before publishing.")
+    flush_interval: float = Field(
+        default=0.0,
+        description="Seconds a message may wait for more to join its batch (0: batches form while the previous publish is in flight).",
+    )
     total_timeout: float | None = Field(default=None, description="Optional cap on the whole session, in seconds.")
     function_timeout: float = Field(
         default=540.0,

@@ -217,7 +217,7 @@ class ReplyChannelParams:
     key_prefix: str = ""
     chunk_interval: float = 10.0
     inline_threshold: int = DEFAULT_INLINE_THRESHOLD
-    flush_interval: float = 0.2
+    flush_interval: float = 0.0
     heartbeat_interval: float = 10.0
     max_batch_messages: int = 1000
     max_batch_bytes: int = 512_000

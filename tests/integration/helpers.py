@@ -32,6 +32,9 @@ class Outcome:
     result: ExecuteInProcessResult
     log_messages: list[str]
     custom_messages: list[Any] = field(default_factory=list)
+    #: when Dagster recorded each log line and each step event (event log timestamps)
+    logged_at: dict[str, float] = field(default_factory=dict)
+    step_events_at: dict[DagsterEventType, float] = field(default_factory=dict)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -56,8 +59,10 @@ def run_asset(client: PipesPubSubClient, payload: Any = None, extras: Any = None
 
     with DagsterInstance.ephemeral() as instance:
         result = materialize([pipes_test_asset], resources={"pipes_pubsub": client}, instance=instance, raise_on_error=False)
-        logs = [e.user_message for e in instance.all_logs(result.run_id) if e.dagster_event is None]
-    return Outcome(result, logs, custom)
+        entries = instance.all_logs(result.run_id)
+    logs = [e for e in entries if e.dagster_event is None]
+    step_events = {e.dagster_event.event_type: e.timestamp for e in entries if e.dagster_event is not None}
+    return Outcome(result, [e.user_message for e in logs], custom, {e.user_message: e.timestamp for e in logs}, step_events)
 
 
 def session_subscriptions(project: str) -> list[str]:

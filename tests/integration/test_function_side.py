@@ -7,6 +7,7 @@ import concurrent.futures
 import logging
 
 import pytest
+from dagster import DagsterEventType
 from dagster_pipes import PipesContext
 
 from orchestrator.local_stack import LocalStack
@@ -126,3 +127,11 @@ def test_writer_batches_by_bytes(harness):
 def test_idle_writer_heartbeats_keep_a_quiet_function_alive(stack):
     outcome = run_asset(make_client(heartbeat_interval=0.3, heartbeat_timeout=1.0), payload={"sleep": 3})
     assert outcome.result.success, outcome.failure_message
+
+
+def test_a_log_line_reaches_dagster_while_the_function_still_works(stack):
+    # a quiet function: one line, then 3 s of work; the line must not wait for a heartbeat or for `closed`
+    outcome = run_asset(make_client(heartbeat_interval=5.0, heartbeat_timeout=20.0), payload={"sleep": 3})
+    assert outcome.result.success, outcome.failure_message
+    step_end = outcome.step_events_at[DagsterEventType.STEP_SUCCESS]
+    assert step_end - outcome.logged_at["scenario echo starts"] > 2.0, "the line arrived only as the function finished"
