@@ -235,7 +235,7 @@ class ReplyChannelParams:
         if channel not in REPLY_CHANNELS:
             raise ProtocolError(f"unknown reply channel {channel!r} (expected one of {list(REPLY_CHANNELS)})")
         required = ("topic" if channel == REPLY_CHANNEL_PUBSUB else "key_prefix", "session_id", "bucket", "prefix")
-        missing = [k for k in required if not params.get(k)]
+        missing = [k for k in required if k not in params]
         if missing:
             raise ProtocolError(f"DAGSTER_PIPES_MESSAGES lacks {missing}: the trigger was not sent by PipesPubSubClient")
         return cls(**{k: v for k, v in params.items() if k in cls.__dataclass_fields__})

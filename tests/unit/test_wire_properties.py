@@ -14,6 +14,7 @@ from orchestrator.reassembly import ReassemblyError, SessionReassembler
 from shared.claim_check import MAX_INLINE_THRESHOLD, ClaimCheck, GCSBlobStore, validate_threshold
 from shared.protocol import (
     BOOTSTRAP_KEYS,
+    REPLY_CHANNELS,
     Attr,
     ProtocolError,
     Reply,
@@ -52,6 +53,7 @@ def test_reply_round_trips(session_id: str, invocation: str, seq: int | None, me
 
 
 @given(st.builds(ReplyChannelParams, topic=st.text(), session_id=session_ids, bucket=st.text(), prefix=st.text(),
+                 channel=st.sampled_from(REPLY_CHANNELS), key_prefix=st.text(), chunk_interval=st.floats(0.1, 60),
                  flush_interval=st.floats(0, 10), signed=st.booleans()))
 def test_reply_channel_params_round_trip_through_json(params: ReplyChannelParams) -> None:
     assert ReplyChannelParams.from_params(json.loads(json.dumps(params.to_params()))) == params
