@@ -32,7 +32,7 @@ from dagster._core.definitions.asset_key import CoercibleToAssetKey
 from dagster._core.pipes.context import build_external_execution_context_data
 from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, DAGSTER_PIPES_MESSAGES_ENV_VAR, PipesExtras, encode_env_var
 from google.api_core import exceptions as gexc
-from google.cloud import pubsub_v1, storage
+from google.cloud import functions_v2, pubsub_v1, storage
 from pydantic import Field
 
 from orchestrator.context_injectors import PipesPubSubContextInjector
@@ -44,6 +44,7 @@ from orchestrator.errors import (
     RunInterrupted,
 )
 from orchestrator.fanout import FanOutResult, run_fan_out
+from orchestrator.functions_api import derived_timeouts, resolve_function
 from orchestrator.gcs_chunk_reader import PipesGCSChunkMessageReader
 from orchestrator.http_invocation import HttpInvocation, http_session
 from orchestrator.message_reader import PipesPubSubMessageReader
@@ -66,6 +67,9 @@ from shared.retry import TRANSIENT_ERRORS, transient_retry
 
 #: the lease outlives the function's timeout by this much, so it never expires under a running attempt
 LEASE_MARGIN_SECONDS = 60.0
+
+#: the timeout gcloud gives an event-driven function unless told otherwise (--timeout 540s is the gen2 maximum)
+DEFAULT_FUNCTION_TIMEOUT = 540.0
 
 
 def resolve_project(project: str | None) -> str:
@@ -116,13 +120,17 @@ def _payload_problems(payload: Any) -> list[str]:
 
 
 @dataclass(frozen=True)
-class _Clients:
-    """The clients one ``run``/``run_many`` call shares across its sessions (all thread-safe)."""
+class _Resolved:
+    """What one ``run``/``run_many``/``run_detached`` call works out once and shares across its sessions:
+    the project, the clients (all thread-safe), the trigger topic and the function's timeouts."""
 
     project: str
     publisher: pubsub_v1.PublisherClient
     gcs: storage.Client
-    http: requests.Session | None = None
+    http: requests.Session | None
+    trigger_topic: str  # projects/P/topics/T, or "" when invoked over HTTP
+    function_timeout: float
+    total_timeout: float | None
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,11 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
     """
 
     project: str | None = Field(default=None, description="GCP project; default GOOGLE_CLOUD_PROJECT, then ADC.")
+    function_name: str | None = Field(
+        default=None,
+        description="projects/P/locations/L/functions/F: the trigger topic and timeouts are read from the deployed "
+        "function (Cloud Functions API) instead of trigger_topic / function_timeout.",
+    )
     trigger_topic: str | None = Field(
         default=None, description="Topic the function is triggered by (name or projects/P/topics/T); for invocation='pubsub'."
     )
@@ -194,9 +207,10 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         description="Seconds a message may wait for more to join its batch (0: batches form while the previous publish is in flight).",
     )
     total_timeout: float | None = Field(default=None, description="Optional cap on the whole session, in seconds.")
-    function_timeout: float = Field(
-        default=540.0,
-        description="The function's configured timeout in seconds; the session lease lasts this long plus a margin.",
+    function_timeout: float | None = Field(
+        default=None,
+        description="The function's timeout in seconds (default: from function_name's deployment, else 540); "
+        "the session lease lasts this long plus a margin.",
     )
     cancel_timeout: float = Field(
         default=30.0, description="Seconds a cancelled session gets to report `closed` before it is torn down."
@@ -238,17 +252,25 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
 
     def _mode_problems(self) -> list[str]:
         problems = []
-        if self.invocation == "pubsub" and not self.trigger_topic:
-            problems.append("trigger_topic is not set: name the topic the function is deployed with (--trigger-topic)")
+        if self.invocation == "pubsub" and not (self.trigger_topic or self.function_name):
+            problems.append(
+                "trigger_topic is not set: name the topic the function is deployed with (--trigger-topic), or set "
+                "function_name to read it from the deployment"
+            )
         if self.invocation == "http":
+            if self.function_name:
+                problems.append(
+                    "function_name resolves a Pub/Sub-triggered function; with invocation='http' set function_url instead"
+                )
             if not self.function_url or not self.function_url.startswith(("https://", "http://")):
                 problems.append(
                     f"function_url={self.function_url!r}: invocation='http' needs the function's URL "
                     "(gcloud functions describe F --region R --format='value(url)')"
                 )
-            if self.http_timeout < self.function_timeout:
+            if self.http_timeout < (self.function_timeout or DEFAULT_FUNCTION_TIMEOUT):
                 problems.append(
-                    f"http_timeout={self.http_timeout:g} is shorter than function_timeout={self.function_timeout:g}: "
+                    f"http_timeout={self.http_timeout:g} is shorter than function_timeout="
+                    f"{self.function_timeout or DEFAULT_FUNCTION_TIMEOUT:g}: "
                     "a long session would fail while the function still runs; raise http_timeout"
                 )
         if self.reply_channel == REPLY_CHANNEL_PUBSUB and not self.reply_topic:
@@ -263,17 +285,6 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 )
         return problems
 
-    def _topic_settings(self) -> list[str]:
-        """The topic settings this configuration publishes or subscribes to."""
-        return [
-            setting
-            for setting, used in (
-                ("trigger_topic", self.invocation == "pubsub"),
-                ("reply_topic", self.reply_channel == REPLY_CHANNEL_PUBSUB),
-            )
-            if used
-        ]
-
     def _preflight(self, service: str, emulator_env_var: str, call: Any, *args: Any) -> Any:
         try:
             return transient_retry(max_seconds=self.preflight_timeout)(call)(*args)
@@ -284,10 +295,10 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 f"{os.environ.get(emulator_env_var, '(unset)')} is running)"
             ) from exc
 
-    def _check_resources(self, clients: _Clients, topic_settings: Sequence[str]) -> None:
-        project, publisher, gcs = clients.project, clients.publisher, clients.gcs
-        for setting in topic_settings:
-            path = topic_path(project, getattr(self, setting))
+    def _check_resources(self, resolved: _Resolved, topics: Mapping[str, str]) -> None:
+        """``topics``: the path of each topic setting the call uses."""
+        publisher, gcs = resolved.publisher, resolved.gcs
+        for setting, path in topics.items():
             if not self._preflight("Pub/Sub", "PUBSUB_EMULATOR_HOST", _topic_exists, publisher, path):
                 raise PipesPubSubConfigError(
                     f"{setting}: topic {path} does not exist; create it (gcloud pubsub topics create "
@@ -309,7 +320,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         """Run one function session; ``payload`` reaches the handler as its second argument."""
         payload = {} if payload is None else payload
         project = self._validated(payload)
-        return self._run_session(context, self._checked_clients(project), payload, extras)
+        return self._run_session(context, self._resolve(project), payload, extras)
 
     def run_many(
         self,
@@ -338,12 +349,12 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         problems += [f"shard {shard}: {problem}" for shard, p in enumerate(payloads) for problem in _payload_problems(p)]
         if problems:
             raise PipesPubSubConfigError("; ".join(problems))
-        clients = self._checked_clients(resolve_project(self.project))
+        resolved = self._resolve(resolve_project(self.project))
         interrupted = threading.Event()
-        with self._fan_out_replies(clients, context.log) as demux:
+        with self._fan_out_replies(resolved, context.log) as demux:
             return run_fan_out(
                 lambda shard, payload: self._run_session(
-                    context, clients, payload, extras, log_prefix=f"[shard {shard}] ", interrupted=interrupted, demux=demux
+                    context, resolved, payload, extras, log_prefix=f"[shard {shard}] ", interrupted=interrupted, demux=demux
                 ),
                 payloads,
                 max_concurrency=max_concurrency,
@@ -353,27 +364,57 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             )
 
     @contextmanager
-    def _fan_out_replies(self, clients: _Clients, log: Any) -> Iterator[ReplyDemux | None]:
+    def _fan_out_replies(self, resolved: _Resolved, log: Any) -> Iterator[ReplyDemux | None]:
         """On the Pub/Sub channel, one subscription and stream for all of a fan-out's shards."""
         if self.reply_channel != REPLY_CHANNEL_PUBSUB:
             yield None
             return
-        topic = topic_path(clients.project, self.reply_topic or "")
+        topic = topic_path(resolved.project, self.reply_topic or "")
         with pubsub_v1.SubscriberClient() as subscriber:
             with ReplyDemux(subscriber, topic=topic, group=secrets.token_hex(8), log=log) as demux:
                 log.info(f"[pipes] fan-out: every shard's replies arrive through {demux.subscription_path}")
                 yield demux
 
-    def _checked_clients(self, project: str, topic_settings: Sequence[str] | None = None) -> _Clients:
+    def _resolve(self, project: str, *, detached: bool = False) -> _Resolved:
+        """Resolve the function (if named), derive its timeouts, and check that every topic and the bucket exist."""
+        deployed = resolve_function(self.function_name, self._functions_client) if self.function_name else None
+        trigger_topic = ""
+        if self.invocation == "pubsub":
+            trigger_topic = topic_path(project, self.trigger_topic) if self.trigger_topic else ""
+            if deployed is not None:
+                if trigger_topic and trigger_topic != deployed.trigger_topic:
+                    raise PipesPubSubConfigError(
+                        f"trigger_topic {trigger_topic} is not the topic {self.function_name} is deployed with "
+                        f"({deployed.trigger_topic}): remove trigger_topic (function_name supplies it) or fix it"
+                    )
+                trigger_topic = deployed.trigger_topic
+        derived = derived_timeouts(deployed) if deployed is not None else {}
         http = http_session(self.function_url, self.http_auth) if self.invocation == "http" and self.function_url else None
-        clients = _Clients(project, pubsub_v1.PublisherClient(), storage.Client(project=project), http)
-        self._check_resources(clients, self._topic_settings() if topic_settings is None else topic_settings)
-        return clients
+        resolved = _Resolved(
+            project=project,
+            publisher=pubsub_v1.PublisherClient(),
+            gcs=storage.Client(project=project),
+            http=http,
+            trigger_topic=trigger_topic,
+            function_timeout=self.function_timeout or derived.get("function_timeout", DEFAULT_FUNCTION_TIMEOUT),
+            total_timeout=self.total_timeout if self.total_timeout is not None else derived.get("total_timeout"),
+        )
+        topics = {"trigger_topic": trigger_topic} if trigger_topic else {}
+        if detached:
+            topics["detached_reply_topic"] = topic_path(project, self.detached_reply_topic or "")
+        elif self.reply_channel == REPLY_CHANNEL_PUBSUB:
+            topics["reply_topic"] = topic_path(project, self.reply_topic or "")
+        self._check_resources(resolved, topics)
+        return resolved
+
+    def _functions_client(self) -> functions_v2.FunctionServiceClient:
+        """The Cloud Functions API client (Application Default Credentials)."""
+        return functions_v2.FunctionServiceClient()
 
     def _run_session(
         self,
         context: OpExecutionContext | AssetExecutionContext,
-        clients: _Clients,
+        resolved: _Resolved,
         payload: Mapping[str, Any],
         extras: PipesExtras | None,
         *,
@@ -382,9 +423,9 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         demux: ReplyDemux | None = None,
     ) -> PipesClientCompletedInvocation:
         session_id = new_session_id(demux.group if demux else "")
-        blob_store = GCSBlobStore(clients.gcs, self.bucket)
+        blob_store = GCSBlobStore(resolved.gcs, self.bucket)
         claim_check = ClaimCheck(blob_store, self.inline_threshold_bytes)
-        channel_params = self._session_params(clients.project, session_id)
+        channel_params = self._session_params(resolved, session_id)
         pubsub_replies = self.reply_channel == REPLY_CHANNEL_PUBSUB
         subscriber = pubsub_v1.SubscriberClient() if pubsub_replies and demux is None else None
         reader: PipesPubSubMessageReader | PipesGCSChunkMessageReader
@@ -400,7 +441,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             )
         else:
             reader = PipesGCSChunkMessageReader(
-                gcs=clients.gcs, channel_params=channel_params, log=context.log, log_prefix=log_prefix
+                gcs=resolved.gcs, channel_params=channel_params, log=context.log, log_prefix=log_prefix
             )
         injector = PipesPubSubContextInjector(
             blob_store=blob_store, key=context_key(self.prefix, session_id), inline_threshold=self.inline_threshold_bytes
@@ -409,7 +450,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         try:
             with open_pipes_session(context=context, context_injector=injector, message_reader=reader, extras=extras) as session:
                 triggered_at = time.monotonic()
-                sent = self._send_trigger(clients, claim_check, session_id, payload, session.get_bootstrap_env_vars())
+                sent = self._send_trigger(resolved, claim_check, session_id, payload, session.get_bootstrap_env_vars())
                 context.log.info(f"{log_prefix}[pipes] session {session_id}: trigger sent to {sent.sent_to}")
                 try:
                     reader.wait_for_close(
@@ -418,7 +459,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                         startup_hint=self._startup_hint(sent.sent_to),
                         startup_timeout=self.startup_timeout,
                         heartbeat_timeout=self.heartbeat_timeout,
-                        total_timeout=self._total_timeout(),
+                        total_timeout=self._total_timeout(resolved),
                         stop=lambda: self._stop_waiting(session_id, sent, interrupted),
                     )
                 except (KeyboardInterrupt, DagsterExecutionInterruptedError, RunInterrupted):
@@ -448,12 +489,12 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             },
         )
 
-    def _total_timeout(self) -> float | None:
-        """The configured cap; on the GCS channel (no heartbeats) at most what the function may take."""
+    def _total_timeout(self, resolved: _Resolved) -> float | None:
+        """The configured (or derived) cap; on the GCS channel (no heartbeats) at most what the function may take."""
         if self.reply_channel != REPLY_CHANNEL_GCS:
-            return self.total_timeout
-        bound = self.startup_timeout + self.function_timeout + 2 * self.chunk_interval
-        return bound if self.total_timeout is None else min(bound, self.total_timeout)
+            return resolved.total_timeout
+        bound = self.startup_timeout + resolved.function_timeout + 2 * self.chunk_interval
+        return bound if resolved.total_timeout is None else min(bound, resolved.total_timeout)
 
     def _stop_waiting(self, session_id: str, sent: _SentTrigger, interrupted: threading.Event | None) -> bool:
         if interrupted is not None and interrupted.is_set():
@@ -498,9 +539,9 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 "(gcloud pubsub topics create pipes-detached-replies; gcloud pubsub subscriptions create "
                 "pipes-detached-completions --topic pipes-detached-replies) and set detached_reply_topic"
             )
-        clients = self._checked_clients(project, ["trigger_topic", "detached_reply_topic"])
+        resolved = self._resolve(project, detached=True)
         session_id = new_session_id()
-        blob_store = GCSBlobStore(clients.gcs, self.bucket)
+        blob_store = GCSBlobStore(resolved.gcs, self.bucket)
         context_data = build_external_execution_context_data(context, extras)
         if asset_key is not None:
             context_data["asset_keys"] = [AssetKey.from_coercible(asset_key).to_user_string()]
@@ -511,22 +552,22 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             bootstrap = {
                 DAGSTER_PIPES_CONTEXT_ENV_VAR: encode_env_var(context_params),
                 DAGSTER_PIPES_MESSAGES_ENV_VAR: encode_env_var(
-                    self._session_params(clients.project, session_id, self.detached_reply_topic).to_params()
+                    self._session_params(resolved, session_id, self.detached_reply_topic).to_params()
                 ),
             }
         claim_check = ClaimCheck(blob_store, self.inline_threshold_bytes)
-        message_id = self._send_trigger(clients, claim_check, session_id, payload, bootstrap).metadata[
+        message_id = self._send_trigger(resolved, claim_check, session_id, payload, bootstrap).metadata[
             "pipes_trigger_message_id"
         ]
         context.log.info(
             f"[pipes] detached session {session_id}: trigger message {message_id} published to "
-            f"{topic_path(clients.project, self.trigger_topic)}; replies go to {self.detached_reply_topic}"
+            f"{resolved.trigger_topic}; replies go to {self.detached_reply_topic}"
         )
         return DetachedSession(session_id, message_id)
 
     def _send_trigger(
         self,
-        clients: _Clients,
+        resolved: _Resolved,
         claim_check: ClaimCheck,
         session_id: str,
         payload: Mapping[str, Any],
@@ -535,21 +576,22 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         body, attributes = Trigger(session_id, payload, bootstrap_env_vars).encode()
         data, codec_attributes = claim_check.wrap(body, trigger_key(self.prefix, session_id))
         attributes = {**attributes, **codec_attributes}
-        if clients.http is not None and self.function_url:
+        if resolved.http is not None and self.function_url:
             invocation = HttpInvocation(
-                clients.http, self.function_url, timeout=self.http_timeout, retry_seconds=self.preflight_timeout
+                resolved.http, self.function_url, timeout=self.http_timeout, retry_seconds=self.preflight_timeout
             )
             invocation.start(data, attributes, message_id=session_id)
             return _SentTrigger(self.function_url, {"pipes_function_url": self.function_url}, invocation)
-        trigger_topic = topic_path(clients.project, self.trigger_topic or "")
-        message_id = publish(clients.publisher, trigger_topic, data, attributes)
-        return _SentTrigger(trigger_topic, {"pipes_trigger_message_id": message_id})
+        message_id = publish(resolved.publisher, resolved.trigger_topic, data, attributes)
+        return _SentTrigger(resolved.trigger_topic, {"pipes_trigger_message_id": message_id})
 
-    def _session_params(self, project: str, session_id: str, detached_reply_topic: str | None = None) -> ReplyChannelParams:
+    def _session_params(
+        self, resolved: _Resolved, session_id: str, detached_reply_topic: str | None = None
+    ) -> ReplyChannelParams:
         """A detached session always replies over Pub/Sub, to ``detached_reply_topic``."""
         reply_topic = detached_reply_topic or self.reply_topic
         return ReplyChannelParams(
-            topic=topic_path(project, reply_topic) if reply_topic else "",
+            topic=topic_path(resolved.project, reply_topic) if reply_topic else "",
             session_id=session_id,
             bucket=self.bucket,
             prefix=self.prefix,
@@ -559,7 +601,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             inline_threshold=self.inline_threshold_bytes,
             flush_interval=self.flush_interval,
             heartbeat_interval=self.heartbeat_interval,
-            lease_seconds=self.function_timeout + LEASE_MARGIN_SECONDS,
+            lease_seconds=resolved.function_timeout + LEASE_MARGIN_SECONDS,
             # the trigger is published a moment later; a delivery after this finds nobody waiting for it
             start_deadline=time.time() + self.startup_timeout,
             signed=bool(self.signing_secret),

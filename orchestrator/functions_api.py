@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from google.api_core import exceptions as gexc
@@ -42,12 +43,13 @@ _cache_lock = threading.Lock()
 
 def resolve_function(
     name: str,
-    client: functions_v2.FunctionServiceClient | None = None,
+    client_factory: Callable[[], functions_v2.FunctionServiceClient] = functions_v2.FunctionServiceClient,
     *,
     retry_seconds: float = 30.0,
 ) -> DeployedFunction:
     """Look up ``name`` once per process; transient API errors are retried, permanent ones raise
-    ``PipesPubSubConfigError`` naming the fix. Only successful resolutions are cached."""
+    ``PipesPubSubConfigError`` naming the fix. Only successful resolutions are cached, and the client is
+    built (``client_factory``) only on a cache miss."""
     match = _NAME.fullmatch(name)
     if match is None:
         raise PipesPubSubConfigError(
@@ -57,7 +59,7 @@ def resolve_function(
         if name in _cache:
             return _cache[name]
 
-    api = client or functions_v2.FunctionServiceClient()
+    api = client_factory()
     get = transient_retry(max_seconds=retry_seconds, max_attempts=MAX_ATTEMPTS)(api.get_function)
     project, location = match["project"], match["location"]
     try:

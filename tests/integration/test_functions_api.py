@@ -53,7 +53,7 @@ def client(fake: FakeFunctionService) -> Iterator[functions_v2.FunctionServiceCl
 def test_active_pubsub_function_resolves(fake: FakeFunctionService, client: functions_v2.FunctionServiceClient) -> None:
     fake.add(deployed())
 
-    assert resolve_function(NAME, client) == DeployedFunction(
+    assert resolve_function(NAME, lambda: client) == DeployedFunction(
         name=NAME, trigger_topic=TOPIC, timeout_seconds=540.0, url=URL, state="ACTIVE"
     )
 
@@ -63,14 +63,14 @@ def test_unset_timeout_defaults_to_60_seconds(
 ) -> None:
     fake.add(deployed(timeout_seconds=0))
 
-    assert resolve_function(NAME, client).timeout_seconds == 60.0
+    assert resolve_function(NAME, lambda: client).timeout_seconds == 60.0
 
 
 def test_resolution_is_cached_per_name(fake: FakeFunctionService, client: functions_v2.FunctionServiceClient) -> None:
     fake.add(deployed())
 
-    first = resolve_function(NAME, client)
-    assert resolve_function(NAME, client) is first
+    first = resolve_function(NAME, lambda: client)
+    assert resolve_function(NAME, lambda: client) is first
     assert fake.calls == 1
 
 
@@ -81,16 +81,16 @@ def test_function_not_active_is_refused(
     fake.add(deployed(state=state))
 
     with pytest.raises(PipesPubSubConfigError, match=f"state {state.name}.*gcloud functions describe pipes-worker"):
-        resolve_function(NAME, client)
+        resolve_function(NAME, lambda: client)
 
 
 def test_errors_are_not_cached(fake: FakeFunctionService, client: functions_v2.FunctionServiceClient) -> None:
     fake.add(deployed(state=functions_v2.Function.State.DEPLOYING))
     with pytest.raises(PipesPubSubConfigError):
-        resolve_function(NAME, client)
+        resolve_function(NAME, lambda: client)
 
     fake.add(deployed())
-    assert resolve_function(NAME, client).state == "ACTIVE"
+    assert resolve_function(NAME, lambda: client).state == "ACTIVE"
     assert fake.calls == 2
 
 
@@ -100,12 +100,12 @@ def test_http_triggered_function_is_refused(
     fake.add(deployed(topic=None))
 
     with pytest.raises(PipesPubSubConfigError, match="--trigger-topic"):
-        resolve_function(NAME, client)
+        resolve_function(NAME, lambda: client)
 
 
 def test_missing_function_is_named(fake: FakeFunctionService, client: functions_v2.FunctionServiceClient) -> None:
     with pytest.raises(PipesPubSubConfigError, match=f"{NAME} does not exist.*--project demo") as raised:
-        resolve_function(NAME, client)
+        resolve_function(NAME, lambda: client)
     assert isinstance(raised.value.__cause__, gexc.NotFound)
 
 
@@ -117,7 +117,7 @@ def test_malformed_name_is_refused_before_any_call(
     fake: FakeFunctionService, client: functions_v2.FunctionServiceClient, name: str
 ) -> None:
     with pytest.raises(PipesPubSubConfigError, match="projects/PROJECT/locations/LOCATION/functions/NAME"):
-        resolve_function(name, client)
+        resolve_function(name, lambda: client)
     assert fake.calls == 0
 
 
@@ -125,7 +125,7 @@ def test_transient_failures_are_retried(fake: FakeFunctionService, client: funct
     fake.add(deployed())
     fake.fail_next(2, grpc.StatusCode.UNAVAILABLE)
 
-    assert resolve_function(NAME, client).trigger_topic == TOPIC
+    assert resolve_function(NAME, lambda: client).trigger_topic == TOPIC
     assert fake.calls == 3
 
 
@@ -134,7 +134,7 @@ def test_transient_retries_are_bounded(fake: FakeFunctionService, client: functi
     fake.fail_next(10, grpc.StatusCode.UNAVAILABLE)
 
     with pytest.raises(gexc.ServiceUnavailable):
-        resolve_function(NAME, client)
+        resolve_function(NAME, lambda: client)
     assert fake.calls == 5
 
 
@@ -143,7 +143,7 @@ def test_permission_denied_fails_at_once(fake: FakeFunctionService, client: func
     fake.fail_next(1, grpc.StatusCode.PERMISSION_DENIED)
 
     with pytest.raises(PipesPubSubConfigError, match="roles/cloudfunctions.viewer"):
-        resolve_function(NAME, client)
+        resolve_function(NAME, lambda: client)
     assert fake.calls == 1
 
 
