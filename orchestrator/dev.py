@@ -1,0 +1,76 @@
+"""`make dev`: the local stack with everything the example code location uses, and `dagster dev` on it.
+
+    python -m orchestrator.dev [--port 3000]
+
+Prints the UI address; Ctrl-C stops `dagster dev` and then every process of the stack. The code location
+(`orchestrator/definitions.py`) reads the stack's endpoints from the same environment variables it reads
+on GCP, so what runs here is what you deploy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+from orchestrator.local_stack import REPO_ROOT, LocalFunction, LocalStack
+
+#: what orchestrator/definitions.py expects by default (see its PIPES_* environment variables)
+TRIGGER_TOPIC = "pipes-trigger"
+LANDING_TOPIC = "landing-notifications"
+
+
+def example_stack() -> LocalStack:
+    return LocalStack(
+        functions=[LocalFunction("function/main.py", "main", TRIGGER_TOPIC)],
+        topics=["pipes-replies", "pipes-detached-replies", LANDING_TOPIC],
+        buckets=["pipes-payloads", "data-lake"],
+        subscriptions={"pipes-detached-completions": "pipes-detached-replies", "landing-objects": LANDING_TOPIC},
+    )
+
+
+def _wait_for_ui(url: str, process: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"dagster dev exited with {process.returncode} before the UI came up")
+        try:
+            with urllib.request.urlopen(f"{url}/server_info", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"the Dagster UI did not come up at {url} within {timeout:g}s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=3000)
+    args = parser.parse_args()
+    print("starting the local stack (Pub/Sub emulator, fake-gcs-server, Functions Framework) ...", flush=True)
+    with example_stack() as stack:
+        command = [sys.executable, "-m", "dagster", "dev", "-m", "orchestrator.definitions",
+                   "-h", "127.0.0.1", "-p", str(args.port)]
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **stack.environment})
+        try:
+            url = f"http://127.0.0.1:{args.port}"
+            _wait_for_ui(url, process)
+            print(f"\nDagster UI: {url}   (local stack: {stack.environment}; Ctrl-C stops everything)\n", flush=True)
+            return process.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            print("dagster dev stopped; stopping the local stack ...", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
