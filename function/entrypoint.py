@@ -22,7 +22,7 @@ from typing import Any
 
 import functions_framework
 
-from function.logs import configure_function_logging
+from function.logs import configure_function_logging, trace_id_from
 from function.session import Handler, SessionOutcome, run_session
 
 _log = logging.getLogger("dagster_pipes_gcp.function")
@@ -65,7 +65,8 @@ def pipes_function(handler: Handler) -> Callable[[Any], SessionOutcome]:
         except ValueError as exc:
             _log.error("ignoring event %s: %s", getattr(cloud_event, "get", lambda _k: None)("id"), exc)
             return SessionOutcome(None, "", ran=False, error=exc)
-        return run_session(handler, data, attributes, message_id=message_id)
+        trace_id = trace_id_from(cloud_event.get_attributes()) if hasattr(cloud_event, "get_attributes") else None
+        return run_session(handler, data, attributes, message_id=message_id, trace_id=trace_id)
 
     def http_entry_point(request: Any) -> tuple[str, int, dict[str, str]]:
         try:
@@ -74,7 +75,7 @@ def pipes_function(handler: Handler) -> Callable[[Any], SessionOutcome]:
             _log.error("rejecting HTTP request: %s", exc)
             outcome = SessionOutcome(None, "", ran=False, error=exc)
         else:
-            outcome = run_session(handler, data, attributes, message_id=message_id)
+            outcome = run_session(handler, data, attributes, message_id=message_id, trace_id=trace_id_from(request.headers))
         response = {
             "session_id": outcome.session_id,
             "invocation_id": outcome.invocation_id,

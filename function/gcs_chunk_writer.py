@@ -8,13 +8,15 @@ from typing import Any
 from dagster_pipes import PipesGCSMessageWriter
 from google.cloud import storage
 
+from function.message_writer import opened_extras
+
 
 class GCSChunkMessageWriter(PipesGCSMessageWriter):
-    """Reports the invocation id in ``opened``, as ``PubSubMessageWriter`` does, so the step metadata names it."""
+    """Reports the invocation (and trace) id in ``opened``, as ``PubSubMessageWriter`` does, for the step metadata."""
 
-    def __init__(self, client: storage.Client, invocation_id: str, *, interval: float):
+    def __init__(self, client: storage.Client, invocation_id: str, *, trace_id: str | None, interval: float):
         super().__init__(client, interval=interval)
-        self.invocation_id = invocation_id
+        self._opened_extras = opened_extras(invocation_id, trace_id)
 
     def get_opened_extras(self) -> dict[str, Any]:
-        return {"invocation_id": self.invocation_id}
+        return self._opened_extras

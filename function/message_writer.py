@@ -31,6 +31,11 @@ from shared.signing import sign
 _log = logging.getLogger("dagster_pipes_gcp.function")
 
 
+def opened_extras(invocation_id: str, trace_id: str | None) -> dict[str, Any]:
+    """What a writer reports in ``opened``: the invocation that owns the session, and the request's trace."""
+    return {"invocation_id": invocation_id, **({"trace_id": trace_id} if trace_id else {})}
+
+
 class PubSubMessageWriter(PipesMessageWriter["PubSubMessageWriterChannel"]):
     """Opens a ``PubSubMessageWriterChannel`` per Pipes session; clients are shared and thread-safe."""
 
@@ -40,11 +45,13 @@ class PubSubMessageWriter(PipesMessageWriter["PubSubMessageWriterChannel"]):
         blob_store_factory: Callable[[str], GCSBlobStore],
         invocation_id: str | None = None,
         signing_secret: str | None = None,
+        trace_id: str | None = None,
     ):
         self._publisher = publisher
         self._blob_store_factory = blob_store_factory
         self._signing_secret = signing_secret
         self.invocation_id = invocation_id or uuid.uuid4().hex
+        self._opened_extras = opened_extras(self.invocation_id, trace_id)
 
     @contextmanager
     def open(self, params: PipesParams) -> Iterator[PubSubMessageWriterChannel]:
@@ -60,7 +67,7 @@ class PubSubMessageWriter(PipesMessageWriter["PubSubMessageWriterChannel"]):
             yield channel
 
     def get_opened_extras(self) -> dict[str, Any]:
-        return {"invocation_id": self.invocation_id}
+        return self._opened_extras
 
 
 class PubSubMessageWriterChannel(PipesMessageWriterChannel):

@@ -25,6 +25,7 @@ from function.context import CloudFunctionPipesContext
 from function.context_loader import PipesInlineOrGCSContextLoader
 from function.gcs_chunk_writer import GCSChunkMessageWriter
 from function.lease import claim_lease
+from function.logs import current_trace
 from function.message_writer import PubSubMessageWriter
 from shared.claim_check import ClaimCheck
 from shared.layout import cancel_key, lease_key
@@ -65,11 +66,24 @@ def _refusal(trigger: Trigger, settings: ReplyChannelParams, signing_secret: str
     return None
 
 
-def run_session(handler: Handler, data: bytes, attributes: Mapping[str, str], *, message_id: str = "") -> SessionOutcome:
+def run_session(
+    handler: Handler, data: bytes, attributes: Mapping[str, str], *, message_id: str = "", trace_id: str | None = None
+) -> SessionOutcome:
     """Run ``handler`` for one trigger message. Never raises for a handler error: that is reported to Dagster
     through ``closed`` (with its traceback) and returned, so the platform does not redeliver a trigger
     whose failure Dagster already knows about. A trigger that cannot run (malformed, late, a duplicate) is
-    logged and returned too: redelivering it could never help."""
+    logged and returned too: redelivering it could never help. ``trace_id`` is the request's trace, if any:
+    the session's log lines carry it and Dagster records it."""
+    token = current_trace.set(f"projects/{clients.storage_client().project}/traces/{trace_id}" if trace_id else None)
+    try:
+        return _run_session(handler, data, attributes, message_id, trace_id)
+    finally:
+        current_trace.reset(token)
+
+
+def _run_session(
+    handler: Handler, data: bytes, attributes: Mapping[str, str], message_id: str, trace_id: str | None
+) -> SessionOutcome:
     invocation_id = uuid.uuid4().hex
     try:
         trigger = decode_trigger(data, attributes)
@@ -92,9 +106,11 @@ def run_session(handler: Handler, data: bytes, attributes: Mapping[str, str], *,
     _log.info("session %s: invocation %s starts (trigger message %s)", trigger.session_id, invocation_id, message_id)
     writer: PipesMessageWriter
     if settings.channel == REPLY_CHANNEL_GCS:
-        writer = GCSChunkMessageWriter(gcs, invocation_id, interval=settings.chunk_interval)
+        writer = GCSChunkMessageWriter(gcs, invocation_id, trace_id=trace_id, interval=settings.chunk_interval)
     else:
-        writer = PubSubMessageWriter(clients.publisher(), clients.blob_store, invocation_id, signing_secret=signing_secret)
+        writer = PubSubMessageWriter(
+            clients.publisher(), clients.blob_store, invocation_id, signing_secret=signing_secret, trace_id=trace_id
+        )
     cancel_marker = cancel_key(settings.prefix, trigger.session_id)
     try:
         with watch_for_cancellation(gcs, settings.bucket, cancel_marker, settings.heartbeat_interval) as cancelled:

@@ -485,6 +485,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 "pipes_session_id": session_id,
                 **sent.metadata,
                 "pipes_invocation_id": reader.invocation_id or "",
+                **({"pipes_trace_id": reader.trace_id} if reader.trace_id else {}),
                 "pipes_session_seconds": round(time.monotonic() - started, 3),
             },
         )
@@ -580,7 +581,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             invocation = HttpInvocation(
                 resolved.http, self.function_url, timeout=self.http_timeout, retry_seconds=self.preflight_timeout
             )
-            invocation.start(data, attributes, message_id=session_id)
+            invocation.start(data, attributes, session_id)
             return _SentTrigger(self.function_url, {"pipes_function_url": self.function_url}, invocation)
         message_id = publish(resolved.publisher, resolved.trigger_topic, data, attributes)
         return _SentTrigger(resolved.trigger_topic, {"pipes_trigger_message_id": message_id})

@@ -46,7 +46,6 @@ class PipesGCSChunkMessageReader(SessionWaiter, PipesBlobStoreMessageReader):
         self._log_prefix = log_prefix
         self._cond = threading.Condition()
         self._handler: PipesMessageHandler | None = None
-        self._invocation_id: str | None = None
         self._closed_params: Mapping[str, Any] | None = None
         self._failure: BaseException | None = None
 
@@ -89,12 +88,10 @@ class PipesGCSChunkMessageReader(SessionWaiter, PipesBlobStoreMessageReader):
             return None
 
     def _note_session_messages(self, messages: list[Mapping[str, Any]]) -> None:
+        """Dagster's handler keeps no ``closed`` params: note them for the step's outcome."""
         for message in messages:
-            params = message.get("params") or {}
-            if message.get("method") == "opened":
-                self._invocation_id = (params.get("extras") or {}).get("invocation_id")
-            elif message.get("method") == "closed":
-                self._closed_params = params
+            if message.get("method") == "closed":
+                self._closed_params = message.get("params") or {}
 
     def no_messages_debug_text(self) -> str:
         return (
@@ -118,7 +115,7 @@ class PipesGCSChunkMessageReader(SessionWaiter, PipesBlobStoreMessageReader):
 
     @property
     def invocation_id(self) -> str | None:
-        return self._invocation_id
+        return self.opened_extras.get("invocation_id")
 
     def _raise_if_broken(self) -> None:
         if self._failure is not None:

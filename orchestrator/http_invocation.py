@@ -14,6 +14,7 @@ one): the orchestrator's account needs ``roles/run.invoker`` on the function.
 from __future__ import annotations
 
 import base64
+import secrets
 import threading
 from collections.abc import Mapping
 
@@ -68,12 +69,14 @@ class HttpInvocation:
         self._status: int | None = None
         self._error: BaseException | None = None
 
-    def start(self, data: bytes, attributes: Mapping[str, str], message_id: str) -> None:
-        body = {"message": {"data": base64.b64encode(data).decode(), "attributes": dict(attributes), "messageId": message_id}}
-        self._thread = threading.Thread(target=self._post, args=(body,), name=f"pipes-http-{message_id}", daemon=True)
+    def start(self, data: bytes, attributes: Mapping[str, str], session_id: str) -> None:
+        body = {"message": {"data": base64.b64encode(data).decode(), "attributes": dict(attributes), "messageId": session_id}}
+        # the session id is a valid W3C trace id: the function's logs and Dagster's metadata name the same trace
+        headers = {"traceparent": f"00-{session_id}-{secrets.token_hex(8)}-00"}
+        self._thread = threading.Thread(target=self._post, args=(body, headers), name=f"pipes-http-{session_id}", daemon=True)
         self._thread.start()
 
-    def _post(self, body: dict) -> None:
+    def _post(self, body: dict, headers: dict[str, str]) -> None:
         send = retry(
             retry=retry_if_exception(_worth_retrying),
             wait=wait_random_exponential(multiplier=0.2, max=5.0),
@@ -81,15 +84,15 @@ class HttpInvocation:
             reraise=True,
         )(self._send)
         try:
-            self._status = send(body)
+            self._status = send(body, headers)
         except FunctionHttpError as exc:
             self._error = exc
         except Exception as exc:  # noqa: BLE001 - handed to the step through succeeded()
             self._error = FunctionHttpError(self._url, None, f"could not reach it ({exc!r}); check function_url")
 
-    def _send(self, body: dict) -> int:
+    def _send(self, body: dict, headers: dict[str, str]) -> int:
         try:
-            response = self._session.post(self._url, json=body, timeout=self._timeout)
+            response = self._session.post(self._url, json=body, timeout=self._timeout, headers=headers)
         except requests.Timeout as exc:
             raise FunctionHttpError(
                 self._url, None, f"no response within http_timeout={self._timeout:g}s: raise http_timeout to at least "

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
+from typing import Any
+
+from dagster_pipes import PipesOpenedData
 
 from orchestrator.errors import FunctionHeartbeatTimeout, FunctionStartupTimeout, FunctionTotalTimeout
 
@@ -19,6 +22,17 @@ class SessionWaiter:
     session_id: str
     _cond: threading.Condition
     _last_heard: tuple[float, float] | None = None  # (monotonic, wall clock)
+    opened_extras: Mapping[str, Any] = {}  # what the function's writer reported in `opened`
+
+    def on_opened(self, opened_payload: PipesOpenedData) -> None:
+        """Dagster's hook for the ``opened`` message: keep the writer's extras (invocation id, trace id)."""
+        self.opened_extras = dict(opened_payload.get("extras") or {})
+        super().on_opened(opened_payload)  # type: ignore[misc]
+
+    @property
+    def trace_id(self) -> str | None:
+        """The trace of the request that ran the session, when the platform passed one."""
+        return self.opened_extras.get("trace_id")
 
     @property
     def opened(self) -> bool:

@@ -4,12 +4,14 @@ invocation (no process-wide singleton left behind), exactly one run per trigger,
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 
 import pytest
 from dagster import DagsterEventType
 from dagster_pipes import PipesContext
 
+from function.logs import LOGGER_NAME, CloudLoggingFormatter, trace_id_from
 from orchestrator.local_stack import LocalStack
 from tests.functions.main import main as scenario_function
 from tests.integration.function_harness import FunctionHarness
@@ -135,3 +137,41 @@ def test_a_log_line_reaches_dagster_while_the_function_still_works(stack):
     assert outcome.result.success, outcome.failure_message
     step_end = outcome.step_events_at[DagsterEventType.STEP_SUCCESS]
     assert step_end - outcome.logged_at["scenario echo starts"] > 2.0, "the line arrived only as the function finished"
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}, "4bf92f3577b34da6a3ce929d0e0e4736"),
+        ({"X-Cloud-Trace-Context": "4BF92F3577B34DA6A3CE929D0E0E4736/1;o=1"}, "4bf92f3577b34da6a3ce929d0e0e4736"),
+        ({"traceparent": "garbage"}, None),
+        ({}, None),
+    ],
+)
+def test_trace_ids_are_read_from_w3c_and_google_headers(headers, expected):
+    assert trace_id_from(headers) == expected
+
+
+def test_the_sessions_log_lines_carry_the_requests_trace(stack):
+    lines: list[dict] = []
+
+    class Collect(logging.Handler):  # formats as the function's stdout handler does, at emit time
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(CloudLoggingFormatter().format(record)))
+
+    collect = Collect()
+    logging.getLogger(LOGGER_NAME).addHandler(collect)
+    h = FunctionHarness(stack.project, {"n": 1})
+    try:
+        event = h.cloud_event()
+        event["traceparent"] = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        assert scenario_function(event).ran
+        opened = h.read_until_closed()[0]
+    finally:
+        h.close()
+        logging.getLogger(LOGGER_NAME).removeHandler(collect)
+    assert opened["params"]["extras"]["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    starts = [line for line in lines if f"session {h.session_id}: invocation" in line["message"]]
+    assert starts and starts[0]["logging.googleapis.com/trace"] == (
+        f"projects/{stack.project}/traces/4bf92f3577b34da6a3ce929d0e0e4736"
+    )

@@ -41,6 +41,8 @@ def test_each_combination_round_trips_logs_materialization_and_custom_messages(s
     assert metadata["n"] == 3 and len(metadata["pipes_invocation_id"]) == 32
     if "invocation" in COMBINATIONS[name]:
         assert metadata["pipes_function_url"] == stack.function_urls[HTTP_TARGET]
+        # the POST carried a traceparent naming the session: the function ran under that trace and said so
+        assert metadata["pipes_trace_id"] == metadata["pipes_session_id"]
     else:
         assert metadata["pipes_trigger_message_id"]
     # chunks, context and lease are deleted with the session; no subscription is left
