@@ -104,7 +104,10 @@ detached_completions = pipes_completion_sensor(
 def pipes_pubsub_from_env() -> PipesPubSubClient:
     return PipesPubSubClient(
         project=os.environ.get("GOOGLE_CLOUD_PROJECT"),
-        trigger_topic=os.environ.get("PIPES_TRIGGER_TOPIC", "pipes-trigger"),
+        # PIPES_FUNCTION_NAME (projects/P/locations/L/functions/F) reads the trigger topic from the deployment
+        function_name=os.environ.get("PIPES_FUNCTION_NAME"),
+        trigger_topic=os.environ.get("PIPES_TRIGGER_TOPIC")
+        or (None if os.environ.get("PIPES_FUNCTION_NAME") else "pipes-trigger"),
         reply_topic=os.environ.get("PIPES_REPLY_TOPIC", "pipes-replies"),
         detached_reply_topic=os.environ.get("PIPES_DETACHED_REPLY_TOPIC", "pipes-detached-replies"),
         bucket=os.environ.get("PIPES_BUCKET", "pipes-payloads"),
