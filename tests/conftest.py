@@ -13,7 +13,9 @@ from collections.abc import Iterator
 import hypothesis  # noqa: F401
 import pytest
 
+from orchestrator.functions_api import clear_cache
 from orchestrator.local_stack import LocalFunction, LocalStack
+from tests.fakes.function_service import FakeFunctionService, running_fake
 
 EXAMPLE_TOPIC = "pipes-trigger"
 TEST_TOPIC = "test-trigger"
@@ -41,3 +43,12 @@ def stack() -> Iterator[LocalStack]:
     ) as running:
         with running.activated():
             yield running
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeFunctionService]:
+    """An in-process gRPC fake of the Cloud Functions v2 FunctionService, with an empty resolution cache."""
+    clear_cache()
+    with running_fake() as running:
+        yield running
+    clear_cache()

@@ -4,27 +4,16 @@ session itself runs on the local stack."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from google.cloud import functions_v2
 
 from orchestrator.client import PipesPubSubClient
-from orchestrator.functions_api import clear_cache
 from tests.conftest import TEST_TOPIC
-from tests.fakes.function_service import FakeFunctionService, running_fake
+from tests.fakes.function_service import FakeFunctionService
 from tests.integration.helpers import make_client, run_asset
 
 NAME = "projects/local-project/locations/europe-west1/functions/pipes-test"
-
-
-@pytest.fixture
-def functions_api() -> Iterator[FakeFunctionService]:
-    clear_cache()
-    with running_fake() as fake:
-        yield fake
-    clear_cache()
 
 
 def named_client(fake: FakeFunctionService, **overrides: Any) -> PipesPubSubClient:
@@ -49,39 +38,39 @@ def deploy(fake: FakeFunctionService, *, topic: str, state: str = "ACTIVE", time
     ))
 
 
-def test_the_session_runs_on_the_topic_read_from_the_deployment(stack, functions_api):
-    deploy(functions_api, topic=f"projects/{stack.project}/topics/{TEST_TOPIC}")
+def test_the_session_runs_on_the_topic_read_from_the_deployment(stack, fake):
+    deploy(fake, topic=f"projects/{stack.project}/topics/{TEST_TOPIC}")
 
-    first = run_asset(named_client(functions_api), payload={"n": 4})
-    second = run_asset(named_client(functions_api), payload={"n": 5})
+    first = run_asset(named_client(fake), payload={"n": 4})
+    second = run_asset(named_client(fake), payload={"n": 5})
 
     assert first.result.success, first.failure_message
     assert second.result.success, second.failure_message
     assert (first.metadata["n"], second.metadata["n"]) == (4, 5)
-    assert functions_api.calls == 1  # resolved once per process
+    assert fake.calls == 1  # resolved once per process
 
 
-def test_a_function_that_is_not_active_fails_the_step_before_anything_is_published(stack, functions_api):
-    deploy(functions_api, topic=f"projects/{stack.project}/topics/{TEST_TOPIC}", state="DEPLOYING")
+def test_a_function_that_is_not_active_fails_the_step_before_anything_is_published(stack, fake):
+    deploy(fake, topic=f"projects/{stack.project}/topics/{TEST_TOPIC}", state="DEPLOYING")
 
-    outcome = run_asset(named_client(functions_api), payload={})
+    outcome = run_asset(named_client(fake), payload={})
 
     assert not outcome.result.success
     assert "is in state DEPLOYING" in outcome.failure_message
     assert not any("trigger sent" in line for line in outcome.log_messages)
 
 
-def test_a_trigger_topic_that_contradicts_the_deployment_is_refused(stack, functions_api):
-    deploy(functions_api, topic=f"projects/{stack.project}/topics/{TEST_TOPIC}")
+def test_a_trigger_topic_that_contradicts_the_deployment_is_refused(stack, fake):
+    deploy(fake, topic=f"projects/{stack.project}/topics/{TEST_TOPIC}")
 
-    outcome = run_asset(named_client(functions_api, trigger_topic="another-topic"), payload={})
+    outcome = run_asset(named_client(fake, trigger_topic="another-topic"), payload={})
 
     assert not outcome.result.success
     assert "is not the topic" in outcome.failure_message and TEST_TOPIC in outcome.failure_message
 
 
-def test_function_name_with_http_invocation_is_refused(stack, functions_api):
-    outcome = run_asset(named_client(functions_api, invocation="http", function_url="https://f.run.app"), payload={})
+def test_function_name_with_http_invocation_is_refused(stack, fake):
+    outcome = run_asset(named_client(fake, invocation="http", function_url="https://f.run.app"), payload={})
 
     assert not outcome.result.success
     assert "with invocation='http' set function_url instead" in outcome.failure_message

@@ -10,8 +10,8 @@ from google.api_core import exceptions as gexc
 from google.cloud import functions_v2
 
 from orchestrator.errors import PipesPubSubConfigError
-from orchestrator.functions_api import DeployedFunction, clear_cache, derived_timeouts, resolve_function
-from tests.fakes.function_service import FakeFunctionService, running_fake
+from orchestrator.functions_api import DeployedFunction, derived_timeouts, resolve_function
+from tests.fakes.function_service import FakeFunctionService
 
 NAME = "projects/demo/locations/europe-west1/functions/pipes-worker"
 TOPIC = "projects/demo/topics/pipes-trigger"
@@ -34,14 +34,6 @@ def deployed(
             event_type="google.cloud.pubsub.topic.v1.messagePublished", pubsub_topic=topic
         )
     return function
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeFunctionService]:
-    clear_cache()
-    with running_fake() as running:
-        yield running
-    clear_cache()
 
 
 @pytest.fixture
