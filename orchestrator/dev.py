@@ -46,15 +46,35 @@ def _wait_for_ui(url: str, process: subprocess.Popen, timeout: float = 180.0) ->
     raise SystemExit(f"the Dagster UI did not come up at {url} within {timeout:g}s")
 
 
+def _stop(process: subprocess.Popen) -> None:
+    """Stop `dagster dev` and everything it started (its own process group): SIGTERM, then SIGKILL."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=3000)
     args = parser.parse_args()
+    # Ctrl-C, and a plain `kill` too (a shell starts background jobs with SIGINT ignored)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     print("starting the local stack (Pub/Sub emulator, fake-gcs-server, Functions Framework) ...", flush=True)
     with example_stack() as stack:
         command = [sys.executable, "-m", "dagster", "dev", "-m", "orchestrator.definitions",
                    "-h", "127.0.0.1", "-p", str(args.port)]
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **stack.environment})
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env={**os.environ, **stack.environment}, start_new_session=True
+        )
         try:
             url = f"http://127.0.0.1:{args.port}"
             _wait_for_ui(url, process)
@@ -63,13 +83,8 @@ def main() -> int:
         except KeyboardInterrupt:
             return 0
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-            print("dagster dev stopped; stopping the local stack ...", flush=True)
+            print("stopping dagster dev, then the local stack ...", flush=True)
+            _stop(process)
 
 
 if __name__ == "__main__":
