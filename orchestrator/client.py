@@ -130,6 +130,7 @@ class _Resolved:
     http: requests.Session | None
     trigger_topic: str  # projects/P/topics/T, or "" when invoked over HTTP
     function_timeout: float
+    heartbeat_timeout: float
     total_timeout: float | None
 
 
@@ -333,8 +334,8 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
     ) -> FanOutResult:
         """Fan out: one function session per payload (a shard), at most ``max_concurrency`` at once.
 
-        Every shard is a full session with the guarantees of ``run()`` (its own subscription, dedupe, order,
-        fencing, timeouts). A failed shard is retried ``shard_retries`` times, each time as a new session.
+        Every shard is a full session with the guarantees of ``run()`` (dedupe, order, fencing, timeouts);
+        on the Pub/Sub channel the shards share one reply subscription. A failed shard is retried ``shard_retries`` times, each time as a new session.
         Each shard's log lines reach the step prefixed ``[shard i]``. Waits for all shards; raises
         ``FanOutError`` listing every failed shard (with its remote traceback) once all have ended.
         """
@@ -397,6 +398,11 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             http=http,
             trigger_topic=trigger_topic,
             function_timeout=self.function_timeout or derived.get("function_timeout", DEFAULT_FUNCTION_TIMEOUT),
+            # a silence longer than the function's whole timeout cannot be a live function; never under 2 intervals
+            heartbeat_timeout=max(
+                min(self.heartbeat_timeout, derived.get("heartbeat_timeout", self.heartbeat_timeout)),
+                2 * self.heartbeat_interval,
+            ),
             total_timeout=self.total_timeout if self.total_timeout is not None else derived.get("total_timeout"),
         )
         topics = {"trigger_topic": trigger_topic} if trigger_topic else {}
@@ -458,7 +464,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                         sent_to=sent.sent_to,
                         startup_hint=self._startup_hint(sent.sent_to),
                         startup_timeout=self.startup_timeout,
-                        heartbeat_timeout=self.heartbeat_timeout,
+                        heartbeat_timeout=resolved.heartbeat_timeout,
                         total_timeout=self._total_timeout(resolved),
                         stop=lambda: self._stop_waiting(session_id, sent, interrupted),
                     )
