@@ -181,9 +181,9 @@ def main() -> None:
     for earlier in (EARLIER_DEFAULT, EARLIER_1S):
         print(f"| {earlier}: first log / ours, step / ours | {first_median[earlier] / first_median[OURS]:.1f}×, {step_median[earlier] / step_median[OURS]:.1f}× |")
 
-    print("\n| fan-out shards | wall s | × one shard | peak threads |\n|---:|---:|---:|---:|")
-    for n, (seconds, threads) in fan.items():
-        print(f"| {n} | {seconds:.2f} | {seconds / fan[1][0]:.2f} | {threads} |")
+    print("\n| fan-out shards | wall s | × one shard | peak threads | peak RSS MB |\n|---:|---:|---:|---:|---:|")
+    for n, (seconds, threads, rss_mb) in fan.items():
+        print(f"| {n} | {seconds:.2f} | {seconds / fan[1][0]:.2f} | {threads} | {rss_mb:.0f} |")
     print(f"\nbench took {time.monotonic() - started:.0f}s")
 
 

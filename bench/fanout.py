@@ -7,7 +7,7 @@ Prints one table: shards, concurrency, wall time, ratio to one shard, orchestrat
 
 
 import argparse
-import resource
+import os
 import threading
 import time
 import warnings
@@ -20,8 +20,16 @@ from orchestrator.local_stack import LocalFunction, LocalStack
 TOPIC = "bench-trigger"
 
 
-def fan_out_seconds(client: PipesPubSubClient, shards: int, concurrency: int) -> tuple[float, int]:
+def current_rss_mb() -> float:
+    """This process's resident set size now (Linux), unlike ru_maxrss, which keeps the peak of earlier runs."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def fan_out_seconds(client: PipesPubSubClient, shards: int, concurrency: int) -> tuple[float, int, float]:
+    """Wall time, peak thread count and peak RSS (MB) of one fan-out step of ``shards`` trivial shards."""
     peak_threads = 0
+    peak_rss_mb = 0.0
 
     @asset(name=f"bench_fan_out_{shards}")
     def bench_fan_out(context: AssetExecutionContext, pipes_pubsub: PipesPubSubClient):
@@ -32,9 +40,10 @@ def fan_out_seconds(client: PipesPubSubClient, shards: int, concurrency: int) ->
     stop = threading.Event()
 
     def watch_threads() -> None:
-        nonlocal peak_threads
+        nonlocal peak_threads, peak_rss_mb
         while not stop.wait(0.05):
             peak_threads = max(peak_threads, threading.active_count())
+            peak_rss_mb = max(peak_rss_mb, current_rss_mb())
 
     watcher = threading.Thread(target=watch_threads, daemon=True)
     watcher.start()
@@ -44,7 +53,7 @@ def fan_out_seconds(client: PipesPubSubClient, shards: int, concurrency: int) ->
         elapsed = time.monotonic() - started
     stop.set()
     assert result.success
-    return elapsed, peak_threads
+    return elapsed, peak_threads, peak_rss_mb
 
 
 def main() -> None:
@@ -59,8 +68,7 @@ def main() -> None:
         fan_out_seconds(client, 1, 1)  # warm up imports and the function instance
         rows = []
         for shards in args.shards:
-            seconds, threads = fan_out_seconds(client, shards, min(args.concurrency, shards))
-            rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            seconds, threads, rss_mb = fan_out_seconds(client, shards, min(args.concurrency, shards))
             rows.append((shards, min(args.concurrency, shards), seconds, threads, rss_mb))
     base = rows[0][2] if rows and rows[0][0] == 1 else None
     print(f"\n| shards | concurrency | wall s | × one shard | peak threads | peak RSS MB |\n|---:|---:|---:|---:|---:|---:|")
