@@ -3,8 +3,9 @@
 Messages are buffered and published as numbered batches (one Pub/Sub message per batch) by a background
 flusher: a batch leaves when it reaches ``max_batch_messages`` or ``max_batch_bytes``, or ``flush_interval``
 after its first message (0 by default: at once, so a batch is whatever was written while the previous
-publish was in flight: one message when the function is quiet, up to the limits when it is chatty); while nothing is written a heartbeat goes out every ``heartbeat_interval`` so the
-orchestrator can tell a quiet function from a dead one. ``closed`` is always the last batch, and closing
+publish was in flight: one message when the function is quiet, up to the limits when it is chatty). While
+nothing is written a heartbeat goes out every ``heartbeat_interval`` so the orchestrator can tell a quiet
+function from a dead one. ``closed`` is always the last batch, and closing
 blocks until every batch is acknowledged by Pub/Sub, so the function never returns with messages in flight.
 """
 

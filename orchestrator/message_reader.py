@@ -1,10 +1,10 @@
 """The Pipes message reader: one session's replies, read from Pub/Sub (``reply_subscription.py`` says
 through which subscription: the session's own, or its fan-out group's).
 
-Messages arrive by streaming pull; each is decoded (claim-check objects fetched from GCS), checked for the session id (the
-Pub/Sub emulator stores filters but does not apply them, so this check is what isolates sessions there),
-reassembled into order and handed to Dagster's handler, then acked. Anything malformed is logged with its
-message id and acked: it never reaches Dagster and never stops the reader.
+Messages arrive by streaming pull; each is decoded (claim-check objects fetched from GCS), checked for the
+session id (the Pub/Sub emulator stores filters but does not apply them, so this check is what isolates
+sessions there), reassembled into order and handed to Dagster's handler, then acked. Anything malformed is
+logged with its message id and acked: it never reaches Dagster and never stops the reader.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import logging
 import sys
 import threading
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 from dagster import PipesMessageHandler, PipesMessageReader
 from dagster_pipes import PipesParams
@@ -80,7 +80,7 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
     @contextmanager
     def read_messages(self, handler: PipesMessageHandler) -> Iterator[PipesParams]:
         self._handler = handler
-        source: ContextManager[ReplySubscription]
+        source: AbstractContextManager[ReplySubscription]
         if self._demux is not None:
             source = self._demux.route(self.session_id, self._on_message)
         else:
