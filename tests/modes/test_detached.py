@@ -113,6 +113,8 @@ def test_failed_detached_session_records_nothing_and_logs_the_traceback(
         result = first_recording_tick(sensor, client, instance)
         assert result.asset_events == []
         assert session_id in result.cursor
+        tick(sensor, client, instance, result.cursor)  # the ack phase: a failed session is cleaned up too
+        assert session_objects(client, session_id) == []
     logged = capfd.readouterr().err
     assert f"detached session {session_id} failed; nothing recorded" in logged
     assert "boom from the function" in logged and "ValueError: invalid literal" in logged
