@@ -129,6 +129,8 @@ class _Resolved:
     gcs: storage.Client
     http: requests.Session | None
     trigger_topic: str  # projects/P/topics/T, or "" when invoked over HTTP
+    reply_channel: str  # pubsub, or gcs; a detached session always replies over Pub/Sub
+    reply_topic: str  # projects/P/topics/T the sessions reply to, or "" on the GCS channel
     function_timeout: float
     heartbeat_timeout: float
     total_timeout: float | None
@@ -335,8 +337,8 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         """Fan out: one function session per payload (a shard), at most ``max_concurrency`` at once.
 
         Every shard is a full session with the guarantees of ``run()`` (dedupe, order, fencing, timeouts);
-        on the Pub/Sub channel the shards share one reply subscription. A failed shard is retried ``shard_retries`` times, each time as a new session.
-        Each shard's log lines reach the step prefixed ``[shard i]``. Waits for all shards; raises
+        on the Pub/Sub channel the shards share one reply subscription. A failed shard is retried
+        ``shard_retries`` times, each time as a new session. Each shard's log lines reach the step prefixed ``[shard i]``. Waits for all shards; raises
         ``FanOutError`` listing every failed shard (with its remote traceback) once all have ended.
         """
         payloads = [dict(p) if isinstance(p, Mapping) else p for p in payloads]  # type: ignore[misc]
@@ -367,12 +369,11 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
     @contextmanager
     def _fan_out_replies(self, resolved: _Resolved, log: Any) -> Iterator[ReplyDemux | None]:
         """On the Pub/Sub channel, one subscription and stream for all of a fan-out's shards."""
-        if self.reply_channel != REPLY_CHANNEL_PUBSUB:
+        if resolved.reply_channel != REPLY_CHANNEL_PUBSUB:
             yield None
             return
-        topic = topic_path(resolved.project, self.reply_topic or "")
         with pubsub_v1.SubscriberClient() as subscriber:
-            with ReplyDemux(subscriber, topic=topic, group=secrets.token_hex(8), log=log) as demux:
+            with ReplyDemux(subscriber, topic=resolved.reply_topic, group=secrets.token_hex(8), log=log) as demux:
                 log.info(f"[pipes] fan-out: every shard's replies arrive through {demux.subscription_path}")
                 yield demux
 
@@ -389,6 +390,9 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                         f"({deployed.trigger_topic}): remove trigger_topic (function_name supplies it) or fix it"
                     )
                 trigger_topic = deployed.trigger_topic
+        reply_channel = REPLY_CHANNEL_PUBSUB if detached else self.reply_channel
+        reply_setting = "detached_reply_topic" if detached else "reply_topic"
+        reply_topic = topic_path(project, getattr(self, reply_setting) or "") if reply_channel == REPLY_CHANNEL_PUBSUB else ""
         derived = derived_timeouts(deployed) if deployed is not None else {}
         http = http_session(self.function_url, self.http_auth) if self.invocation == "http" and self.function_url else None
         resolved = _Resolved(
@@ -397,6 +401,8 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             gcs=storage.Client(project=project),
             http=http,
             trigger_topic=trigger_topic,
+            reply_channel=reply_channel,
+            reply_topic=reply_topic,
             function_timeout=self.function_timeout or derived.get("function_timeout", DEFAULT_FUNCTION_TIMEOUT),
             # a silence longer than the function's whole timeout cannot be a live function; never under 2 intervals
             heartbeat_timeout=max(
@@ -405,12 +411,8 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             ),
             total_timeout=self.total_timeout if self.total_timeout is not None else derived.get("total_timeout"),
         )
-        topics = {"trigger_topic": trigger_topic} if trigger_topic else {}
-        if detached:
-            topics["detached_reply_topic"] = topic_path(project, self.detached_reply_topic or "")
-        elif self.reply_channel == REPLY_CHANNEL_PUBSUB:
-            topics["reply_topic"] = topic_path(project, self.reply_topic or "")
-        self._check_resources(resolved, topics)
+        topics = {"trigger_topic": trigger_topic, reply_setting: reply_topic}
+        self._check_resources(resolved, {setting: path for setting, path in topics.items() if path})
         return resolved
 
     def _functions_client(self) -> functions_v2.FunctionServiceClient:
@@ -432,7 +434,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         blob_store = GCSBlobStore(resolved.gcs, self.bucket)
         claim_check = ClaimCheck(blob_store, self.inline_threshold_bytes)
         channel_params = self._session_params(resolved, session_id)
-        pubsub_replies = self.reply_channel == REPLY_CHANNEL_PUBSUB
+        pubsub_replies = resolved.reply_channel == REPLY_CHANNEL_PUBSUB
         subscriber = pubsub_v1.SubscriberClient() if pubsub_replies and demux is None else None
         reader: PipesPubSubMessageReader | PipesGCSChunkMessageReader
         if pubsub_replies:
@@ -498,7 +500,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
 
     def _total_timeout(self, resolved: _Resolved) -> float | None:
         """The configured (or derived) cap; on the GCS channel (no heartbeats) at most what the function may take."""
-        if self.reply_channel != REPLY_CHANNEL_GCS:
+        if resolved.reply_channel != REPLY_CHANNEL_GCS:
             return resolved.total_timeout
         bound = self.startup_timeout + resolved.function_timeout + 2 * self.chunk_interval
         return bound if resolved.total_timeout is None else min(bound, resolved.total_timeout)
@@ -559,7 +561,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             bootstrap = {
                 DAGSTER_PIPES_CONTEXT_ENV_VAR: encode_env_var(context_params),
                 DAGSTER_PIPES_MESSAGES_ENV_VAR: encode_env_var(
-                    self._session_params(resolved, session_id, self.detached_reply_topic).to_params()
+                    self._session_params(resolved, session_id).to_params()
                 ),
             }
         claim_check = ClaimCheck(blob_store, self.inline_threshold_bytes)
@@ -592,17 +594,13 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         message_id = publish(resolved.publisher, resolved.trigger_topic, data, attributes)
         return _SentTrigger(resolved.trigger_topic, {"pipes_trigger_message_id": message_id})
 
-    def _session_params(
-        self, resolved: _Resolved, session_id: str, detached_reply_topic: str | None = None
-    ) -> ReplyChannelParams:
-        """A detached session always replies over Pub/Sub, to ``detached_reply_topic``."""
-        reply_topic = detached_reply_topic or self.reply_topic
+    def _session_params(self, resolved: _Resolved, session_id: str) -> ReplyChannelParams:
         return ReplyChannelParams(
-            topic=topic_path(resolved.project, reply_topic) if reply_topic else "",
+            topic=resolved.reply_topic,
             session_id=session_id,
             bucket=self.bucket,
             prefix=self.prefix,
-            channel=REPLY_CHANNEL_PUBSUB if detached_reply_topic else self.reply_channel,
+            channel=resolved.reply_channel,
             key_prefix=chunks_prefix(self.prefix, session_id),
             chunk_interval=self.chunk_interval,
             inline_threshold=self.inline_threshold_bytes,
