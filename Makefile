@@ -6,24 +6,27 @@ PY     := $(VENV)/bin/python
 
 .PHONY: install demo dev test bench clean
 
-$(VENV)/.installed: pyproject.toml
+# the library with every side and the test tooling, plus the example function's own requirements (polars)
+EXAMPLE_REQUIREMENTS := examples/sales/function/requirements.txt
+
+$(VENV)/.installed: pyproject.toml $(EXAMPLE_REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check --upgrade pip
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]' -r $(EXAMPLE_REQUIREMENTS)
 	touch $@
 
 install: $(VENV)/.installed
 
 # dagster dev needs dagster-webserver, which pins dagster to its own release: pip picks a matching pair
 $(VENV)/.installed-ui: $(VENV)/.installed
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev,ui]'
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev,ui]' -r $(EXAMPLE_REQUIREMENTS)
 	touch $@
 
 demo: install
-	$(PY) -m orchestrator.demo
+	$(PY) -m examples.sales.demo
 
 dev: $(VENV)/.installed-ui
-	$(PY) -m orchestrator.dev
+	$(PY) -m examples.sales.dev
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -33,8 +33,10 @@ from dagster import (
 from google.cloud import pubsub_v1
 
 from bench.fanout import fan_out_seconds
-from orchestrator.client import PipesPubSubClient
-from orchestrator.local_stack import REPO_ROOT, LocalFunction, LocalStack
+from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
+from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 TOPIC = "bench-trigger"
 RAW_TOPIC = "bench-raw"

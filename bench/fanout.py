@@ -14,8 +14,8 @@ import warnings
 
 from dagster import AssetExecutionContext, DagsterInstance, PreviewWarning, asset, materialize
 
-from orchestrator.client import PipesPubSubClient
-from orchestrator.local_stack import LocalFunction, LocalStack
+from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
+from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
 
 TOPIC = "bench-trigger"
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 from google.cloud import storage
 
-from shared.retry import TRANSIENT_ERRORS
+from dagster_gcf_pipes.shared.retry import TRANSIENT_ERRORS
 
 _log = logging.getLogger("dagster_pipes_gcp.function")
 

@@ -10,7 +10,7 @@ import os
 
 from google.cloud import pubsub_v1, storage
 
-from shared.claim_check import GCSBlobStore
+from dagster_gcf_pipes.shared.claim_check import GCSBlobStore
 
 
 @functools.lru_cache(maxsize=1)

@@ -22,8 +22,8 @@ from typing import Any
 
 import functions_framework
 
-from function.logs import configure_function_logging, trace_id_from
-from function.session import Handler, SessionOutcome, run_session
+from dagster_gcf_pipes.function.logs import configure_function_logging, trace_id_from
+from dagster_gcf_pipes.function.session import Handler, SessionOutcome, run_session
 
 _log = logging.getLogger("dagster_pipes_gcp.function")
 

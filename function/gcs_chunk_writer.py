@@ -8,7 +8,7 @@ from typing import Any
 from dagster_pipes import PipesGCSMessageWriter
 from google.cloud import storage
 
-from function.message_writer import opened_extras
+from dagster_gcf_pipes.function.message_writer import opened_extras
 
 
 class GCSChunkMessageWriter(PipesGCSMessageWriter):

@@ -17,7 +17,7 @@ import time
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
-from shared.retry import transient_retry
+from dagster_gcf_pipes.shared.retry import transient_retry
 
 _log = logging.getLogger("dagster_pipes_gcp.function")
 

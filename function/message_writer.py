@@ -23,11 +23,11 @@ from typing import Any
 from dagster_pipes import PipesMessage, PipesMessageWriter, PipesMessageWriterChannel, PipesParams
 from google.cloud import pubsub_v1
 
-from shared.claim_check import ClaimCheck, GCSBlobStore
-from shared.layout import reply_key
-from shared.protocol import Reply, ReplyChannelParams
-from shared.pubsub import publish
-from shared.signing import sign
+from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore
+from dagster_gcf_pipes.shared.layout import reply_key
+from dagster_gcf_pipes.shared.protocol import Reply, ReplyChannelParams
+from dagster_gcf_pipes.shared.pubsub import publish
+from dagster_gcf_pipes.shared.signing import sign
 
 _log = logging.getLogger("dagster_pipes_gcp.function")
 

@@ -19,18 +19,18 @@ from typing import Any
 
 from dagster_pipes import PipesMappingParamsLoader, PipesMessageWriter
 
-from function import clients
-from function.cancellation import watch_for_cancellation
-from function.context import CloudFunctionPipesContext
-from function.context_loader import PipesInlineOrGCSContextLoader
-from function.gcs_chunk_writer import GCSChunkMessageWriter
-from function.lease import claim_lease
-from function.logs import current_trace
-from function.message_writer import PubSubMessageWriter
-from shared.claim_check import ClaimCheck
-from shared.layout import cancel_key, lease_key
-from shared.protocol import REPLY_CHANNEL_GCS, ProtocolError, ReplyChannelParams, Trigger
-from shared.signing import SECRET_ENV_VAR
+from dagster_gcf_pipes.function import clients
+from dagster_gcf_pipes.function.cancellation import watch_for_cancellation
+from dagster_gcf_pipes.function.context import CloudFunctionPipesContext
+from dagster_gcf_pipes.function.context_loader import PipesInlineOrGCSContextLoader
+from dagster_gcf_pipes.function.gcs_chunk_writer import GCSChunkMessageWriter
+from dagster_gcf_pipes.function.lease import claim_lease
+from dagster_gcf_pipes.function.logs import current_trace
+from dagster_gcf_pipes.function.message_writer import PubSubMessageWriter
+from dagster_gcf_pipes.shared.claim_check import ClaimCheck
+from dagster_gcf_pipes.shared.layout import cancel_key, lease_key
+from dagster_gcf_pipes.shared.protocol import REPLY_CHANNEL_GCS, ProtocolError, ReplyChannelParams, Trigger
+from dagster_gcf_pipes.shared.signing import SECRET_ENV_VAR
 
 Handler = Callable[[CloudFunctionPipesContext, dict[str, Any]], Any]
 

@@ -1,6 +1,7 @@
 """The pull worker: the same trigger messages and the same decorated handler, without a time limit.
 
-    python -m function.worker --subscription pipes-trigger-worker --target function.main:main
+    gcf-pipes worker --subscription pipes-trigger-worker --target main:main
+    python -m dagster_gcf_pipes.function.worker --subscription pipes-trigger-worker --target main:main
 
 Event-driven Cloud Functions stop at their timeout (9 minutes at most) and a push subscription redelivers
 a message whose request outlives its ack deadline. This worker pulls the trigger topic's messages instead
@@ -36,8 +37,8 @@ from typing import Any
 from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 
-from function.logs import LOGGER_NAME, configure_function_logging
-from function.session import Handler, run_session
+from dagster_gcf_pipes.function.logs import LOGGER_NAME, configure_function_logging
+from dagster_gcf_pipes.function.session import Handler, run_session
 
 _log = logging.getLogger(f"{LOGGER_NAME}.worker")
 
@@ -46,7 +47,7 @@ def load_handler(target: str) -> Handler:
     """``module:attr`` naming a business handler ``(pipes, payload)`` or a ``@pipes_function`` entry point."""
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
-        raise SystemExit(f"--target {target!r} must be module:attribute, e.g. function.main:main")
+        raise SystemExit(f"--target {target!r} must be module:attribute, e.g. main:main")
     sys.path.insert(0, os.getcwd())
     found = getattr(importlib.import_module(module_name), attr, None)
     if found is None:
@@ -126,8 +127,8 @@ class Worker:
         return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m function.worker", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m dagster_gcf_pipes.function.worker") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--subscription", required=True, help="pull subscription on the trigger topic (name or full path)")
     parser.add_argument("--target", required=True, help="module:attribute of the handler or @pipes_function entry point")
     parser.add_argument("--max-messages", type=int, default=1, help="sessions run at once (flow control); default 1")

@@ -1,19 +1,41 @@
-"""The Dagster side: the Pipes client resource, its context injector and message reader, the local stack."""
+"""The Dagster side: the Pipes client resource, its context injector and message reader, the sensors.
 
-from orchestrator.client import PipesPubSubClient
-from orchestrator.errors import (
+The public API is this module's ``__all__``; the submodules are internal and may change between releases."""
+
+from dagster_gcf_pipes.orchestrator.client import DetachedSession, PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.context_injectors import PipesPubSubContextInjector
+from dagster_gcf_pipes.orchestrator.detached import pipes_completion_sensor
+from dagster_gcf_pipes.orchestrator.errors import (
     CloudFunctionError,
     FunctionHeartbeatTimeout,
+    FunctionHttpError,
     FunctionStartupTimeout,
     FunctionTotalTimeout,
     PipesPubSubConfigError,
+    PipesPubSubError,
 )
+from dagster_gcf_pipes.orchestrator.fanout import FanOutError, FanOutResult, ShardOutcome
+from dagster_gcf_pipes.orchestrator.message_reader import PipesPubSubMessageReader
+from dagster_gcf_pipes.orchestrator.sensors import GcsObjectEvent, PubSubEvent, gcs_object_event, pubsub_sensor
 
 __all__ = [
     "CloudFunctionError",
+    "DetachedSession",
+    "FanOutError",
+    "FanOutResult",
     "FunctionHeartbeatTimeout",
+    "FunctionHttpError",
     "FunctionStartupTimeout",
     "FunctionTotalTimeout",
+    "GcsObjectEvent",
     "PipesPubSubClient",
     "PipesPubSubConfigError",
+    "PipesPubSubContextInjector",
+    "PipesPubSubError",
+    "PipesPubSubMessageReader",
+    "PubSubEvent",
+    "ShardOutcome",
+    "gcs_object_event",
+    "pipes_completion_sensor",
+    "pubsub_sensor",
 ]

@@ -35,23 +35,23 @@ from google.api_core import exceptions as gexc
 from google.cloud import functions_v2, pubsub_v1, storage
 from pydantic import Field
 
-from orchestrator.context_injectors import PipesPubSubContextInjector
-from orchestrator.errors import (
+from dagster_gcf_pipes.orchestrator.context_injectors import PipesPubSubContextInjector
+from dagster_gcf_pipes.orchestrator.errors import (
     CloudFunctionError,
     GCPUnreachableError,
     PipesPubSubConfigError,
     PipesPubSubError,
     RunInterrupted,
 )
-from orchestrator.fanout import FanOutResult, run_fan_out
-from orchestrator.functions_api import derived_timeouts, resolve_function
-from orchestrator.gcs_chunk_reader import PipesGCSChunkMessageReader
-from orchestrator.http_invocation import HttpInvocation, http_session
-from orchestrator.message_reader import PipesPubSubMessageReader
-from orchestrator.reply_subscription import ReplyDemux
-from shared.claim_check import ClaimCheck, GCSBlobStore, validate_threshold
-from shared.layout import cancel_key, chunks_prefix, context_key, session_prefix, trigger_key
-from shared.protocol import (
+from dagster_gcf_pipes.orchestrator.fanout import FanOutResult, run_fan_out
+from dagster_gcf_pipes.orchestrator.functions_api import derived_timeouts, resolve_function
+from dagster_gcf_pipes.orchestrator.gcs_chunk_reader import PipesGCSChunkMessageReader
+from dagster_gcf_pipes.orchestrator.http_invocation import HttpInvocation, http_session
+from dagster_gcf_pipes.orchestrator.message_reader import PipesPubSubMessageReader
+from dagster_gcf_pipes.orchestrator.reply_subscription import ReplyDemux
+from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore, validate_threshold
+from dagster_gcf_pipes.shared.layout import cancel_key, chunks_prefix, context_key, session_prefix, trigger_key
+from dagster_gcf_pipes.shared.protocol import (
     DEFAULT_INLINE_THRESHOLD,
     REPLY_CHANNEL_GCS,
     REPLY_CHANNEL_PUBSUB,
@@ -61,9 +61,8 @@ from shared.protocol import (
     dumps,
     new_session_id,
 )
-from shared.pubsub import publish
-from shared.retry import TRANSIENT_ERRORS, transient_retry
-
+from dagster_gcf_pipes.shared.pubsub import publish
+from dagster_gcf_pipes.shared.retry import TRANSIENT_ERRORS, transient_retry
 
 #: the lease outlives the function's timeout by this much, so it never expires under a running attempt
 LEASE_MARGIN_SECONDS = 60.0

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from dagster import PipesContextInjector
 from dagster_pipes import PipesContextData, PipesParams
 
-from shared.claim_check import GCSBlobStore
-from shared.protocol import dumps
+from dagster_gcf_pipes.shared.claim_check import GCSBlobStore
+from dagster_gcf_pipes.shared.protocol import dumps
 
 
 class PipesPubSubContextInjector(PipesContextInjector):

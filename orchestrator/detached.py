@@ -38,14 +38,14 @@ from dagster import (
 from dagster._core.definitions.metadata.external_metadata import metadata_map_from_external
 from google.cloud import pubsub_v1, storage
 
-from orchestrator.client import PipesPubSubClient, resolve_project
-from orchestrator.errors import format_remote_traceback
-from orchestrator.message_reader import decode_reply
-from orchestrator.pull import ack, nack, pull, subscription_path
-from orchestrator.reassembly import ReassemblyError, SessionReassembler
-from shared.claim_check import ClaimCheck, GCSBlobStore
-from shared.layout import session_prefix
-from shared.protocol import ProtocolError, Reply
+from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient, resolve_project
+from dagster_gcf_pipes.orchestrator.errors import format_remote_traceback
+from dagster_gcf_pipes.orchestrator.message_reader import decode_reply
+from dagster_gcf_pipes.orchestrator.pull import ack, nack, pull, subscription_path
+from dagster_gcf_pipes.orchestrator.reassembly import ReassemblyError, SessionReassembler
+from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore
+from dagster_gcf_pipes.shared.layout import session_prefix
+from dagster_gcf_pipes.shared.protocol import ProtocolError, Reply
 
 #: How many recorded session ids the cursor remembers: far more than can be waiting for their ack phase.
 CURSOR_SESSIONS = 1000

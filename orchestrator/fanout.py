@@ -17,7 +17,7 @@ from typing import Any
 
 from dagster import DagsterExecutionInterruptedError, MaterializeResult, MetadataValue, PipesClientCompletedInvocation
 
-from orchestrator.errors import PipesPubSubConfigError, PipesPubSubError, RunInterrupted
+from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError, PipesPubSubError, RunInterrupted
 
 RunShard = Callable[[int, Mapping[str, Any]], PipesClientCompletedInvocation]
 

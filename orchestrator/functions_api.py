@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from google.api_core import exceptions as gexc
 from google.cloud import functions_v2
 
-from orchestrator.errors import PipesPubSubConfigError
-from shared.retry import transient_retry
+from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError
+from dagster_gcf_pipes.shared.retry import transient_retry
 
 DEFAULT_FUNCTION_TIMEOUT = 60.0  # Cloud Functions' own default when service_config.timeout_seconds is unset
 DEFAULT_HEARTBEAT_TIMEOUT = 60.0

@@ -20,13 +20,13 @@ from dagster import PipesMessageHandler, PipesMessageReader
 from dagster_pipes import PipesParams
 from google.cloud import pubsub_v1
 
-from orchestrator.errors import ReplyStreamError
-from orchestrator.reassembly import ReassemblyError, SessionReassembler
-from orchestrator.reply_subscription import ReplyDemux, ReplySubscription
-from orchestrator.session_wait import SessionWaiter
-from shared.claim_check import ClaimCheck
-from shared.protocol import Attr, ProtocolError, Reply, ReplyChannelParams, subscription_filter
-from shared.signing import is_authentic
+from dagster_gcf_pipes.orchestrator.errors import ReplyStreamError
+from dagster_gcf_pipes.orchestrator.reassembly import ReassemblyError, SessionReassembler
+from dagster_gcf_pipes.orchestrator.reply_subscription import ReplyDemux, ReplySubscription
+from dagster_gcf_pipes.orchestrator.session_wait import SessionWaiter
+from dagster_gcf_pipes.shared.claim_check import ClaimCheck
+from dagster_gcf_pipes.shared.protocol import Attr, ProtocolError, Reply, ReplyChannelParams, subscription_filter
+from dagster_gcf_pipes.shared.signing import is_authentic
 
 
 def decode_reply(data: bytes, attributes: Mapping[str, str], claim_check: ClaimCheck, signing_secret: str | None) -> Reply:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.protocol import Reply
+from dagster_gcf_pipes.shared.protocol import Reply
 
 PipesMessage = Mapping[str, Any]
 

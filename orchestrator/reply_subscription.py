@@ -20,9 +20,9 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
-from orchestrator.errors import PipesPubSubConfigError
-from shared.protocol import Attr
-from shared.retry import transient_retry
+from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError
+from dagster_gcf_pipes.shared.protocol import Attr
+from dagster_gcf_pipes.shared.retry import transient_retry
 
 #: How long tearing a session down may wait on an unreachable Pub/Sub before leaving the subscription to
 #: its expiration policy: cleanup must not hold up (or mask) the step's real outcome.

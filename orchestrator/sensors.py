@@ -62,8 +62,8 @@ from dagster import (
 )
 from google.cloud import pubsub_v1
 
-from orchestrator.client import resolve_project
-from orchestrator.pull import ack, nack, pull, subscription_path
+from dagster_gcf_pipes.orchestrator.client import resolve_project
+from dagster_gcf_pipes.orchestrator.pull import ack, nack, pull, subscription_path
 
 #: Tag prefixes of the default run request (Dagster tag keys allow one ``namespace/`` section).
 MESSAGE_ID_TAG = "pubsub/message_id"

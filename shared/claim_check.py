@@ -15,8 +15,8 @@ from typing import Protocol
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
-from shared.protocol import DEFAULT_INLINE_THRESHOLD, PUBSUB_MAX_MESSAGE_BYTES, Attr, ProtocolError
-from shared.retry import transient_retry
+from dagster_gcf_pipes.shared.protocol import DEFAULT_INLINE_THRESHOLD, PUBSUB_MAX_MESSAGE_BYTES, Attr, ProtocolError
+from dagster_gcf_pipes.shared.retry import transient_retry
 
 INLINE = "inline"
 CLAIM = "claim"

@@ -49,7 +49,7 @@ class Attr:
     KIND = "dagster_pipes_kind"
     #: set by the claim-check codec: ``inline`` or ``claim`` (data is a ``gs://`` pointer)
     BODY = "dagster_pipes_body"
-    #: optional HMAC-SHA256 of a reply (see ``shared.signing``)
+    #: optional HMAC-SHA256 of a reply (see ``dagster_gcf_pipes.shared.signing``)
     SIGNATURE = "dagster_pipes_signature"
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from google.cloud import pubsub_v1
 
-from shared.retry import transient_retry
+from dagster_gcf_pipes.shared.retry import transient_retry
 
 
 @transient_retry(max_seconds=120)

@@ -13,7 +13,7 @@ import hmac
 import json
 from collections.abc import Mapping
 
-from shared.protocol import Attr
+from dagster_gcf_pipes.shared.protocol import Attr
 
 #: where the function (and, by convention, the orchestrator's EnvVar) finds the shared secret
 SECRET_ENV_VAR = "DAGSTER_PIPES_SIGNING_SECRET"

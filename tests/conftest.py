@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import hypothesis  # noqa: F401
 import pytest
 
-from orchestrator.functions_api import clear_cache
-from orchestrator.local_stack import LocalFunction, LocalStack
+from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
+from dagster_gcf_pipes.orchestrator.functions_api import clear_cache
 from tests.fakes.function_service import FakeFunctionService, running_fake
 
 EXAMPLE_TOPIC = "pipes-trigger"
@@ -31,7 +31,7 @@ LAKE_BUCKET = "data-lake"
 @pytest.fixture(scope="session")
 def stack() -> Iterator[LocalStack]:
     functions = [
-        LocalFunction("function/main.py", "main", EXAMPLE_TOPIC),
+        LocalFunction("examples/sales/function/main.py", "main", EXAMPLE_TOPIC),
         LocalFunction("tests/functions/main.py", "main", TEST_TOPIC),
         LocalFunction("tests/functions/main.py", HTTP_TARGET),  # invoked over HTTP: no trigger topic
     ]

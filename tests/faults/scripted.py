@@ -13,9 +13,9 @@ from typing import Any
 from dagster_pipes import PIPES_PROTOCOL_VERSION, PIPES_PROTOCOL_VERSION_FIELD, decode_param
 from google.cloud import pubsub_v1, storage
 
-from shared.claim_check import ClaimCheck, GCSBlobStore
-from shared.protocol import Reply, ReplyChannelParams, Trigger, dumps
-from shared.signing import sign
+from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore
+from dagster_gcf_pipes.shared.protocol import Reply, ReplyChannelParams, Trigger, dumps
+from dagster_gcf_pipes.shared.signing import sign
 
 
 def pipes_message(method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:

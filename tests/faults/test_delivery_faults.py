@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from google.cloud import pubsub_v1, storage
 
-from orchestrator.local_stack import LocalStack
-from shared.protocol import Attr, Reply, new_session_id
+from dagster_gcf_pipes.local.local_stack import LocalStack
+from dagster_gcf_pipes.shared.protocol import Attr, Reply, new_session_id
 from tests.conftest import PAYLOAD_BUCKET, SCRIPTED_TOPIC
 from tests.faults.scripted import ScriptedFunction, closed, log, materialization, opened
 from tests.integration.helpers import Outcome, make_client, run_asset, session_objects, session_subscriptions

@@ -10,8 +10,8 @@ import time
 
 from google.cloud import storage
 
-from function.lease import claim_lease
-from shared.layout import lease_key
+from dagster_gcf_pipes.function.lease import claim_lease
+from dagster_gcf_pipes.shared.layout import lease_key
 from tests.conftest import PAYLOAD_BUCKET
 from tests.functions.main import main as scenario_function
 from tests.integration.function_harness import FunctionHarness

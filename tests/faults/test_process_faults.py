@@ -15,7 +15,8 @@ import uuid
 import pytest
 from google.cloud import pubsub_v1, storage
 
-from orchestrator.local_stack import REPO_ROOT, LocalFunction, LocalStack
+from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
+from tests import REPO_ROOT
 from tests.conftest import LAKE_BUCKET, TEST_TOPIC
 from tests.integration.helpers import make_client, run_asset, session_objects, session_subscriptions
 

@@ -8,9 +8,9 @@ import json
 import time
 from typing import Any
 
-from function.clients import storage_client
-from function.context import CloudFunctionPipesContext
-from function.entrypoint import pipes_function
+from dagster_gcf_pipes.function.clients import storage_client
+from dagster_gcf_pipes.function.context import CloudFunctionPipesContext
+from dagster_gcf_pipes.function.entrypoint import pipes_function
 
 LAKE_BUCKET = "data-lake"
 

@@ -12,10 +12,10 @@ from cloudevents.http import CloudEvent
 from dagster_pipes import encode_param
 from google.cloud import pubsub_v1, storage
 
-from orchestrator.reassembly import SessionReassembler
-from shared.claim_check import GCSBlobStore
-from shared.layout import session_prefix
-from shared.protocol import Reply, ReplyChannelParams, Trigger, new_session_id, subscription_filter
+from dagster_gcf_pipes.orchestrator.reassembly import SessionReassembler
+from dagster_gcf_pipes.shared.claim_check import GCSBlobStore
+from dagster_gcf_pipes.shared.layout import session_prefix
+from dagster_gcf_pipes.shared.protocol import Reply, ReplyChannelParams, Trigger, new_session_id, subscription_filter
 from tests.conftest import PAYLOAD_BUCKET, REPLY_TOPIC
 
 

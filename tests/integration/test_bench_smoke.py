@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 
-from orchestrator.local_stack import REPO_ROOT
+from tests import REPO_ROOT
 
 
 def test_quick_bench_prints_its_table_and_loses_nothing() -> None:

@@ -1,4 +1,4 @@
-"""``python -m function.build``: the folder it makes is what ``gcloud functions deploy --source`` uploads, so it
+"""``gcf-pipes build`` (``python -m dagster_gcf_pipes.function.build``): the folder it makes is what ``gcloud functions deploy --source`` uploads, so it
 must hold everything the function imports and nothing of the Dagster side, and the Functions Framework must
 serve it on its own."""
 
@@ -17,25 +17,25 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.local_stack import free_port
+from dagster_gcf_pipes.local.local_stack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
 # Why not simply `python -m functions_framework` with PYTHONPATH=OUT: this repo is pip-installed editable
 # in the venv, and setuptools' editable finder (a sys.meta_path entry appended by a .pth file) answers for
-# `function`, `shared` and `orchestrator` whenever the path search does not. PYTHONPATH and the cwd come
-# first, so `function` itself would load from OUT, but a module MISSING from the build (say
-# function/lease.py) would then be loaded silently from the repo, and `import orchestrator` would work
-# too: the test would pass on a broken build. (`python -S` would drop the editable finder, but also every
-# installed package.) So the child drops that finder before importing anything and blocks `dagster` and
-# `orchestrator`, which the deployed function does not have: only the built folder and the third-party
-# packages of requirements.txt remain importable, as on Cloud Functions.
+# `dagster_gcf_pipes.*` whenever the path search does not. PYTHONPATH and the cwd come first, so the
+# vendored packages would load from OUT, but a module MISSING from the build (say
+# dagster_gcf_pipes/function/lease.py) would then be loaded silently from the repo, and the Dagster side
+# would import too: the test would pass on a broken build. (`python -S` would drop the editable finder, but
+# also every installed package.) So the child drops that finder before importing anything and blocks
+# `dagster` and the library's Dagster side, which the deployed function does not have: only the built
+# folder and the third-party packages of requirements.txt remain importable, as on Cloud Functions.
 DEPLOYED_LIKE = """
 import importlib.abc, sys
 sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
 class _NotDeployed(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("dagster", "orchestrator"):
+        if name.split(".")[0] == "dagster" or name.startswith("dagster_gcf_pipes.orchestrator"):
             raise ModuleNotFoundError(f"{name} is not installed in the deployed function", name=name)
 sys.meta_path.insert(0, _NotDeployed())
 """
@@ -50,9 +50,11 @@ PROBE = DEPLOYED_LIKE + """
 import importlib.machinery, json
 import main  # the built entry point and, through it, everything the function imports
 print(json.dumps({
-    "modules": {n: m.__file__ for n, m in sys.modules.items() if n.split(".")[0] in ("main", "function", "shared")},
-    # asked of the path search itself, past the block: is there an orchestrator/ anywhere on sys.path?
-    "orchestrator_found": importlib.machinery.PathFinder.find_spec("orchestrator") is not None,
+    "modules": {n: getattr(m, "__file__", None) or list(m.__path__)[0] for n, m in sys.modules.items()
+                if n.split(".")[0] in ("main", "dagster_gcf_pipes")},
+    # asked of the path search itself, past the block: is the Dagster side anywhere on sys.path?
+    "orchestrator_found": importlib.machinery.PathFinder.find_spec(
+        "dagster_gcf_pipes.orchestrator", list(sys.modules["dagster_gcf_pipes"].__path__)) is not None,
 }))
 """
 
@@ -67,32 +69,38 @@ def built_env(out: Path) -> dict[str, str]:
             "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9", "GOOGLE_CLOUD_PROJECT": "p"}
 
 
+EXAMPLE = REPO / "examples" / "sales" / "function"
+LIBRARY = {package: REPO / package for package in ("function", "shared")}  # the folders vendored by the build
+
+
 def run_build(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "function.build", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "dagster_gcf_pipes.function.build", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("build") / "function-source"
-    result = run_build(str(out))
+    result = run_build(str(EXAMPLE), str(out))
     assert result.returncode == 0, result.stderr
     assert "gcloud functions deploy" in result.stdout and f"--source {out}" in result.stdout
     return out
 
 
 def test_the_build_holds_the_function_and_the_protocol_and_nothing_of_dagster(out: Path):
-    assert (out / "main.py").read_bytes() == (REPO / "function" / "main.py").read_bytes()
-    for package in ("function", "shared"):
-        expected = {p.name for p in (REPO / package).glob("*.py")} - {"build.py"}
-        assert {p.name for p in (out / package).glob("*.py")} == expected
-    assert "dagster-pipes" in (out / "requirements.txt").read_text()
-    assert not (out / "function" / "build.py").exists()
-    assert not (out / "orchestrator").exists()
+    assert (out / "main.py").read_bytes() == (EXAMPLE / "main.py").read_bytes()
+    for package, folder in LIBRARY.items():
+        expected = {p.name for p in folder.glob("*.py")} - {"build.py"}
+        assert {p.name for p in (out / "dagster_gcf_pipes" / package).glob("*.py")} == expected
+    assert not (out / "dagster_gcf_pipes" / "function" / "build.py").exists()
+    assert sorted(p.name for p in (out / "dagster_gcf_pipes").iterdir()) == ["function", "shared"]
     assert not list(out.rglob("__pycache__"))
     requirements = [line.split(">")[0].strip() for line in (out / "requirements.txt").read_text().splitlines()
                     if line.strip() and not line.startswith("#")]
-    assert "dagster" not in requirements
+    # the example's own requirement first, then the library's function side; never dagster
+    assert requirements[0] == "polars"
+    assert {"dagster-pipes", "google-cloud-pubsub", "google-cloud-storage", "tenacity", "functions-framework"} <= set(requirements)
+    assert "dagster" not in requirements and "google-cloud-functions" not in requirements
 
 
 def test_the_built_folder_imports_on_its_own(out: Path):
@@ -100,21 +108,22 @@ def test_the_built_folder_imports_on_its_own(out: Path):
                            capture_output=True, text=True, timeout=60)
     assert probe.returncode == 0, probe.stderr
     found = json.loads(probe.stdout.strip().splitlines()[-1])
-    assert {"main", "function", "function.entrypoint", "function.session", "shared", "shared.protocol"} <= set(found["modules"])
+    assert {"main", "dagster_gcf_pipes.function", "dagster_gcf_pipes.function.entrypoint",
+            "dagster_gcf_pipes.function.session", "dagster_gcf_pipes.shared.protocol"} <= set(found["modules"])
     outside = {name: path for name, path in found["modules"].items() if not Path(path).resolve().is_relative_to(out.resolve())}
     assert not outside, f"imported from outside the build: {outside}"
     assert not found["orchestrator_found"]
 
 
 def test_a_module_missing_from_the_build_is_not_taken_from_the_repo(out: Path, tmp_path: Path):
-    """The check above can fail: without function/lease.py the built folder does not import."""
+    """The check above can fail: without dagster_gcf_pipes/function/lease.py the built folder does not import."""
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
-    (broken / "function" / "lease.py").unlink()
+    (broken / "dagster_gcf_pipes" / "function" / "lease.py").unlink()
     probe = subprocess.run([sys.executable, "-c", PROBE], cwd=broken, env=built_env(broken),
                            capture_output=True, text=True, timeout=60)
     assert probe.returncode != 0
-    assert "No module named 'function.lease'" in probe.stderr, probe.stderr
+    assert "No module named 'dagster_gcf_pipes.function.lease'" in probe.stderr, probe.stderr
 
 
 def post_malformed_trigger(port: int) -> int:
@@ -175,16 +184,34 @@ def test_the_functions_framework_serves_the_built_folder(out: Path, tmp_path: Pa
 
 def test_the_build_refuses_a_folder_that_is_not_empty(tmp_path: Path):
     (tmp_path / "left-over.txt").write_text("an earlier build")
-    result = run_build(str(tmp_path))
+    result = run_build(str(EXAMPLE), str(tmp_path))
     assert result.returncode != 0
     assert "not an empty folder" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["left-over.txt"]
 
 
-def test_the_build_refuses_an_entry_point_that_imports_dagster(tmp_path: Path):
-    bad_main = tmp_path / "bad_main.py"
-    bad_main.write_text("from dagster_pipes import PipesContext\nfrom dagster import asset\n")
+GOOD_MAIN = "from dagster_gcf_pipes.function import pipes_function\n\n@pipes_function\ndef main(pipes, payload):\n    pass\n"
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"main.py": GOOD_MAIN + "from dagster import asset\n"}, "main.py:6: imports dagster"),
+        ({"main.py": GOOD_MAIN, "helpers.py": "import dagster_gcf_pipes.orchestrator\n"},
+         "helpers.py:1: imports dagster_gcf_pipes.orchestrator"),
+        ({"main.py": GOOD_MAIN.replace("def main", "def handler")}, "defines no 'main'"),
+        ({"handler.py": GOOD_MAIN}, "main.py not found"),
+        ({"main.py": GOOD_MAIN, "requirements.txt": "pandas\ndagster==1.13.0\n"}, "requirements.txt:2: requires dagster"),
+    ],
+    ids=["imports-dagster", "imports-the-dagster-side", "no-entry-point", "no-main-py", "requires-dagster"],
+)
+def test_the_build_refuses_what_cannot_run_on_cloud_functions(tmp_path: Path, files: dict[str, str], expected: str):
+    source = tmp_path / "src"
+    source.mkdir()
+    for name, text in files.items():
+        (source / name).write_text(text)
     out = tmp_path / "out"
-    result = run_build(str(out), "--main", str(bad_main))
+    result = run_build(str(source), str(out))
     assert result.returncode != 0
-    assert f"{out / 'main.py'}:2: imports dagster" in result.stderr
+    assert expected in result.stderr, result.stderr
+    assert not out.exists() or not any(out.iterdir())

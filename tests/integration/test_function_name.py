@@ -8,7 +8,7 @@ from typing import Any
 
 from google.cloud import functions_v2
 
-from orchestrator.client import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
 from tests.conftest import TEST_TOPIC
 from tests.fakes.function_service import FakeFunctionService
 from tests.integration.helpers import make_client, run_asset

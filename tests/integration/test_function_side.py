@@ -11,8 +11,8 @@ import pytest
 from dagster import DagsterEventType
 from dagster_pipes import PipesContext
 
-from function.logs import LOGGER_NAME, CloudLoggingFormatter, trace_id_from
-from orchestrator.local_stack import LocalStack
+from dagster_gcf_pipes.function.logs import LOGGER_NAME, CloudLoggingFormatter, trace_id_from
+from dagster_gcf_pipes.local.local_stack import LocalStack
 from tests.functions.main import main as scenario_function
 from tests.integration.function_harness import FunctionHarness
 from tests.integration.helpers import make_client, run_asset

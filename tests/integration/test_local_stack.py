@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import local_stack
-from orchestrator.local_stack import LocalFunction, LocalStack, LocalStackError
+from dagster_gcf_pipes.local import local_stack
+from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack, LocalStackError
 
 
 def test_missing_pubsub_emulator_says_what_to_install(monkeypatch, tmp_path: Path):
@@ -18,7 +18,7 @@ def test_missing_pubsub_emulator_says_what_to_install(monkeypatch, tmp_path: Pat
 
 
 def test_stack_stops_every_process_it_started():
-    with LocalStack(functions=[LocalFunction("function/main.py", "main", "stack-test-trigger")], topics=["stack-test-replies"], buckets=["stack-test-bucket"]) as stack:
+    with LocalStack(functions=[LocalFunction("examples/sales/function/main.py", "main", "stack-test-trigger")], topics=["stack-test-replies"], buckets=["stack-test-bucket"]) as stack:
         pids = [server.process.pid for server in stack.servers.values()]
         assert len(pids) == 3
         workdir = stack.workdir

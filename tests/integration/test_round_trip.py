@@ -11,8 +11,8 @@ import polars as pl
 import pytest
 from google.cloud import storage
 
-from orchestrator.definitions import cloud_function_pipes_asset
-from orchestrator.local_stack import LocalStack
+from dagster_gcf_pipes.local.local_stack import LocalStack
+from examples.sales.definitions import cloud_function_pipes_asset
 from tests.conftest import LAKE_BUCKET
 from tests.integration.helpers import make_client, run_asset, session_objects, session_subscriptions
 
@@ -146,7 +146,7 @@ def test_bad_configuration_names_the_setting_and_the_fix(stack: LocalStack, over
 
 
 def test_unreachable_pubsub_is_a_clear_error_not_a_hang(stack: LocalStack, monkeypatch):
-    from orchestrator.local_stack import free_port
+    from dagster_gcf_pipes.local.local_stack import free_port
 
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
     outcome = run_asset(make_client(preflight_timeout=3.0), payload={})

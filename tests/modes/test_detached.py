@@ -18,9 +18,9 @@ from dagster import (
 )
 from google.cloud import pubsub_v1, storage
 
-from orchestrator.client import PipesPubSubClient
-from orchestrator.detached import pipes_completion_sensor
-from shared.layout import session_prefix
+from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.detached import pipes_completion_sensor
+from dagster_gcf_pipes.shared.layout import session_prefix
 from tests.conftest import PAYLOAD_BUCKET
 from tests.integration.helpers import make_client
 

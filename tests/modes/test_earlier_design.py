@@ -11,7 +11,7 @@ import json
 import pytest
 import requests
 
-from orchestrator.local_stack import free_port
+from dagster_gcf_pipes.local.local_stack import free_port
 from tests.conftest import HTTP_TARGET
 from tests.integration.function_harness import FunctionHarness
 from tests.integration.helpers import make_client, run_asset, session_objects, session_subscriptions

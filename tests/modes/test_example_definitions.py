@@ -6,7 +6,7 @@ from typing import Any
 from dagster import DagsterInstance, SensorResult, build_sensor_context, materialize
 from google.cloud import pubsub_v1, storage
 
-from orchestrator.definitions import (
+from examples.sales.definitions import (
     cloud_function_pipes_asset,
     detached_completions,
     detached_sales,

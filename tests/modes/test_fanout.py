@@ -7,8 +7,8 @@ from typing import Any
 from dagster import AssetExecutionContext, DagsterEventType, DagsterInstance, asset, materialize
 from google.cloud import storage
 
-from orchestrator.client import PipesPubSubClient
-from orchestrator.fanout import FanOutError, FanOutResult
+from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.fanout import FanOutError, FanOutResult
 from tests.conftest import LAKE_BUCKET
 from tests.integration.helpers import make_client, session_subscriptions
 

@@ -42,11 +42,11 @@ from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import pubsub_v1, storage
 
-import orchestrator.sensors as sensors_module
-from orchestrator.errors import PipesPubSubConfigError
-from orchestrator.local_stack import ManagedProcess, free_port
-from orchestrator.pull import pull
-from orchestrator.sensors import (
+import dagster_gcf_pipes.orchestrator.sensors as sensors_module
+from dagster_gcf_pipes.local.local_stack import ManagedProcess, free_port
+from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError
+from dagster_gcf_pipes.orchestrator.pull import pull
+from dagster_gcf_pipes.orchestrator.sensors import (
     ATTRIBUTE_TAG_PREFIX,
     MESSAGE_ID_TAG,
     SUBSCRIPTION_TAG,

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from google.cloud import pubsub_v1, storage
 
-from orchestrator.local_stack import REPO_ROOT
+from tests import REPO_ROOT
 from tests.conftest import LAKE_BUCKET
 from tests.integration.helpers import make_client, run_asset
 
@@ -43,7 +43,7 @@ def worker(stack: Any, tmp_path: Path) -> Iterator[RunningWorker]:
     env = {**os.environ, **stack.environment, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
     with log.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "function.worker", "--subscription", name, "--target", "tests.functions.main:main",
+            [sys.executable, "-m", "dagster_gcf_pipes.function.worker", "--subscription", name, "--target", "tests.functions.main:main",
              "--shutdown-grace", "30"],
             cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )

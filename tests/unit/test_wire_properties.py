@@ -6,13 +6,13 @@ import uuid
 from typing import Any
 
 import pytest
+from google.cloud import storage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from google.cloud import storage
 
-from orchestrator.reassembly import ReassemblyError, SessionReassembler
-from shared.claim_check import MAX_INLINE_THRESHOLD, ClaimCheck, GCSBlobStore, validate_threshold
-from shared.protocol import (
+from dagster_gcf_pipes.orchestrator.reassembly import ReassemblyError, SessionReassembler
+from dagster_gcf_pipes.shared.claim_check import MAX_INLINE_THRESHOLD, ClaimCheck, GCSBlobStore, validate_threshold
+from dagster_gcf_pipes.shared.protocol import (
     BOOTSTRAP_KEYS,
     REPLY_CHANNELS,
     Attr,

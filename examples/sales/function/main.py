@@ -15,8 +15,7 @@ from typing import Any
 import polars as pl
 from dagster_pipes import PipesContext
 
-from function.clients import storage_client
-from function.entrypoint import pipes_function
+from dagster_gcf_pipes.function import pipes_function, storage_client
 
 
 def fake_sales(rows: int, seed: int) -> pl.DataFrame:

@@ -1,7 +1,7 @@
 """The demo: start the local stack, materialize the example asset through Dagster, print what Dagster
 recorded (the function's log lines and the materialization's metadata), tear everything down.
 
-    python -m orchestrator.demo
+    python -m examples.sales.demo
 """
 
 from __future__ import annotations
@@ -10,21 +10,23 @@ import logging
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from dagster import DagsterEventType, DagsterInstance, PreviewWarning, materialize
 
-from orchestrator.local_stack import LocalFunction, LocalStack
+from dagster_gcf_pipes.local import LocalFunction, LocalStack
 
 TRIGGER_TOPIC = "pipes-trigger"
+FUNCTION_SOURCE = Path(__file__).parent / "function" / "main.py"
 
 
 def main() -> int:
     warnings.filterwarnings("ignore", category=PreviewWarning)
     started = time.monotonic()
     print("starting the local stack (Pub/Sub emulator, fake-gcs-server, Functions Framework) ...", flush=True)
-    with LocalStack(functions=[LocalFunction("function/main.py", "main", TRIGGER_TOPIC)]) as stack, stack.activated():
+    with LocalStack(functions=[LocalFunction(FUNCTION_SOURCE, "main", TRIGGER_TOPIC)]) as stack, stack.activated():
         print(f"  up in {time.monotonic() - started:.1f}s: {stack.environment}", flush=True)
-        from orchestrator.definitions import cloud_function_pipes_asset, pipes_pubsub_from_env
+        from examples.sales.definitions import cloud_function_pipes_asset, pipes_pubsub_from_env
 
         with DagsterInstance.ephemeral() as instance:
             t0 = time.monotonic()

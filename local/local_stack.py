@@ -3,7 +3,7 @@ ports, wired the way Eventarc wires a deployed function (a push subscription fro
 
 Used by the demo, the benchmark and the test fixtures::
 
-    with LocalStack(functions=[LocalFunction(source="function/main.py", target="main", trigger_topic="t")]) as stack:
+    with LocalStack(functions=[LocalFunction(source="my_function/main.py", target="main", trigger_topic="t")]) as stack:
         with stack.activated():            # PUBSUB_EMULATOR_HOST / STORAGE_EMULATOR_HOST / GOOGLE_CLOUD_PROJECT
             ...
 
@@ -30,7 +30,6 @@ from pathlib import Path
 
 from google.api_core.exceptions import AlreadyExists
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PUBSUB_EMULATOR = Path("/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator")
 INSTALL_HINT = (
     "install Google's Pub/Sub emulator and Java 17: `apt-get install google-cloud-cli-pubsub-emulator "
@@ -72,7 +71,7 @@ class ManagedProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         self.process = subprocess.Popen(
             list(self.argv), stdout=log, stderr=subprocess.STDOUT, env=dict(self.env or os.environ),
-            start_new_session=True, cwd=REPO_ROOT,
+            start_new_session=True,
         )
         log.close()
 
@@ -113,9 +112,11 @@ class ManagedProcess:
 @dataclass(frozen=True)
 class LocalFunction:
     """A function served by the Functions Framework: pushed its trigger topic's messages (a CloudEvent
-    function), or, without a trigger topic, invoked over HTTP at ``LocalStack.function_url(target)``."""
+    function), or, without a trigger topic, invoked over HTTP at ``LocalStack.function_url(target)``.
 
-    source: str
+    ``source`` is the function's ``main.py`` (or any module file), relative to the current folder or absolute."""
+
+    source: str | os.PathLike[str]
     target: str
     trigger_topic: str | None = None
     ack_deadline_seconds: int = 600  # >= the function's run time, or Pub/Sub redelivers while it runs
@@ -231,13 +232,14 @@ class LocalStack:
             **os.environ,
             **self.environment,
             **function.env,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+            # the project's root (the current folder) is importable, as when Dagster loads the code location
+            "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
             "PYTHONUNBUFFERED": "1",
         }
         argv = [
             sys.executable, "-m", "functions_framework", f"--target={function.target}",
             f"--signature-type={'cloudevent' if function.trigger_topic else 'http'}",
-            f"--source={REPO_ROOT / function.source}", "--host=127.0.0.1", f"--port={port}",
+            f"--source={Path(function.source).resolve()}", "--host=127.0.0.1", f"--port={port}",
         ]
         name = function.trigger_topic or function.target
         server = self._spawn(f"function-{name}", argv, f"http://127.0.0.1:{port}/", timeout=60, env=env)

@@ -1,9 +1,9 @@
 """`make dev`: the local stack with everything the example code location uses, and `dagster dev` on it.
 
-    python -m orchestrator.dev [--port 3000]
+    python -m examples.sales.dev [--port 3000]
 
 Prints the UI address; Ctrl-C stops `dagster dev` and then every process of the stack. The code location
-(`orchestrator/definitions.py`) reads the stack's endpoints from the same environment variables it reads
+(`examples/sales/definitions.py`) reads the stack's endpoints from the same environment variables it reads
 on GCP, so what runs here is what you deploy.
 """
 
@@ -16,17 +16,19 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
-from orchestrator.local_stack import REPO_ROOT, LocalFunction, LocalStack
+from dagster_gcf_pipes.local import LocalFunction, LocalStack
 
-#: what orchestrator/definitions.py expects by default (see its PIPES_* environment variables)
+#: what examples/sales/definitions.py expects by default (see its PIPES_* environment variables)
 TRIGGER_TOPIC = "pipes-trigger"
+FUNCTION_SOURCE = Path(__file__).parent / "function" / "main.py"
 LANDING_TOPIC = "landing-notifications"
 
 
 def example_stack() -> LocalStack:
     return LocalStack(
-        functions=[LocalFunction("function/main.py", "main", TRIGGER_TOPIC)],
+        functions=[LocalFunction(FUNCTION_SOURCE, "main", TRIGGER_TOPIC)],
         topics=["pipes-replies", "pipes-detached-replies", LANDING_TOPIC],
         buckets=["pipes-payloads", "data-lake"],
         subscriptions={"pipes-detached-completions": "pipes-detached-replies", "landing-objects": LANDING_TOPIC},
@@ -70,10 +72,10 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     print("starting the local stack (Pub/Sub emulator, fake-gcs-server, Functions Framework) ...", flush=True)
     with example_stack() as stack:
-        command = [sys.executable, "-m", "dagster", "dev", "-m", "orchestrator.definitions",
+        command = [sys.executable, "-m", "dagster", "dev", "-m", "examples.sales.definitions",
                    "-h", "127.0.0.1", "-p", str(args.port)]
         process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env={**os.environ, **stack.environment}, start_new_session=True
+            command, cwd=Path(__file__).parents[2], env={**os.environ, **stack.environment}, start_new_session=True
         )
         try:
             url = f"http://127.0.0.1:{args.port}"

@@ -29,9 +29,13 @@ from dagster import (
     op,
 )
 
-from orchestrator.client import PipesPubSubClient
-from orchestrator.detached import pipes_completion_sensor
-from orchestrator.sensors import PubSubEvent, gcs_object_event, pubsub_sensor
+from dagster_gcf_pipes.orchestrator import (
+    PipesPubSubClient,
+    PubSubEvent,
+    gcs_object_event,
+    pipes_completion_sensor,
+    pubsub_sensor,
+)
 
 
 def data_lake() -> str:

@@ -1,0 +1,5 @@
+import sys
+
+from dagster_gcf_pipes.cli import main
+
+sys.exit(main())

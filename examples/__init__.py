@@ -1,0 +1,1 @@
+"""Examples: code locations and functions built on the public API only, as a user's project is."""

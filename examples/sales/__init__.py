@@ -1,0 +1,1 @@
+"""The sales example: a Cloud Function that writes fake sales data to GCS, and the Dagster assets that run it."""
