@@ -67,7 +67,8 @@ from dagster_gcf_pipes.shared.retry import TRANSIENT_ERRORS, transient_retry
 #: the lease outlives the function's timeout by this much, so it never expires under a running attempt
 LEASE_MARGIN_SECONDS = 60.0
 
-#: the timeout gcloud gives an event-driven function unless told otherwise (--timeout 540s is the gen2 maximum)
+#: without function_name, the longest an event-driven function may run (540 s, the gen2 maximum), so the session
+#: lease outlives any deployment; gcloud's own default, when --timeout is not given, is 60 s
 DEFAULT_FUNCTION_TIMEOUT = 540.0
 
 
@@ -91,6 +92,20 @@ def resolve_project(project: str | None) -> str:
 
 def topic_path(project: str, topic: str) -> str:
     return topic if topic.startswith("projects/") else f"projects/{project}/topics/{topic}"
+
+
+#: Topics and buckets seen to exist, per process and endpoint. Checking them on every run would cost two admin
+#: operations per session against Pub/Sub's per-project admin quota (see "Cost and quotas" in
+#: docs/architecture.md). Only positive answers are kept: a missing resource is checked again on the next run,
+#: and one deleted after its check fails the step at its first use (publish, create subscription).
+_seen_to_exist: set[tuple[str, str]] = set()
+_seen_lock = threading.Lock()
+
+
+def clear_resource_cache() -> None:
+    """Forget which topics and buckets were seen to exist (they are checked again on the next run)."""
+    with _seen_lock:
+        _seen_to_exist.clear()
 
 
 def _topic_exists(publisher: pubsub_v1.PublisherClient, path: str) -> bool:
@@ -297,16 +312,28 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 f"{os.environ.get(emulator_env_var, '(unset)')} is running)"
             ) from exc
 
+    def _exists(self, service: str, emulator_env_var: str, check: Any, client: Any, name: str) -> bool:
+        """``check(client, name)`` through ``_preflight``, made once per process for a resource that exists."""
+        key = (os.environ.get(emulator_env_var, ""), name)  # the emulator's address, or "" for Google Cloud
+        with _seen_lock:
+            if key in _seen_to_exist:
+                return True
+        exists = bool(self._preflight(service, emulator_env_var, check, client, name))
+        if exists:
+            with _seen_lock:
+                _seen_to_exist.add(key)
+        return exists
+
     def _check_resources(self, resolved: _Resolved, topics: Mapping[str, str]) -> None:
         """``topics``: the path of each topic setting the call uses."""
         publisher, gcs = resolved.publisher, resolved.gcs
         for setting, path in topics.items():
-            if not self._preflight("Pub/Sub", "PUBSUB_EMULATOR_HOST", _topic_exists, publisher, path):
+            if not self._exists("Pub/Sub", "PUBSUB_EMULATOR_HOST", _topic_exists, publisher, path):
                 raise PipesPubSubConfigError(
                     f"{setting}: topic {path} does not exist; create it (gcloud pubsub topics create "
                     f"{path.rsplit('/', 1)[-1]} --project {path.split('/')[1]}) or fix {setting} / project"
                 )
-        if not self._preflight("Cloud Storage", "STORAGE_EMULATOR_HOST", _bucket_exists, gcs, self.bucket):
+        if not self._exists("Cloud Storage", "STORAGE_EMULATOR_HOST", _bucket_exists, gcs, self.bucket):
             raise PipesPubSubConfigError(
                 f"bucket: gs://{self.bucket} does not exist; create it (gcloud storage buckets create "
                 f"gs://{self.bucket}) or fix `bucket`"

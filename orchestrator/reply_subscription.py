@@ -7,12 +7,23 @@ A single session has a subscription of its own, filtered on its session id. A fa
 its sessions' ids share a prefix (``new_session_id(group)``), the subscription's filter selects that prefix,
 and ``ReplyDemux`` hands each message to its session's reader. One stream then serves every shard, instead
 of one subscription, stream and thread pool per shard.
+
+Two things production Pub/Sub does that the emulator never shows are handled here:
+
+- a retried ``CreateSubscription`` whose first attempt landed answers ``ALREADY_EXISTS``: the name carries 128
+  random bits (or 64 for a fan-out group), so nobody else can hold it and that answer means success;
+- ``StreamingPull`` on a subscription created moments ago can answer ``NOT_FOUND`` for a short while
+  (googleapis/java-pubsub#81, googleapis/google-cloud-go#9723), and google-cloud-pubsub ends the stream for
+  good on ``NotFound``: the stream is re-opened, with backoff, for ``NEW_SUBSCRIPTION_GRACE_SECONDS`` after
+  creation. The subscription already exists then, so replies published meanwhile wait in it.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -31,12 +42,26 @@ CLEANUP_BUDGET_SECONDS = 10.0
 #: Pub/Sub's minimum expiration TTL: an idle per-session subscription disappears a day after its last use.
 SUBSCRIPTION_TTL_SECONDS = 24 * 3600
 
+#: How long after creating a subscription a NOT_FOUND from StreamingPull is taken for the service not having
+#: caught up yet (and the stream re-opened) rather than for a subscription that is gone.
+NEW_SUBSCRIPTION_GRACE_SECONDS = 60.0
+REOPEN_FIRST_DELAY_SECONDS = 0.2
+REOPEN_MAX_DELAY_SECONDS = 5.0
+
+#: One CreateSubscription attempt; tenacity is the only retry layer (the generated client's own default
+#: retries Aborted/ServiceUnavailable/Unknown for up to 60 s, which under tenacity would multiply the budget).
+CREATE_TIMEOUT_SECONDS = 30.0
+
 OnMessage = Callable[[pubsub_v1.subscriber.message.Message], None]
+StreamingPull = pubsub_v1.subscriber.futures.StreamingPullFuture
 
 
 @transient_retry()
 def _create_subscription(subscriber: pubsub_v1.SubscriberClient, request: Mapping[str, Any]) -> None:
-    subscriber.create_subscription(request=request)
+    try:
+        subscriber.create_subscription(request=request, retry=None, timeout=CREATE_TIMEOUT_SECONDS)
+    except gexc.AlreadyExists:
+        pass  # an earlier attempt of this call created it: the name is ours alone (see the module docstring)
 
 
 @transient_retry(max_seconds=CLEANUP_BUDGET_SECONDS)
@@ -68,38 +93,91 @@ class ReplySubscription:
         self._on_message = on_message
         self._log = log
         self._ack_deadline_seconds = ack_deadline_seconds
-        self._streaming: pubsub_v1.subscriber.futures.StreamingPullFuture | None = None
+        self._lock = threading.Lock()
+        self._streaming: StreamingPull | None = None
+        self._created_at = 0.0
+        self._reopens = 0
+        self._reopen: threading.Timer | None = None
+        self._closing = False
 
     def __enter__(self) -> ReplySubscription:
         self._create()
+        self._created_at = time.monotonic()
         try:
-            self._streaming = self._subscriber.subscribe(
-                self.path,
-                self._on_message,
-                flow_control=pubsub_v1.types.FlowControl(max_messages=1000),
-                await_callbacks_on_shutdown=True,
-            )
+            self._open_stream()
         except BaseException:
             self._delete()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._streaming is not None:
-            self._streaming.cancel()
+        with self._lock:
+            self._closing = True
+            if self._reopen is not None:
+                self._reopen.cancel()
+            streaming = self._streaming
+        if streaming is not None:
+            streaming.cancel()
             try:
-                self._streaming.result(timeout=CLEANUP_BUDGET_SECONDS)
+                streaming.result(timeout=CLEANUP_BUDGET_SECONDS)
             except BaseException:  # noqa: BLE001 - the stream's end is not the step's outcome
                 pass
         self._delete()
 
     def stopped(self) -> str | None:
-        """Why the stream stopped, if it did while it should be running."""
-        if self._streaming is None or not self._streaming.done():
+        """Why the stream stopped, if it did while it should be running (and is not about to be re-opened)."""
+        with self._lock:
+            streaming, reopening = self._streaming, self._reopen is not None
+        if self._closing or streaming is None or not streaming.done() or reopening:
             return None
+        error = streaming.exception()
+        if isinstance(error, gexc.NotFound):
+            if not self._past_grace():
+                return None  # its done-callback is scheduling the re-open
+            return (
+                f"reading {self.path} stopped: StreamingPull still answered NOT_FOUND "
+                f"{time.monotonic() - self._created_at:.0f}s after the subscription was created "
+                f"({self._reopens} re-opens; {error.message}): it was deleted while the session ran (by another "
+                "process, or a cleanup job matching dagster-pipes-*); check the project's audit log for "
+                "DeleteSubscription"
+            )
         return (
-            f"reading {self.path} stopped: {self._streaming.exception()!r}; check that Pub/Sub is reachable and "
-            "the subscription exists"
+            f"reading {self.path} stopped: {error!r}; check that Pub/Sub is reachable and the subscription exists"
+        )
+
+    def _past_grace(self) -> bool:
+        return time.monotonic() - self._created_at >= NEW_SUBSCRIPTION_GRACE_SECONDS
+
+    def _open_stream(self) -> None:
+        with self._lock:
+            self._reopen = None
+            if self._closing:
+                return
+            self._streaming = self._subscriber.subscribe(
+                self.path,
+                self._on_message,
+                flow_control=pubsub_v1.types.FlowControl(max_messages=1000),
+                await_callbacks_on_shutdown=True,
+            )
+            streaming = self._streaming
+        streaming.add_done_callback(self._on_stream_end)
+
+    def _on_stream_end(self, streaming: StreamingPull) -> None:
+        """A stream ended: re-open it (with jittered exponential backoff) if it ended on NOT_FOUND within the
+        grace period after creation; anything else is left for ``stopped()`` to report."""
+        if not isinstance(streaming.exception(), gexc.NotFound) or self._past_grace():
+            return
+        with self._lock:
+            if self._closing or streaming is not self._streaming:
+                return
+            self._reopens += 1
+            delay = min(REOPEN_MAX_DELAY_SECONDS, REOPEN_FIRST_DELAY_SECONDS * 2 ** (self._reopens - 1))
+            self._reopen = threading.Timer(delay * random.uniform(0.5, 1.0), self._open_stream)
+            self._reopen.daemon = True
+            self._reopen.start()
+        self._log.info(
+            f"[pipes] StreamingPull answered NOT_FOUND for {self.path}, created "
+            f"{time.monotonic() - self._created_at:.1f}s ago; re-opening the stream (attempt {self._reopens})"
         )
 
     def _create(self) -> None:
