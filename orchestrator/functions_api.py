@@ -8,6 +8,7 @@ Pub/Sub-triggered) is refused up front with the command that shows or fixes the 
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Callable
@@ -24,6 +25,9 @@ DEFAULT_HEARTBEAT_TIMEOUT = 60.0
 TOTAL_TIMEOUT_MARGIN = 60.0  # startup (cold start, Pub/Sub delivery) plus draining the last replies
 MAX_ATTEMPTS = 5
 CALL_TIMEOUT = 10.0  # per GetFunction attempt, so a hung call becomes a retried DeadlineExceeded
+PUBSUB_EVENT_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
+
+_log = logging.getLogger("dagster_pipes_gcp.functions_api")
 
 _NAME = re.compile(r"projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/functions/(?P<function>[^/]+)")
 
@@ -81,15 +85,22 @@ def resolve_function(
         raise PipesPubSubConfigError(
             f"Cloud Function {name} is in state {state}; it must be deployed successfully (ACTIVE) first ({describe})"
         )
-    topic = function.event_trigger.pubsub_topic
-    if not topic:
+    trigger = function.event_trigger
+    if trigger.event_type != PUBSUB_EVENT_TYPE or not trigger.pubsub_topic:
+        kind = f"its trigger's event type is {trigger.event_type}" if trigger.event_type else "it has no event trigger (HTTP)"
         raise PipesPubSubConfigError(
-            f"Cloud Function {name} has no Pub/Sub trigger (HTTP or another event trigger); "
-            f"it must be deployed with --trigger-topic ({describe})"
+            f"Cloud Function {name} is not triggered by Pub/Sub messages ({kind}); it must be deployed with "
+            f"--trigger-topic, which gives it event type {PUBSUB_EVENT_TYPE} ({describe})"
+        )
+    if trigger.retry_policy != functions_v2.EventTrigger.RetryPolicy.RETRY_POLICY_RETRY:
+        _log.warning(
+            f"Cloud Function {name} is deployed without retries ({trigger.retry_policy.name}): a trigger whose "
+            "delivery fails before the session starts is dropped and the step fails at its startup timeout; "
+            "redeploy with --retry (the session lease makes redeliveries safe)"
         )
     resolved = DeployedFunction(
         name=name,
-        trigger_topic=topic,
+        trigger_topic=trigger.pubsub_topic,
         timeout_seconds=float(function.service_config.timeout_seconds or DEFAULT_FUNCTION_TIMEOUT),
         url=function.service_config.uri or function.url,
         state=state,

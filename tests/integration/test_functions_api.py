@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import grpc
@@ -16,6 +17,8 @@ from tests.fakes.function_service import FakeFunctionService
 NAME = "projects/demo/locations/europe-west1/functions/pipes-worker"
 TOPIC = "projects/demo/topics/pipes-trigger"
 URL = "https://pipes-worker-abc123-ew.a.run.app"
+PUBSUB_EVENT = "google.cloud.pubsub.topic.v1.messagePublished"
+RetryPolicy = functions_v2.EventTrigger.RetryPolicy
 
 
 def deployed(
@@ -23,6 +26,8 @@ def deployed(
     state: functions_v2.Function.State = functions_v2.Function.State.ACTIVE,
     topic: str | None = TOPIC,
     timeout_seconds: int = 540,
+    event_type: str = PUBSUB_EVENT,
+    retry_policy: functions_v2.EventTrigger.RetryPolicy = RetryPolicy.RETRY_POLICY_RETRY,
 ) -> functions_v2.Function:
     function = functions_v2.Function(
         name=name,
@@ -31,7 +36,7 @@ def deployed(
     )
     if topic is not None:
         function.event_trigger = functions_v2.EventTrigger(
-            event_type="google.cloud.pubsub.topic.v1.messagePublished", pubsub_topic=topic
+            event_type=event_type, pubsub_topic=topic, retry_policy=retry_policy
         )
     return function
 
@@ -93,6 +98,42 @@ def test_http_triggered_function_is_refused(
 
     with pytest.raises(PipesPubSubConfigError, match="--trigger-topic"):
         resolve_function(NAME, lambda: client)
+
+
+def test_a_function_triggered_by_another_event_type_is_refused(
+    fake: FakeFunctionService, client: functions_v2.FunctionServiceClient
+) -> None:
+    # Eventarc gives every trigger a Pub/Sub transport topic: a Cloud Storage trigger has one too, and a
+    # trigger published there would reach the function as something other than a messagePublished event.
+    fake.add(deployed(event_type="google.cloud.storage.object.v1.finalized"))
+
+    with pytest.raises(PipesPubSubConfigError, match="google.cloud.storage.object.v1.finalized.*--trigger-topic"):
+        resolve_function(NAME, lambda: client)
+
+
+@pytest.mark.parametrize("policy", [RetryPolicy.RETRY_POLICY_DO_NOT_RETRY, RetryPolicy.RETRY_POLICY_UNSPECIFIED])
+def test_a_trigger_without_retries_resolves_with_a_warning(
+    fake: FakeFunctionService,
+    client: functions_v2.FunctionServiceClient,
+    caplog: pytest.LogCaptureFixture,
+    policy: functions_v2.EventTrigger.RetryPolicy,
+) -> None:
+    fake.add(deployed(retry_policy=policy))
+
+    with caplog.at_level(logging.WARNING):
+        assert resolve_function(NAME, lambda: client).trigger_topic == TOPIC
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert policy.name in warning and "--retry" in warning
+
+
+def test_a_trigger_with_retries_resolves_without_a_warning(
+    fake: FakeFunctionService, client: functions_v2.FunctionServiceClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.add(deployed())
+
+    with caplog.at_level(logging.WARNING):
+        resolve_function(NAME, lambda: client)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_missing_function_is_named(fake: FakeFunctionService, client: functions_v2.FunctionServiceClient) -> None:
