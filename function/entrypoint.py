@@ -2,7 +2,7 @@
 
 The decorated name is a CloudEvent entry point: Eventarc (and the Functions Framework locally, when fed by a
 Pub/Sub push subscription) hands it a CloudEvent of type ``google.cloud.pubsub.topic.v1.messagePublished``
-whose data is ``{"message": {"data": <base64>, "attributes": {...}, "messageId": ...}}``.
+whose data is ``{"message": {"data": <base64>, "attributes": {...}, "messageId": ..., "publishTime": ...}}``.
 
 Its ``.http`` attribute is an HTTP entry point for the HTTP-invoked mode (the earlier design): the
 orchestrator POSTs a body of that same ``{"message": ...}`` shape and the response comes when the session
@@ -17,7 +17,10 @@ import binascii
 import functools
 import json
 import logging
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import functions_framework
@@ -28,8 +31,34 @@ from dagster_gcf_pipes.function.session import Handler, SessionOutcome, run_sess
 _log = logging.getLogger("dagster_pipes_gcp.function")
 
 
-def pubsub_message_from_push_body(body: Any) -> tuple[bytes, dict[str, str], str]:
-    """(data, attributes, message id) of the Pub/Sub message in a push body ``{"message": {...}}``."""
+@dataclass(frozen=True)
+class PushedMessage:
+    """The Pub/Sub message of a push body: ``publish_time`` is its ``publishTime`` in epoch seconds (Pub/Sub's
+    server clock), None when the body has none (an HTTP invocation)."""
+
+    data: bytes
+    attributes: dict[str, str]
+    message_id: str
+    publish_time: float | None
+
+
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def parse_publish_time(value: Any) -> float | None:
+    """RFC 3339 ``publishTime`` (``2026-11-25T14:44:26.123456789Z``) as epoch seconds; None if absent or not
+    a timestamp (the start window is then not checked, rather than a good trigger refused)."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(_FRACTION.sub(r"\1", value.replace("Z", "+00:00"))).timestamp()
+    except ValueError:
+        _log.warning("ignoring a publishTime that is not an RFC 3339 timestamp: %r", value)
+        return None
+
+
+def pubsub_message_from_push_body(body: Any) -> PushedMessage:
+    """The Pub/Sub message in a push body ``{"message": {...}}``."""
     message = body.get("message") if isinstance(body, dict) else None
     if not isinstance(message, dict):
         raise ValueError(
@@ -40,7 +69,17 @@ def pubsub_message_from_push_body(body: Any) -> tuple[bytes, dict[str, str], str
         data = base64.b64decode(message.get("data") or "", validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"the Pub/Sub message's data is not base64: {exc}") from exc
-    return data, dict(message.get("attributes") or {}), str(message.get("messageId", ""))
+    return PushedMessage(
+        data, dict(message.get("attributes") or {}), str(message.get("messageId", "")),
+        parse_publish_time(message.get("publishTime")),
+    )
+
+
+def _run(handler: Handler, message: PushedMessage, trace_id: str | None) -> SessionOutcome:
+    return run_session(
+        handler, message.data, message.attributes,
+        message_id=message.message_id, trace_id=trace_id, publish_time=message.publish_time,
+    )
 
 
 def _http_status(outcome: SessionOutcome) -> int:
@@ -61,21 +100,21 @@ def pipes_function(handler: Handler) -> Callable[[Any], SessionOutcome]:
     def entry_point(cloud_event: Any) -> SessionOutcome:
         event_data = cloud_event.data if hasattr(cloud_event, "data") else cloud_event.get("data")
         try:
-            data, attributes, message_id = pubsub_message_from_push_body(event_data)
+            message = pubsub_message_from_push_body(event_data)
         except ValueError as exc:
             _log.error("ignoring event %s: %s", getattr(cloud_event, "get", lambda _k: None)("id"), exc)
             return SessionOutcome(None, "", ran=False, error=exc)
         trace_id = trace_id_from(cloud_event.get_attributes()) if hasattr(cloud_event, "get_attributes") else None
-        return run_session(handler, data, attributes, message_id=message_id, trace_id=trace_id)
+        return _run(handler, message, trace_id)
 
     def http_entry_point(request: Any) -> tuple[str, int, dict[str, str]]:
         try:
-            data, attributes, message_id = pubsub_message_from_push_body(request.get_json(silent=True))
+            message = pubsub_message_from_push_body(request.get_json(silent=True))
         except ValueError as exc:
             _log.error("rejecting HTTP request: %s", exc)
             outcome = SessionOutcome(None, "", ran=False, error=exc)
         else:
-            outcome = run_session(handler, data, attributes, message_id=message_id, trace_id=trace_id_from(request.headers))
+            outcome = _run(handler, message, trace_id_from(request.headers))
         response = {
             "session_id": outcome.session_id,
             "invocation_id": outcome.invocation_id,

@@ -51,13 +51,23 @@ def decode_trigger(data: bytes, attributes: Mapping[str, str]) -> Trigger:
     return Trigger.decode(body, attributes)
 
 
-def _refusal(trigger: Trigger, settings: ReplyChannelParams, signing_secret: str | None) -> str | None:
-    """Why this delivery must not start the session, if it must not."""
-    if settings.start_deadline is not None and time.time() > settings.start_deadline:
-        return (
-            f"session {trigger.session_id}: delivered after its start deadline (the orchestrator stopped waiting "
-            "for it to start): a late duplicate or a backlog; not running it"
-        )
+def _refusal(
+    trigger: Trigger, settings: ReplyChannelParams, signing_secret: str | None, publish_time: float | None
+) -> str | None:
+    """Why this delivery must not start the session, if it must not.
+
+    The start window counts from the message's ``publishTime``, stamped by Pub/Sub's servers: the
+    orchestrator's clock never enters the comparison, so a skewed orchestrator cannot make every trigger
+    look late (or a late one look fresh). Without a ``publishTime`` (an HTTP invocation) the window is not
+    checked; the session lease's durable end still refuses a delivery after the session ended."""
+    if settings.start_window is not None and publish_time is not None:
+        late_by = time.time() - (publish_time + settings.start_window)
+        if late_by > 0:
+            return (
+                f"session {trigger.session_id}: delivered {late_by:.1f}s after its start window (start_window="
+                f"{settings.start_window:g}s from the trigger's publishTime; the orchestrator stopped waiting for it "
+                "to start): a late duplicate or a backlog; not running it"
+            )
     if settings.signed and not signing_secret:
         return (
             f"session {trigger.session_id}: the orchestrator requires signed replies but {SECRET_ENV_VAR} is not set "
@@ -67,22 +77,34 @@ def _refusal(trigger: Trigger, settings: ReplyChannelParams, signing_secret: str
 
 
 def run_session(
-    handler: Handler, data: bytes, attributes: Mapping[str, str], *, message_id: str = "", trace_id: str | None = None
+    handler: Handler,
+    data: bytes,
+    attributes: Mapping[str, str],
+    *,
+    message_id: str = "",
+    trace_id: str | None = None,
+    publish_time: float | None = None,
 ) -> SessionOutcome:
     """Run ``handler`` for one trigger message. Never raises for a handler error: that is reported to Dagster
     through ``closed`` (with its traceback) and returned, so the platform does not redeliver a trigger
     whose failure Dagster already knows about. A trigger that cannot run (malformed, late, a duplicate) is
     logged and returned too: redelivering it could never help. ``trace_id`` is the request's trace, if any:
-    the session's log lines carry it and Dagster records it."""
+    the session's log lines carry it and Dagster records it. ``publish_time`` is the trigger message's
+    ``publishTime`` (epoch seconds, Pub/Sub's server clock), which the start window counts from."""
     token = current_trace.set(f"projects/{clients.storage_client().project}/traces/{trace_id}" if trace_id else None)
     try:
-        return _run_session(handler, data, attributes, message_id, trace_id)
+        return _run_session(handler, data, attributes, message_id, trace_id, publish_time)
     finally:
         current_trace.reset(token)
 
 
 def _run_session(
-    handler: Handler, data: bytes, attributes: Mapping[str, str], message_id: str, trace_id: str | None
+    handler: Handler,
+    data: bytes,
+    attributes: Mapping[str, str],
+    message_id: str,
+    trace_id: str | None,
+    publish_time: float | None,
 ) -> SessionOutcome:
     invocation_id = uuid.uuid4().hex
     try:
@@ -94,7 +116,7 @@ def _run_session(
         return SessionOutcome(None, invocation_id, ran=False, error=exc)
 
     signing_secret = os.environ.get(SECRET_ENV_VAR) or None
-    refusal = _refusal(trigger, settings, signing_secret)
+    refusal = _refusal(trigger, settings, signing_secret, publish_time)
     if refusal:
         _log.error("dropping trigger message %s: %s", message_id or "?", refusal)
         return SessionOutcome(trigger.session_id, invocation_id, ran=False, error=ProtocolError(refusal))

@@ -82,7 +82,8 @@ class Worker:
                 return
             self._running += 1
         try:
-            outcome = run_session(self._handler, message.data, dict(message.attributes), message_id=message.message_id)
+            outcome = run_session(self._handler, message.data, dict(message.attributes), message_id=message.message_id,
+                                  publish_time=message.publish_time.timestamp())
         except Exception:  # noqa: BLE001 - setting the session up failed: let Pub/Sub redeliver it
             _log.exception("trigger message %s: the session could not be set up; nacked for redelivery", message.message_id)
             message.nack()

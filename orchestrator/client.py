@@ -61,7 +61,7 @@ from dagster_gcf_pipes.shared.protocol import (
     dumps,
     new_session_id,
 )
-from dagster_gcf_pipes.shared.pubsub import publish
+from dagster_gcf_pipes.shared.pubsub import publish, publisher_client, subscriber_client
 from dagster_gcf_pipes.shared.retry import TRANSIENT_ERRORS, transient_retry
 
 #: the lease outlives the function's timeout by this much, so it never expires under a running attempt
@@ -398,7 +398,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         if resolved.reply_channel != REPLY_CHANNEL_PUBSUB:
             yield None
             return
-        with pubsub_v1.SubscriberClient() as subscriber:
+        with subscriber_client() as subscriber:
             with ReplyDemux(subscriber, topic=resolved.reply_topic, group=secrets.token_hex(8), log=log) as demux:
                 log.info(f"[pipes] fan-out: every shard's replies arrive through {demux.subscription_path}")
                 yield demux
@@ -423,7 +423,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         http = http_session(self.function_url, self.http_auth) if self.invocation == "http" and self.function_url else None
         resolved = _Resolved(
             project=project,
-            publisher=pubsub_v1.PublisherClient(),
+            publisher=publisher_client(),
             gcs=storage.Client(project=project),
             http=http,
             trigger_topic=trigger_topic,
@@ -461,7 +461,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         claim_check = ClaimCheck(blob_store, self.inline_threshold_bytes)
         channel_params = self._session_params(resolved, session_id)
         pubsub_replies = resolved.reply_channel == REPLY_CHANNEL_PUBSUB
-        subscriber = pubsub_v1.SubscriberClient() if pubsub_replies and demux is None else None
+        subscriber = subscriber_client() if pubsub_replies and demux is None else None
         reader: PipesPubSubMessageReader | PipesGCSChunkMessageReader
         if pubsub_replies:
             reader = PipesPubSubMessageReader(
@@ -633,8 +633,10 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             flush_interval=self.flush_interval,
             heartbeat_interval=self.heartbeat_interval,
             lease_seconds=resolved.function_timeout + LEASE_MARGIN_SECONDS,
-            # the trigger is published a moment later; a delivery after this finds nobody waiting for it
-            start_deadline=time.time() + self.startup_timeout,
+            function_timeout=resolved.function_timeout,
+            # counted by the function from the trigger's publishTime (Pub/Sub's clock, not ours): a delivery
+            # after it finds nobody waiting for it
+            start_window=self.startup_timeout,
             signed=bool(self.signing_secret),
         )
 

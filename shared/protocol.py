@@ -78,7 +78,7 @@ def subscription_filter(session_id: str) -> str:
     return f'attributes.{Attr.SESSION} = "{session_id}"'
 
 
-def _require_session_id(attributes: Mapping[str, str]) -> str:
+def require_session_id(attributes: Mapping[str, str]) -> str:
     session_id = attributes.get(Attr.SESSION)
     if session_id is None:
         raise ProtocolError(f"missing attribute {Attr.SESSION!r}: not a Dagster Pipes message")
@@ -91,6 +91,17 @@ def _require_session_id(attributes: Mapping[str, str]) -> str:
             "deploy the same release of the integration on both sides"
         )
     return session_id
+
+
+#: protocol integers: ASCII digits only (``str.isdigit`` also takes "²" and "٣"), at most 15 of them
+_PROTOCOL_INT_RE = re.compile(r"[0-9]{1,15}")
+
+
+def parse_protocol_int(raw: str, what: str) -> int:
+    """A non-negative integer attribute, parsed strictly; anything else is a ``ProtocolError`` naming ``what``."""
+    if not _PROTOCOL_INT_RE.fullmatch(raw):
+        raise ProtocolError(f"missing or non-numeric {what!r} attribute {raw[:40]!r}: expected 1 to 15 ASCII digits")
+    return int(raw)
 
 
 def dumps(value: Any, what: str) -> bytes:
@@ -131,7 +142,7 @@ class Trigger:
 
     @classmethod
     def decode(cls, body: bytes, attributes: Mapping[str, str]) -> Trigger:
-        session_id = _require_session_id(attributes)
+        session_id = require_session_id(attributes)
         obj = _loads(body, "the trigger")
         if not isinstance(obj, dict):
             raise ProtocolError(f"the trigger must be a JSON object, got {type(obj).__name__}")
@@ -175,7 +186,7 @@ class Reply:
 
     @classmethod
     def decode(cls, body: bytes, attributes: Mapping[str, str]) -> Reply:
-        session_id = _require_session_id(attributes)
+        session_id = require_session_id(attributes)
         invocation_id = attributes.get(Attr.INVOCATION)
         if not invocation_id:
             raise ProtocolError(f"reply without the {Attr.INVOCATION!r} attribute")
@@ -184,15 +195,13 @@ class Reply:
             return cls(session_id=session_id, invocation_id=invocation_id, seq=None)
         if kind != ReplyKind.BATCH:
             raise ProtocolError(f"unknown reply kind {kind!r} (expected {ReplyKind.BATCH!r} or {ReplyKind.HEARTBEAT!r})")
-        raw_seq = attributes.get(Attr.SEQ, "")
-        if not raw_seq.isdigit():
-            raise ProtocolError(f"reply batch with a missing or non-numeric {Attr.SEQ!r} attribute: {raw_seq!r}")
+        seq = parse_protocol_int(attributes.get(Attr.SEQ, ""), Attr.SEQ)
         messages = _loads(body, "the reply batch")
         if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("method"), str) for m in messages
         ):
             raise ProtocolError("a reply batch must be a JSON list of Pipes messages (objects with a 'method')")
-        return cls(session_id=session_id, invocation_id=invocation_id, seq=int(raw_seq), messages=messages)
+        return cls(session_id=session_id, invocation_id=invocation_id, seq=seq, messages=messages)
 
 
 # ---------------------------------------------------------------------------------------------- channel
@@ -201,9 +210,9 @@ class Reply:
 @dataclass(frozen=True)
 class ReplyChannelParams:
     """How the function takes part in the session: the reader's ``DAGSTER_PIPES_MESSAGES`` params, sent in
-    the trigger. Where to reply and how to batch; where the session's objects live (claim-checks, the lease,
-    the cancel marker); how long the lease lasts; the latest time at which the session may still start; and
-    whether replies must be signed.
+    the trigger. Where to reply and how to batch; where the session's objects live (claim-checks, the lease);
+    how long the lease lasts and the session may run; how long after its publication the trigger may still
+    start the session; and whether replies must be signed.
 
     ``channel`` is ``pubsub`` (batches published to ``topic``) or ``gcs``: the earlier design's JSON chunks
     ``{key_prefix}/{n}.json`` uploaded every ``chunk_interval`` seconds by dagster-pipes' GCS writer (the
@@ -224,8 +233,11 @@ class ReplyChannelParams:
     publish_timeout: float = 60.0
     #: lifetime of the session lease: the function's timeout plus a margin
     lease_seconds: float = 600.0
-    #: epoch seconds after which a (late, duplicate) delivery of the trigger must not start the session
-    start_deadline: float | None = None
+    #: seconds the session may run: the function closes it (with a timeout error) a little before
+    function_timeout: float | None = None
+    #: seconds after the trigger's ``publishTime`` (Pub/Sub's server clock, never the orchestrator's) after
+    #: which a (late, duplicate) delivery of the trigger must not start the session
+    start_window: float | None = None
     #: whether the orchestrator verifies an HMAC on every reply (both sides then need the same secret)
     signed: bool = False
 

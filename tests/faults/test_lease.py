@@ -1,12 +1,13 @@
 """The session lease on fake-gcs-server (which enforces generation preconditions, as GCS does): a live lease
 blocks a duplicate; an expired one (a crashed attempt) is taken over by exactly one retry; a delivery after
-the session's start deadline does not run."""
+the session's start window (counted from the trigger's publishTime) does not run."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
 import time
+from datetime import datetime, timezone
 
 from google.cloud import storage
 
@@ -59,12 +60,31 @@ def test_only_one_of_several_concurrent_retries_takes_an_expired_lease_over(stac
         h.close()
 
 
-def test_a_delivery_after_the_start_deadline_does_not_run(stack, caplog):
-    h = FunctionHarness(stack.project, {"n": 3}, start_deadline=time.time() - 1)
+def rfc3339(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def test_a_delivery_after_the_start_window_does_not_run(stack):
+    h = FunctionHarness(stack.project, {"n": 3}, start_window=5.0)
     try:
-        outcome = scenario_function(h.cloud_event(message_id="late-1"))
+        event = h.cloud_event(message_id="late-1")
+        event.data["message"]["publishTime"] = rfc3339(time.time() - 60)  # Pub/Sub stamped it a minute ago
+        outcome = scenario_function(event)
         assert not outcome.ran
-        assert "delivered after its start deadline" in str(outcome.error)
+        assert "after its start window" in str(outcome.error) and "start_window=5s" in str(outcome.error)
         assert not storage.Client(project=stack.project).bucket(PAYLOAD_BUCKET).blob(lease_key("harness", h.session_id)).exists()
+    finally:
+        h.close()
+
+
+def test_the_start_window_counts_from_publish_time_not_from_the_orchestrators_clock(stack):
+    """The trigger carries a window, not a wall-clock deadline: a delivery inside the window runs whatever
+    the orchestrator's clock said when it built the trigger."""
+    h = FunctionHarness(stack.project, {"n": 4}, start_window=5.0)
+    try:
+        event = h.cloud_event(message_id="fresh-1")
+        event.data["message"]["publishTime"] = rfc3339(time.time() - 1)
+        assert scenario_function(event).ran
+        assert [m["method"] for m in h.read_until_closed()][-1] == "closed"
     finally:
         h.close()
