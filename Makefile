@@ -17,16 +17,16 @@ $(VENV)/.installed: pyproject.toml $(EXAMPLE_REQUIREMENTS)
 
 install: $(VENV)/.installed
 
-# dagster dev needs dagster-webserver, which pins dagster to its own release: pip picks a matching pair
-$(VENV)/.installed-ui: $(VENV)/.installed
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev,ui]' -r $(EXAMPLE_REQUIREMENTS)
-	touch $@
-
 demo: install
 	$(PY) -m examples.sales.demo
 
-dev: $(VENV)/.installed-ui
-	$(PY) -m examples.sales.dev
+# the dev command a user runs on their own code, here on the example (its sensors' subscriptions and its
+# data-lake bucket are not resource settings, so they are named here)
+dev: install
+	$(VENV)/bin/gcf-pipes dev -m examples.sales.definitions \
+		--function examples/sales/function/main.py:main --bucket data-lake \
+		--subscription pipes-detached-completions=pipes-detached-replies \
+		--subscription landing-objects=landing-notifications
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

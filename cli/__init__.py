@@ -1,18 +1,23 @@
 """The ``gcf-pipes`` command: one entry point, one subcommand per room, each imported only when chosen, so the
 function-side install (no dagster) runs ``build`` and ``worker`` while ``dev`` and ``up`` need the local extra.
 
-    gcf-pipes build SOURCE_DIR OUT_DIR [--entry-point main]
-    gcf-pipes worker --subscription S --target module:handler
+    gcf-pipes build SOURCE_DIR OUT_DIR [--entry-point main]          the folder to deploy (function extra)
+    gcf-pipes worker --subscription S --target module:handler       the pull worker (function extra)
+    gcf-pipes dev --function my_function/main.py:main -m my_defs    local stack + dagster dev (local extra)
+    gcf-pipes up --function my_function/main.py:main -m my_defs     just the local stack (local extra)
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-#: subcommand -> (module with a ``main(argv)``, the extra that installs it)
+#: subcommand -> (module, its function taking ``(argv, prog)``, the extra that installs what it needs)
 COMMANDS = {
-    "build": ("dagster_gcf_pipes.function.build", "function"),
-    "worker": ("dagster_gcf_pipes.function.worker", "function"),
+    "build": ("dagster_gcf_pipes.function.build", "main", "function"),
+    "worker": ("dagster_gcf_pipes.function.worker", "main", "function"),
+    "dev": ("dagster_gcf_pipes.local.dev", "main", "local"),
+    "up": ("dagster_gcf_pipes.local.dev", "up", "local"),
 }
 
 
@@ -21,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
         print(__doc__.strip() + "\n\nsubcommands: " + ", ".join(COMMANDS), file=sys.stderr)
         return 0 if args and args[0] in ("-h", "--help") else 2
-    module_name, extra = COMMANDS[args[0]]
+    module_name, function, extra = COMMANDS[args[0]]
     try:
-        module = __import__(module_name, fromlist=["main"])
+        module = importlib.import_module(module_name)
     except ImportError as exc:
         print(f"gcf-pipes {args[0]}: {exc}; install it with: pip install 'dagster-gcf-pipes[{extra}]'",
               file=sys.stderr)
         return 2
-    return module.main(args[1:], prog=f"gcf-pipes {args[0]}")
+    return getattr(module, function)(args[1:], prog=f"gcf-pipes {args[0]}")

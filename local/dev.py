@@ -1,0 +1,244 @@
+"""``gcf-pipes dev`` and ``gcf-pipes up``: the local stack for your own functions and code location.
+
+    gcf-pipes dev --function my_function/main.py:main -m my_project.definitions
+    gcf-pipes dev --function a/main.py:main --trigger-topic t1 --function b/main.py:main --trigger-topic t2 -f defs.py
+    gcf-pipes up  --function my_function/main.py:main -m my_project.definitions     # just the stack
+
+Both start Google's Pub/Sub emulator and fake-gcs-server, serve each ``--function`` in the Functions Framework
+fed from its trigger topic as Eventarc feeds it, and create what the code location's ``PipesPubSubClient``
+resources name (trigger, reply and detached reply topics, the bucket; ``--topic``, ``--bucket`` and
+``--subscription NAME=TOPIC`` add more, e.g. the durable subscription a completion sensor reads). When a
+function's source folder changes, its server is restarted at once and the reload is logged, so the next
+trigger runs the new code. ``dev`` then runs ``dagster dev`` on the code location with the emulator variables
+set; ``up`` prints the variables to export for running Dagster (or anything else) your own way. Ctrl-C or
+SIGTERM stops every process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
+
+_log = logging.getLogger("gcf_pipes.dev")
+
+
+class DevError(SystemExit):
+    def __init__(self, message: str) -> None:
+        super().__init__(f"gcf-pipes: {message}")
+
+
+@dataclass
+class StackPlan:
+    """What the stack must hold: derived from the code location, completed by the command's flags."""
+
+    project: str = "local-project"
+    trigger_topics: list[str] = field(default_factory=list)
+    topics: set[str] = field(default_factory=set)
+    buckets: set[str] = field(default_factory=set)
+    subscriptions: dict[str, str] = field(default_factory=dict)
+
+
+def _value(setting: Any) -> Any:
+    """A resource field's value, with ``EnvVar("X")`` read from the environment (as Dagster does at launch)."""
+    from dagster import EnvVar
+
+    if isinstance(setting, EnvVar):
+        value = setting.get_value()
+        if value is None:
+            raise DevError(f"the code location reads {setting.env_var_name} from the environment: set it")
+        return value
+    return setting
+
+
+def _load_module(module: str | None, file: str | None) -> Any:
+    sys.path.insert(0, os.getcwd())  # as dagster dev does: the working directory's modules are importable
+    if module:
+        return importlib.import_module(module)
+    assert file is not None
+    spec = importlib.util.spec_from_file_location(Path(file).stem, file)
+    if spec is None or spec.loader is None:
+        raise DevError(f"-f {file}: not a Python file")
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+def plan_from_code_location(module: str | None, file: str | None) -> StackPlan:
+    """Every ``PipesPubSubClient`` among the resources of the module's ``Definitions``."""
+    from dagster import Definitions
+
+    from dagster_gcf_pipes.orchestrator import PipesPubSubClient
+
+    plan = StackPlan()
+    loaded = _load_module(module, file)
+    definitions = [value for value in vars(loaded).values() if isinstance(value, Definitions)]
+    if not definitions:
+        raise DevError(f"{module or file} defines no Definitions object at module level (e.g. defs = Definitions(...))")
+    clients = [r for d in definitions for r in (d.resources or {}).values() if isinstance(r, PipesPubSubClient)]
+    for client in clients:
+        if client.project:
+            plan.project = _value(client.project)
+        if client.trigger_topic:
+            plan.trigger_topics.append(_value(client.trigger_topic))
+        plan.topics |= {_value(t) for t in (client.reply_topic, client.detached_reply_topic) if t}
+        if client.bucket:
+            plan.buckets.add(_value(client.bucket))
+    return plan
+
+
+def parse_function(spec: str) -> tuple[Path, str]:
+    """``path/to/main.py:entry`` (entry defaults to ``main``) -> (source file, entry point)."""
+    path, _, target = spec.partition(":")
+    source = Path(path)
+    if source.is_dir():
+        source = source / "main.py"
+    if not source.is_file():
+        raise DevError(f"--function {spec}: {source} is not a file; pass path/to/main.py:entry_point")
+    return source.resolve(), target or "main"
+
+
+def local_functions(specs: Sequence[str], topics: Sequence[str], plan: StackPlan) -> list[LocalFunction]:
+    """Pair each ``--function`` with its ``--trigger-topic``; one function may take the code location's only
+    trigger topic."""
+    if len(topics) > len(specs):
+        raise DevError("more --trigger-topic than --function flags: give each function its topic after it")
+    if len(topics) < len(specs):
+        known = sorted(set(plan.trigger_topics))
+        if len(specs) == 1 and len(known) == 1:
+            topics = known
+        else:
+            raise DevError(
+                f"give each --function its --trigger-topic (the code location names {known or 'no trigger topic'}: "
+                "with one function and one topic they are paired by themselves)"
+            )
+    return [LocalFunction(source, target, topic) for (source, target), topic in zip(map(parse_function, specs), topics)]
+
+
+def build_stack(args: argparse.Namespace) -> LocalStack:
+    plan = plan_from_code_location(args.module, args.file) if (args.module or args.file) else StackPlan()
+    functions = local_functions(args.function or [], args.trigger_topic or [], plan)
+    subscriptions = dict(item.split("=", 1) for item in args.subscription or [])
+    topics = (plan.topics | set(args.topic or []) | set(subscriptions.values())) - {f.trigger_topic for f in functions}
+    buckets = plan.buckets | set(args.bucket or [])
+    return LocalStack(functions=functions, topics=sorted(topics), buckets=sorted(buckets),
+                      subscriptions=subscriptions, project=args.project or plan.project,
+                      workdir=Path(args.logs) if args.logs else None)
+
+
+@contextmanager
+def reloading(stack: LocalStack, stop: threading.Event) -> Iterator[None]:
+    """Restart a function's server as soon as a file under its source folder changes."""
+    from watchfiles import watch
+
+    def watch_one(function: LocalFunction) -> None:
+        folder = Path(function.source).parent
+        for changes in watch(folder, stop_event=stop, debounce=200, step=50):
+            started = time.monotonic()
+            changed = ", ".join(sorted({Path(path).name for _, path in changes}))
+            _log.info("%s changed (%s): restarting the function on %s", folder, changed, function.trigger_topic)
+            stack.restart_function(function)
+            _log.info("function on %s serves the new code (%.2f s after the change)", function.trigger_topic,
+                      time.monotonic() - started)
+
+    threads = [threading.Thread(target=watch_one, args=(f,), daemon=True, name=f"reload-{f.trigger_topic}")
+               for f in stack.functions]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
+def _exports(stack: LocalStack) -> str:
+    return "\n".join(f"export {key}={value}" for key, value in stack.environment.items())
+
+
+def _stop_process_group(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def serve(args: argparse.Namespace, run_dagster: bool) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stack = build_stack(args)
+    print("starting the local stack (Pub/Sub emulator, fake-gcs-server, Functions Framework) ...", flush=True)
+    with stack, reloading(stack, stop):
+        print(f"local stack up; its logs are in {stack.workdir}", flush=True)
+        for function in stack.functions:
+            print(f"  {function.source}:{function.target} <- topic {function.trigger_topic}", flush=True)
+        if not run_dagster:
+            print(f"\nrun Dagster (or anything else) against it with:\n\n{_exports(stack)}\n\nCtrl-C stops it.",
+                  flush=True)
+            stop.wait()
+            return 0
+        target = ["-m", args.module] if args.module else ["-f", args.file]
+        command = [sys.executable, "-m", "dagster", "dev", *target, "-h", args.host, "-p", str(args.port)]
+        dagster = subprocess.Popen(command, env={**os.environ, **stack.environment}, start_new_session=True)
+        try:
+            while not stop.wait(0.5):
+                if dagster.poll() is not None:
+                    return dagster.returncode
+            return 0
+        finally:
+            print("stopping dagster dev, then the local stack ...", flush=True)
+            _stop_process_group(dagster)
+
+
+def parser(prog: str) -> argparse.ArgumentParser:
+    parsed = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    location = parsed.add_mutually_exclusive_group()
+    location.add_argument("-m", "--module", help="the code location's module (as for dagster dev -m)")
+    location.add_argument("-f", "--file", help="the code location's file (as for dagster dev -f)")
+    parsed.add_argument("--function", action="append", metavar="PATH:ENTRY",
+                        help="a function to serve: its main.py (or folder) and entry point; repeatable")
+    parsed.add_argument("--trigger-topic", action="append", metavar="TOPIC",
+                        help="the trigger topic of the --function before it (optional when the code location "
+                             "names exactly one and there is one function)")
+    parsed.add_argument("--topic", action="append", help="another topic to create; repeatable")
+    parsed.add_argument("--bucket", action="append", help="another bucket to create; repeatable")
+    parsed.add_argument("--subscription", action="append", metavar="NAME=TOPIC",
+                        help="a durable pull subscription to create (e.g. for a sensor); repeatable")
+    parsed.add_argument("--project", help="project id for the emulators (default: the resources' or local-project)")
+    parsed.add_argument("--logs", help="folder for the stack's log files (default: printed at start)")
+    parsed.add_argument("--host", default="127.0.0.1", help="dagster dev's host (dev only)")
+    parsed.add_argument("--port", type=int, default=3000, help="dagster dev's port (dev only)")
+    return parsed
+
+
+def _main(argv: list[str] | None, prog: str, run_dagster: bool) -> int:
+    args = parser(prog).parse_args(argv)
+    if run_dagster and not (args.module or args.file):
+        raise DevError("dev needs the code location: -m your.module or -f your_file.py")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return serve(args, run_dagster)
+
+
+def main(argv: list[str] | None = None, prog: str = "gcf-pipes dev") -> int:
+    return _main(argv, prog, run_dagster=True)
+
+
+def up(argv: list[str] | None = None, prog: str = "gcf-pipes up") -> int:
+    return _main(argv, prog, run_dagster=False)

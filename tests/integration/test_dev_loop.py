@@ -1,0 +1,201 @@
+"""The local dev loop on a user's own code, in a folder outside the checkout: ``gcf-pipes up`` and ``gcf-pipes dev``
+serve the user's function and create what the user's resource names; an edit of the function is served at
+the next trigger with no restart by hand; the pytest plugin's fixture works from a user project."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, materialize
+
+from dagster_gcf_pipes.local.local_stack import free_port
+from tests.integration.processes import Output
+
+GCF_PIPES = Path(sys.executable).parent / "gcf-pipes"
+
+FUNCTION = '''
+    from dagster_gcf_pipes.function import pipes_function
+
+    VERSION = "one"
+
+
+    @pipes_function
+    def main(pipes, payload):
+        pipes.log.info(f"running version {VERSION}")
+        pipes.report_asset_materialization(metadata={"version": VERSION, "rows": payload.get("rows", 0)})
+'''
+
+DEFINITIONS = '''
+    from dagster import AssetExecutionContext, Definitions, MaterializeResult, asset
+
+    from dagster_gcf_pipes.orchestrator import PipesPubSubClient
+
+
+    @asset
+    def my_table(context: AssetExecutionContext, pipes: PipesPubSubClient) -> MaterializeResult:
+        return pipes.run(context=context, payload={"rows": 3}).get_materialize_result()
+
+
+    defs = Definitions(
+        assets=[my_table],
+        resources={"pipes": PipesPubSubClient(project="my-project", trigger_topic="my-trigger",
+                                              reply_topic="my-replies", bucket="my-payloads", startup_timeout=60)},
+    )
+'''
+
+
+def write(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(textwrap.dedent(text).lstrip())
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "my-project"
+    write(root, {"my_function/main.py": FUNCTION, "my_defs.py": DEFINITIONS})
+    return root
+
+
+@pytest.fixture
+def gcf_pipes_command(project: Path) -> Iterator[callable]:
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Output]:
+        process = subprocess.Popen([str(GCF_PIPES), *args], cwd=project, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
+                                   start_new_session=True)
+        started.append(process)
+        return process, Output(process)
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def materialize_my_table(project: Path, environment: dict[str, str]) -> tuple[list[str], dict]:
+    """Materialize the user's asset from this process against the stack ``up`` started."""
+    saved = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
+    sys.path.insert(0, str(project))
+    try:
+        sys.modules.pop("my_defs", None)
+        import my_defs
+
+        with DagsterInstance.ephemeral() as instance:
+            result = materialize([my_defs.my_table], resources=my_defs.defs.resources, instance=instance)
+            assert result.success
+            logs = [e.user_message for e in instance.all_logs(result.run_id) if e.dagster_event is None]
+            [event] = result.get_asset_materialization_events()
+            metadata = {k: v.value for k, v in event.event_specific_data.materialization.metadata.items()}
+            return logs, metadata
+    finally:
+        sys.path.remove(str(project))
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_up_serves_the_users_function_and_reloads_it_after_an_edit(project: Path, gcf_pipes_command):
+    process, output = gcf_pipes_command("up", "-f", "my_defs.py", "--function", "my_function/main.py:main")
+    last = output.wait_for("Ctrl-C stops it.")
+    environment = dict(line.removeprefix("export ").split("=", 1) for line in output.lines if line.startswith("export "))
+    assert environment["GOOGLE_CLOUD_PROJECT"] == "my-project"  # the project the user's resource names
+
+    logs, metadata = materialize_my_table(project, environment)
+    assert "running version one" in logs and metadata["version"] == "one"
+
+    edited = time.monotonic()
+    source = project / "my_function" / "main.py"
+    source.write_text(source.read_text().replace('VERSION = "one"', 'VERSION = "two"'))
+    output.wait_for("serves the new code", start=last)
+    print(f"edit -> new code serving: {time.monotonic() - edited:.2f} s")
+
+    logs, metadata = materialize_my_table(project, environment)
+    assert "running version two" in logs and metadata["version"] == "two"
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+
+
+def test_dev_runs_dagster_on_the_users_code_location(project: Path, gcf_pipes_command, tmp_path: Path):
+    from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
+
+    port = free_port()
+    home = tmp_path / "dagster-home"
+    home.mkdir()
+    process, output = gcf_pipes_command("dev", "-f", "my_defs.py", "--function", "my_function/main.py",
+                                        "--port", str(port), env={"DAGSTER_HOME": str(home)})
+    client = DagsterGraphQLClient("127.0.0.1", port_number=port)
+    deadline = time.monotonic() + 180
+    while True:
+        assert process.poll() is None, output.tail()
+        try:
+            run_id = client.submit_job_execution("__ASSET_JOB")
+            break
+        except (DagsterGraphQLClientError, OSError, Exception):  # the UI or its code location is still loading
+            assert time.monotonic() < deadline, output.tail()
+            time.sleep(1)
+    while (status := client.get_run_status(run_id).value) not in ("SUCCESS", "FAILURE", "CANCELED"):
+        assert time.monotonic() < deadline, output.tail()
+        time.sleep(0.5)
+    assert status == "SUCCESS", output.tail(60)
+    with DagsterInstance.from_config(str(home)) as instance:
+        logs = [e.user_message for e in instance.all_logs(run_id) if e.dagster_event is None]
+    assert "running version one" in logs
+
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+USER_TEST = '''
+    import pytest
+    from dagster import materialize
+
+    from my_defs import my_table
+
+
+    @pytest.mark.gcf_pipes(function="my_function/main.py:main")
+    def test_my_table(gcf_pipes):
+        result = materialize([my_table], resources={"pipes": gcf_pipes.client})
+        assert result.success
+        [materialization] = result.asset_materializations_for_node("my_table")
+        assert materialization.metadata["rows"].value == 3
+'''
+
+
+def test_the_pytest_fixture_serves_the_users_function(project: Path):
+    write(project, {"tests/test_my_table.py": USER_TEST, "pytest.ini": "[pytest]\npythonpath = .\n"})
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=project,
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "1 passed" in run.stdout
+
+
+@pytest.mark.gcf_pipes(function="tests/functions/main.py:main")
+def test_the_projects_own_tests_use_the_same_fixture(gcf_pipes):
+    from dagster import AssetExecutionContext, MaterializeResult, asset
+
+    from dagster_gcf_pipes.orchestrator import PipesPubSubClient
+
+    @asset
+    def echoed(context: AssetExecutionContext, pipes: PipesPubSubClient) -> MaterializeResult:
+        return pipes.run(context=context, payload={"n": 42}).get_materialize_result()
+
+    result = materialize([echoed], resources={"pipes": gcf_pipes.client})
+    assert result.success
+    [materialization] = result.asset_materializations_for_node("echoed")
+    assert materialization.metadata["n"].value == 42
+    assert os.environ["PUBSUB_EMULATOR_HOST"] == gcf_pipes.stack.environment["PUBSUB_EMULATOR_HOST"]

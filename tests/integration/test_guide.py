@@ -1,0 +1,87 @@
+"""docs/guide.md, executed: every fenced block carries a directive in the HTML comment on the line before it,
+
+* ``<!-- file: PATH -->``: the block is written to PATH in a fresh project folder;
+* ``<!-- run -->``: the shell command runs there and must succeed;
+* ``<!-- run-until: TEXT -->``: the long-running command runs until it prints TEXT, then gets SIGTERM and
+  must exit cleanly;
+* ``<!-- shown: REASON -->``: not run, for the reason given (an install line, a command that needs GCP).
+
+A block without a directive fails the test, so none can go stale unnoticed."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests import REPO_ROOT
+from tests.integration.processes import Output
+
+GUIDE = REPO_ROOT / "docs" / "guide.md"
+BLOCK = re.compile(r"(?:<!-- (?P<directive>[a-z-]+)(?::\s*(?P<argument>.*?))? -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```",
+                   re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Block:
+    directive: str | None
+    argument: str
+    body: str
+    line: int
+
+
+def guide_blocks() -> list[Block]:
+    text = GUIDE.read_text()
+    return [Block(m["directive"], (m["argument"] or "").strip(), m["body"], text.count("\n", 0, m.start()) + 1)
+            for m in BLOCK.finditer(text)]
+
+
+def test_every_block_of_the_guide_says_how_it_is_checked():
+    unmarked = [f"docs/guide.md:{b.line}" for b in guide_blocks()
+                if b.directive not in ("file", "run", "run-until", "shown") or not b.argument and b.directive != "run"]
+    assert not unmarked, f"blocks without a directive (see this module's docstring): {unmarked}"
+
+
+def run_until(command: str, text: str, cwd: Path, env: dict[str, str]) -> None:
+    process = subprocess.Popen(command, shell=True, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = Output(process)
+    try:
+        output.wait_for(text, timeout=180)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError(f"{command!r} did not stop within 60 s of SIGTERM:\n{output.tail()}") from None
+
+
+def test_the_guide_runs_from_a_blank_folder(tmp_path: Path):
+    project = tmp_path / "my-project"
+    project.mkdir()
+    # the venv running the tests has the library installed: its scripts come first on PATH, as in the
+    # reader's activated venv
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    ran = 0
+    for block in guide_blocks():
+        if block.directive == "file":
+            path = project / block.argument
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(block.body)
+        elif block.directive == "run":
+            result = subprocess.run(block.body, shell=True, cwd=project, env=env, capture_output=True, text=True,
+                                    timeout=300)
+            assert result.returncode == 0, f"docs/guide.md:{block.line}: {block.body}\n{result.stdout}{result.stderr}"
+            ran += 1
+        elif block.directive == "run-until":
+            run_until(block.body, block.argument, project, env)
+            ran += 1
+    assert ran >= 4
+    built = project / "build" / "my_function"
+    assert {"main.py", "tables.py", "sizes.json", "requirements.txt"} <= {p.name for p in built.iterdir()}
+    assert (built / "dagster_gcf_pipes" / "function" / "entrypoint.py").is_file()
