@@ -3,43 +3,39 @@
 ``pubsub_sensor`` builds a ``SensorDefinition``. Each tick pulls what is waiting (synchronous pull, at
 most ``max_messages_per_tick`` messages, a short wait when the subscription is empty, transient errors
 retried with the shared policy), turns every message into a ``PubSubEvent`` and hands it to
-``build_run_request``; what that returns becomes one ``RunRequest`` whose ``run_key`` is the Pub/Sub
-message id. Messages beyond the cap stay on the subscription for the next tick. ``gcs_object_event``
-reads a Cloud Storage object notification out of an event, for sensors over a bucket's notifications.
+``build_run_request``; what that returns becomes one ``RunRequest``. Messages beyond the cap stay on the
+subscription for the next tick. ``gcs_object_event`` reads a Cloud Storage object notification out of an
+event, for sensors over a bucket's notifications.
 
-Delivery, and where it can go wrong
------------------------------------
-Pub/Sub delivers at least once: a message can come back after it was pulled (its ack deadline passed,
-the ack was lost, the tick failed) and, rarely, even after it was acked. Two mechanisms make a
-redelivered message launch nothing twice:
+Exactly once, in two phases
+---------------------------
+Pub/Sub delivers at least once, and Dagster's sensor daemon persists a tick's result (its runs, then its
+cursor) only after the evaluation has returned. So a tick never acks the messages it turns into
+requests: it hands them back (ack deadline 0) and writes their ids into the cursor. The next tick finds
+them in the cursor and acks them without requesting anything. Two mechanisms make every message launch
+exactly one run:
 
-* ``run_key`` = message id. A redelivery is the same message, so it carries the same id and the tick
-  builds a request with the same run key; Dagster's sensor daemon creates no run for a run key this
-  sensor has already launched (it looks the key up among the sensor's runs before creating one). This
-  holds for any redelivery, however late, and whatever the cursor says. A *second publish* of the same
-  logical event is a different message with a different id, so it is a second run; to merge those,
-  return a ``RunRequest`` with your own ``run_key`` (for example ``bucket/object#generation``): the
-  factory keeps a run key you set.
-* the cursor: the ids of the messages acked by recent ticks. A message already in it is acked and
-  skipped without building a request, so a redelivery within Pub/Sub's at-least-once window does not even
-  show up as a skipped run request on the tick, and a redelivered malformed message is not reported twice.
+* **Nothing lost.** A message is acked only by a tick whose cursor holds its id, and the cursor is only
+  ever the one Dagster kept: if a tick's result is lost (the daemon died after the evaluation, or the
+  evaluation outlived the daemon's sensor timeout), neither its runs nor its cursor were kept, the
+  messages come back and a later tick requests them again.
+* **Nothing twice.** The run key: by default the message id, or ``bucket/object#generation`` for a
+  Cloud Storage notification (``GcsObjectEvent.run_key``), so duplicate notifications of one object
+  write, which Cloud Storage publishes as different messages, launch one run. A request that sets its own
+  ``run_key`` keeps it. Dagster's sensor daemon creates no run for a run key this sensor has already
+  launched, however late the redelivery and whatever the cursor says; so a tick result lost *after* some
+  of its runs were created, then evaluated again, launches only the rest.
 
-The order of a tick: pull, build every request, ack the messages the tick is done with (those it returns
-requests for, those ``build_run_request`` filtered out with ``None``, the malformed ones, the
-duplicates), return ``SensorResult(run_requests=..., cursor=...)``. If building fails (a
-``build_run_request`` that returns something other than a ``RunRequest`` or ``None``), nothing is acked:
-the pulled messages are handed back (ack deadline 0) and the tick fails with the error. If the ack itself
-fails past the retry budget, the tick still returns its requests (a warning says so): the messages come
-back later, and the cursor and the run keys absorb them.
+The cursor remembers at least ``CURSOR_MESSAGE_IDS`` ids (and two ticks' worth), so a redelivery within
+Pub/Sub's at-least-once window is acked and skipped without even a skipped run request in the tick.
 
-The limit: the messages are acked *before* Dagster persists the tick. The daemon launches the runs and
-stores the cursor only after the evaluation has returned, so if that is lost after the ack (the daemon is
-killed in between, or the evaluation outlived the daemon's sensor timeout, 60 s by default) Pub/Sub does
-not redeliver and those runs are not launched. Run keys cover the opposite window (acked late or not at
-all: redelivered, deduplicated), not this one. Keep ticks short (the default cap and pull timeout do)
-and watch the sensor's failed ticks; a subscription with a dead-letter topic and
-``--retain-acked-messages`` lets you ``gcloud pubsub subscriptions seek`` back over a lost tick, and the
-run keys make that replay safe.
+The order of a tick: pull; ack the messages in the cursor; for every other message build the request
+(``None`` or a malformed message: skipped, with a warning for the malformed one); hand the new messages
+back; return ``SensorResult(run_requests=..., cursor=...)``. If building fails (a ``build_run_request``
+that returns something other than a ``RunRequest`` or ``None``), the tick fails and every new message is
+handed back. A failed ack (past the retry budget) is a warning: the messages come back and the cursor
+and the run keys absorb them. The price of the two phases: each message is pulled twice, so a
+subscription kept full moves about ``max_messages_per_tick / 2`` new messages per tick.
 """
 
 from __future__ import annotations
@@ -60,10 +56,10 @@ from dagster import (
     SkipReason,
     sensor,
 )
-from google.cloud import pubsub_v1
 
 from dagster_gcf_pipes.orchestrator.client import resolve_project
 from dagster_gcf_pipes.orchestrator.pull import ack, nack, pull, subscription_path
+from dagster_gcf_pipes.shared.pubsub import subscriber_client
 
 #: Tag prefixes of the default run request (Dagster tag keys allow one ``namespace/`` section).
 MESSAGE_ID_TAG = "pubsub/message_id"
@@ -71,7 +67,7 @@ PUBLISH_TIME_TAG = "pubsub/publish_time"
 SUBSCRIPTION_TAG = "pubsub/subscription"
 ATTRIBUTE_TAG_PREFIX = "pubsub.attr/"
 
-#: The cursor remembers at least this many acked message ids (and at least two ticks' worth).
+#: The cursor remembers at least this many handled message ids (and at least two ticks' worth).
 CURSOR_MESSAGE_IDS = 1000
 
 _TAG_NAME_INVALID = re.compile(r"[^A-Za-z0-9_.-]")
@@ -159,6 +155,14 @@ class GcsObjectEvent:
         """A new object or a new generation of one (``OBJECT_FINALIZE``)."""
         return self.event_type == "OBJECT_FINALIZE"
 
+    @property
+    def run_key(self) -> str:
+        """``bucket/object#generation``: one key per write of an object, however many notifications of it
+        arrive (Cloud Storage may publish one twice, as two messages); other event types than
+        ``OBJECT_FINALIZE`` add ``@EVENT_TYPE`` (a delete of that generation is another event)."""
+        key = f"{self.bucket}/{self.name}#{self.generation or ''}"
+        return key if self.created else f"{key}@{self.event_type}"
+
 
 def gcs_object_event(event: PubSubEvent) -> GcsObjectEvent:
     """Read a Cloud Storage notification; ``PubSubEventError`` if the message is not one."""
@@ -181,6 +185,15 @@ def gcs_object_event(event: PubSubEvent) -> GcsObjectEvent:
     )
 
 
+def default_run_key(event: PubSubEvent) -> str:
+    """The run key of a request that sets none: ``GcsObjectEvent.run_key`` for a Cloud Storage notification,
+    else the message id."""
+    try:
+        return gcs_object_event(event).run_key
+    except PubSubEventError:
+        return event.message_id
+
+
 def _load_cursor(cursor: str | None) -> list[str]:
     if not cursor:
         return []
@@ -189,6 +202,61 @@ def _load_cursor(cursor: str | None) -> list[str]:
     except json.JSONDecodeError:
         return []  # a cursor set by hand: the run keys still deduplicate
     return [str(i) for i in ids] if isinstance(ids, list) else []
+
+
+@dataclass
+class _Requests:
+    run_requests: list[RunRequest] = field(default_factory=list)
+    skipped: int = 0
+
+
+def _requests_for(
+    received: list[Any], build: Callable[[PubSubEvent], RunRequest | None], name: str, short_name: str, log: Any
+) -> _Requests:
+    """One run request per new message (a message delivered twice within the tick counts once)."""
+    outcome = _Requests()
+    seen: set[str] = set()
+    for message in received:
+        event = PubSubEvent.from_received(message)
+        if event.message_id in seen:
+            continue
+        seen.add(event.message_id)
+        try:
+            request = build(event)
+        except Exception as exc:  # noqa: BLE001 - a bad message must not block the others
+            outcome.skipped += 1
+            log.warning(
+                f"[pubsub] {name}: skipped message {event.message_id} from {short_name} (no run): "
+                f"{type(exc).__name__}: {exc}"
+            )
+            continue
+        if request is None:
+            outcome.skipped += 1
+            continue
+        if not isinstance(request, RunRequest):
+            raise TypeError(
+                f"build_run_request of sensor {name} returned {type(request).__name__} for message "
+                f"{event.message_id}; it must return a RunRequest or None"
+            )
+        tags = {MESSAGE_ID_TAG: event.message_id, SUBSCRIPTION_TAG: short_name, **request.tags}
+        outcome.run_requests.append(
+            request.with_replaced_attrs(run_key=request.run_key or default_run_key(event), tags=tags)
+        )
+    return outcome
+
+
+def _settle(subscriber: Any, path: str, handled: list[Any], new: list[Any], name: str, log: Any) -> None:
+    """Ack what an earlier tick handled; hand the new messages back for the tick after this one."""
+    for settle, messages, what in ((ack, handled, "acking"), (nack, new, "handing back")):
+        if not messages:
+            continue
+        try:
+            settle(subscriber, path, [m.ack_id for m in messages])
+        except Exception as exc:  # noqa: BLE001 - the cursor and the run keys absorb the redelivery
+            log.warning(
+                f"[pubsub] {name}: {what} {len(messages)} messages on {path} failed ({type(exc).__name__}: {exc}); "
+                "they come back after their ack deadline and the cursor and run keys absorb them"
+            )
 
 
 def pubsub_sensor(
@@ -213,11 +281,12 @@ def pubsub_sensor(
         target: what the runs materialize or execute: an asset selection, assets, or a job (as for
             ``@sensor(target=...)``).
         build_run_request: ``PubSubEvent -> RunRequest | None``: run config, tags, partition key for a
-            message; ``None`` skips the message (acked). Raising (``ValueError``/``PubSubEventError`` for a
-            malformed message, or anything else) acks and skips the message with a warning in the tick's
-            log. Default: ``default_run_request`` (no run config, the message id and attributes as tags).
-            The run key is the message id unless the request sets its own; the tags always include
-            ``pubsub/message_id`` and ``pubsub/subscription``.
+            message; ``None`` skips the message (acked by the next tick). Raising (``ValueError``/
+            ``PubSubEventError`` for a malformed message, or anything else) skips the message with a warning
+            in the tick's log. Default: ``default_run_request`` (no run config, the message id and
+            attributes as tags). The run key is ``default_run_key`` (``bucket/object#generation`` for a Cloud
+            Storage notification, else the message id) unless the request sets its own; the tags always
+            include ``pubsub/message_id`` and ``pubsub/subscription``.
         max_messages_per_tick: pull at most this many messages per tick; the rest wait for the next tick.
         minimum_interval_seconds: the sensor's interval.
         project: the subscription's project; default ``GOOGLE_CLOUD_PROJECT``, then ADC (read at each tick).
@@ -243,10 +312,10 @@ def pubsub_sensor(
     def _pubsub_sensor(context: SensorEvaluationContext) -> SensorResult | SkipReason:
         path = subscription_path(resolve_project(project), subscription)
         short_name = path.rsplit("/", 1)[-1]
-        acked_before = _load_cursor(context.cursor)
-        already = set(acked_before)
+        handled_before = _load_cursor(context.cursor)
+        already = set(handled_before)
 
-        with pubsub_v1.SubscriberClient() as subscriber:
+        with subscriber_client() as subscriber:
             received = pull(
                 subscriber,
                 path,
@@ -256,70 +325,23 @@ def pubsub_sensor(
             )
             if not received:
                 return SkipReason(f"no messages waiting on {path}")
-
-            run_requests: list[RunRequest] = []
-            done: list[str] = []  # ack ids
-            newly_acked: list[str] = []  # message ids
-            skipped = duplicates = 0
+            handled = [m for m in received if m.message.message_id in already]  # kept by an earlier tick: ack
+            new = [m for m in received if m.message.message_id not in already]
             try:
-                for message in received:
-                    event = PubSubEvent.from_received(message)
-                    done.append(message.ack_id)
-                    if event.message_id in already:
-                        duplicates += 1
-                        continue
-                    already.add(event.message_id)
-                    newly_acked.append(event.message_id)
-                    try:
-                        request = build(event)
-                    except Exception as exc:  # noqa: BLE001 - a bad message must not block the others
-                        skipped += 1
-                        context.log.warning(
-                            f"[pubsub] {name}: skipped message {event.message_id} from {short_name} (acked, no run): "
-                            f"{type(exc).__name__}: {exc}"
-                        )
-                        continue
-                    if request is None:
-                        skipped += 1
-                        continue
-                    if not isinstance(request, RunRequest):
-                        raise TypeError(
-                            f"build_run_request of sensor {name} returned {type(request).__name__} for message "
-                            f"{event.message_id}; it must return a RunRequest or None"
-                        )
-                    tags = {MESSAGE_ID_TAG: event.message_id, SUBSCRIPTION_TAG: short_name, **request.tags}
-                    run_requests.append(
-                        request.with_replaced_attrs(run_key=request.run_key or event.message_id, tags=tags)
-                    )
-            except BaseException:
-                # nothing was acked: hand every pulled message back for a later tick, then fail the tick
-                try:
-                    nack(subscriber, path, [m.ack_id for m in received])
-                except Exception as exc:  # noqa: BLE001 - the original error matters more
-                    context.log.warning(
-                        f"[pubsub] {name}: could not hand the messages back ({exc}); they return after their ack deadline"
-                    )
-                raise
+                outcome = _requests_for(new, build, name, short_name, context.log)
+            finally:
+                # a new message is acked by the tick that finds it in the cursor Dagster kept, never by this one
+                _settle(subscriber, path, handled, new, name, context.log)
 
-            try:
-                ack(subscriber, path, done)
-            except Exception as exc:  # noqa: BLE001 - the requests are built: return them; redeliveries are skipped
-                context.log.warning(
-                    f"[pubsub] {name}: acking {len(done)} messages on {path} failed ({type(exc).__name__}: {exc}); "
-                    "they will be redelivered and skipped as duplicates"
-                )
-
-        cursor = json.dumps((acked_before + newly_acked)[-remembered:])
-        context.log.info(
-            f"[pubsub] {name}: {len(received)} messages from {short_name}: {len(run_requests)} run requests, "
-            f"{skipped} skipped, {duplicates} already handled"
+        newly_handled = list(dict.fromkeys(m.message.message_id for m in new))
+        cursor = json.dumps((handled_before + newly_handled)[-remembered:])
+        summary = (
+            f"{len(received)} messages on {short_name}: {len(outcome.run_requests)} run requests, "
+            f"{outcome.skipped} skipped, {len(handled)} already handled"
         )
-        if not run_requests:
-            return SensorResult(
-                skip_reason=f"{len(received)} messages on {path}, none requested a run "
-                f"({skipped} skipped, {duplicates} already handled)",
-                cursor=cursor,
-            )
-        return SensorResult(run_requests=run_requests, cursor=cursor)
+        context.log.info(f"[pubsub] {name}: {summary}")
+        if not outcome.run_requests:
+            return SensorResult(skip_reason=f"{summary} (acked)", cursor=cursor)
+        return SensorResult(run_requests=outcome.run_requests, cursor=cursor)
 
     return _pubsub_sensor

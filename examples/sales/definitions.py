@@ -64,6 +64,8 @@ def landed_object_request(event: PubSubEvent) -> RunRequest | None:
     if not obj.created or not obj.name.startswith("landing/"):
         return None  # deletes, metadata updates, other prefixes: acked, no run
     return RunRequest(
+        # one run per write of the object, however many notifications of it arrive
+        run_key=obj.run_key,
         run_config=RunConfig(ops={"cloud_function_pipes_asset": LandedObject(uri=obj.uri)}),
         tags={"gcs/bucket": obj.bucket, "gcs/object": obj.name, "gcs/generation": obj.generation or ""},
     )

@@ -1,10 +1,17 @@
 """The example code location's fan-out and detached modes, run as a user would on the local stack."""
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from dagster import DagsterInstance, SensorResult, build_sensor_context, materialize
+from dagster._core.storage.tags import RUN_KEY_TAG
+from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1, storage
+
+from dagster_gcf_pipes.orchestrator.pull import ack, pull
 
 from examples.sales.definitions import (
     cloud_function_pipes_asset,
@@ -16,6 +23,7 @@ from examples.sales.definitions import (
     sharded_sales,
 )
 from tests.conftest import LAKE_BUCKET
+from tests.modes.daemon import TickStatus, sensor_daemon
 
 
 def test_sharded_sales_writes_every_part_and_aggregates_metadata(stack: Any) -> None:
@@ -54,20 +62,39 @@ def test_detached_job_then_completion_sensor_records_the_materialization(stack: 
         detached_completions(build_sensor_context(instance=instance, cursor=result.cursor, resources={"pipes_pubsub": client}))
 
 
-def test_landed_object_notification_materializes_the_asset_with_its_path(stack: Any) -> None:
+@pytest.fixture
+def landing(stack: Any) -> Iterator[tuple[pubsub_v1.PublisherClient, str]]:
+    """The topic and subscription ``landed_objects`` reads (``landing-objects``), empty; the publisher and topic."""
     with pubsub_v1.PublisherClient() as publisher, pubsub_v1.SubscriberClient() as subscriber:
-        topic = publisher.create_topic(request={"name": publisher.topic_path(stack.project, "landing-objects")}).name
-        subscriber.create_subscription(
-            request={"name": subscriber.subscription_path(stack.project, "landing-objects"), "topic": topic}
-        )
-        notification = {"bucketId": "raw-drops", "eventType": "OBJECT_FINALIZE", "payloadFormat": "JSON_API_V1"}
-        publisher.publish(topic, b"{}", **notification, objectId="landing/orders-1.csv", objectGeneration="7").result()
-        publisher.publish(topic, b"{}", **notification, objectId="elsewhere/x.csv", objectGeneration="8").result()
+        topic = publisher.topic_path(stack.project, "landing-objects")
+        path = subscriber.subscription_path(stack.project, "landing-objects")
+        with contextlib.suppress(gexc.AlreadyExists):
+            publisher.create_topic(request={"name": topic})
+        with contextlib.suppress(gexc.AlreadyExists):
+            subscriber.create_subscription(request={"name": path, "topic": topic})
+        yield publisher, topic
+        while received := pull(subscriber, path, max_messages=1000, timeout=0.5):
+            ack(subscriber, path, [m.ack_id for m in received])
+
+
+def notify(publisher: pubsub_v1.PublisherClient, topic: str, name: str, generation: int) -> None:
+    """A Cloud Storage OBJECT_FINALIZE notification, as the service publishes it."""
+    attributes = {"bucketId": "raw-drops", "eventType": "OBJECT_FINALIZE", "payloadFormat": "JSON_API_V1"}
+    publisher.publish(topic, b"{}", **attributes, objectId=name, objectGeneration=str(generation)).result()
+
+
+def test_landed_object_notification_materializes_the_asset_with_its_path(
+    landing: tuple[pubsub_v1.PublisherClient, str],
+) -> None:
+    publisher, topic = landing
+    notify(publisher, topic, "landing/orders-1.csv", 7)
+    notify(publisher, topic, "elsewhere/x.csv", 8)
 
     with DagsterInstance.ephemeral() as instance:
         tick = landed_objects(build_sensor_context(instance=instance))
         (request,) = tick.run_requests
         assert request.tags["gcs/object"] == "landing/orders-1.csv"
+        assert request.run_key == "raw-drops/landing/orders-1.csv#7"
         result = materialize(
             [cloud_function_pipes_asset],
             resources={"pipes_pubsub": pipes_pubsub_from_env()},
@@ -77,3 +104,26 @@ def test_landed_object_notification_materializes_the_asset_with_its_path(stack: 
         assert result.success
         logs = [e.user_message for e in instance.all_logs(result.run_id) if e.dagster_event is None]
     assert "triggered by gs://raw-drops/landing/orders-1.csv" in logs
+
+
+def test_duplicate_notifications_of_one_object_write_launch_one_run(
+    landing: tuple[pubsub_v1.PublisherClient, str],
+) -> None:
+    """100 objects land, 10 of their notifications arrive twice (two messages each): through Dagster's sensor
+    daemon on a persistent instance, 100 runs, one per object write."""
+    publisher, topic = landing
+    for i in range(100):
+        notify(publisher, topic, f"landing/part-{i}.csv", 1000 + i)
+    for i in range(10):
+        notify(publisher, topic, f"landing/part-{i}.csv", 1000 + i)
+
+    with sensor_daemon("example", module_name="examples.sales.definitions", attribute="defs") as daemon:
+        daemon.start("landed_objects")
+        for _ in range(12):
+            if daemon.tick().status == TickStatus.SKIPPED and not daemon.latest_tick().run_keys:
+                if "no messages waiting" in (daemon.latest_tick().skip_reason or ""):
+                    break
+        runs = daemon.instance.get_runs()
+
+    keys = sorted(run.tags[RUN_KEY_TAG] for run in runs)
+    assert keys == sorted(f"raw-drops/landing/part-{i}.csv#{1000 + i}" for i in range(100))

@@ -43,6 +43,8 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import pubsub_v1, storage
 
 import dagster_gcf_pipes.orchestrator.sensors as sensors_module
+from dagster._core.remote_representation.code_location import InProcessCodeLocation
+from dagster._core.scheduler.instigation import InstigatorType
 from dagster_gcf_pipes.local.local_stack import ManagedProcess, free_port
 from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError
 from dagster_gcf_pipes.orchestrator.pull import pull
@@ -55,6 +57,7 @@ from dagster_gcf_pipes.orchestrator.sensors import (
     gcs_object_event,
     pubsub_sensor,
 )
+from tests.modes.daemon import DaemonDied, SensorDaemon, TickStatus, sensor_daemon
 
 # --------------------------------------------------------------------------------------------- the code
 # location the daemon test loads (this file, by path): an asset with config and a sensor that is running.
@@ -186,6 +189,13 @@ def tick(sensor: Any, cursor: str | None = None) -> tuple[Any, Recorder]:
         return sensor(context), recorder
 
 
+def ack_phase(sensor: Any, cursor: str) -> Any:
+    """The next tick, with the cursor Dagster kept: it acks what the last one handled and requests nothing."""
+    result, _ = tick(sensor, cursor=cursor)
+    assert isinstance(result, SkipReason) or not result.run_requests, result
+    return result
+
+
 def requests_of(result: Any) -> list[RunRequest]:
     assert isinstance(result, SensorResult), result
     return list(result.run_requests or [])
@@ -206,8 +216,9 @@ def make_sensor(feed: Feed, **overrides: Any) -> Any:
 def test_one_run_request_per_message_with_the_built_config_and_tags(feed: Feed, pulled: list[str]) -> None:
     uris = [f"gs://bucket/in/{i}.csv" for i in range(3)]
     ids = [feed.publish({"uri": uri, "kind": "csv"}, origin="test") for uri in uris]
+    sensor = make_sensor(feed)
 
-    result, _ = tick(make_sensor(feed))
+    result, _ = tick(sensor)
 
     requests = requests_of(result)
     assert sorted(r.run_key for r in requests) == sorted(ids)
@@ -219,6 +230,9 @@ def test_one_run_request_per_message_with_the_built_config_and_tags(feed: Feed, 
         assert request.tags[MESSAGE_ID_TAG] == message_id
         assert request.tags[SUBSCRIPTION_TAG] == feed.name
     assert json.loads(result.cursor) == [r.run_key for r in requests]
+    assert sorted(feed.waiting()) == sorted(ids)  # handed back, not acked: Dagster has not kept the tick yet
+    pulled.clear()
+    ack_phase(sensor, result.cursor)
     feed.assert_acked(pulled)
 
 
@@ -235,20 +249,23 @@ def test_default_run_request_tags_the_message_id_and_attributes(feed: Feed) -> N
     assert datetime.fromisoformat(request.tags["pubsub/publish_time"]).tzinfo is not None
 
 
-def test_the_cap_is_honoured_and_the_rest_come_on_the_next_tick(feed: Feed) -> None:
+def test_the_cap_is_honoured_and_the_rest_come_on_later_ticks(feed: Feed, pulled: list[str]) -> None:
     ids = [feed.publish({"uri": f"gs://b/{i}"}) for i in range(5)]
     sensor = make_sensor(feed, max_messages_per_tick=3)
 
-    first, _ = tick(sensor)
-    second, _ = tick(sensor, cursor=first.cursor)
-    third, _ = tick(sensor, cursor=second.cursor)
+    keys: list[str] = []
+    cursor = None
+    for _ in range(10):
+        pulled.clear()
+        result, _ = tick(sensor, cursor=cursor)
+        assert len(pulled) <= 3
+        if isinstance(result, SkipReason):
+            break
+        keys += [r.run_key for r in result.run_requests or []]
+        cursor = result.cursor
 
-    first_keys = [r.run_key for r in requests_of(first)]
-    second_keys = [r.run_key for r in requests_of(second)]
-    assert len(first_keys) == 3 and len(second_keys) == 2
-    assert sorted(first_keys + second_keys) == sorted(ids)
-    assert isinstance(third, SkipReason)
-    assert sorted(json.loads(second.cursor)) == sorted(ids)
+    assert sorted(keys) == sorted(ids)  # each message requested once, whichever tick pulled it
+    assert sorted(json.loads(cursor or "[]")) == sorted(ids)
 
 
 def test_malformed_and_filtered_messages_are_acked_and_skipped_with_a_warning(feed: Feed, pulled: list[str]) -> None:
@@ -257,7 +274,8 @@ def test_malformed_and_filtered_messages_are_acked_and_skipped_with_a_warning(fe
     no_uri = feed.publish({"kind": "csv"})
     filtered = feed.publish({"ignore": True})
 
-    result, log = tick(make_sensor(feed))
+    sensor = make_sensor(feed)
+    result, log = tick(sensor)
 
     assert [r.run_key for r in requests_of(result)] == [good]
     warnings = log.messages(logging.WARNING)
@@ -269,6 +287,7 @@ def test_malformed_and_filtered_messages_are_acked_and_skipped_with_a_warning(fe
     assert not any(f"message {filtered} from" in w for w in warnings)  # filtered on purpose: no warning
     assert sorted(json.loads(result.cursor)) == sorted([good, not_json, no_uri, filtered])
     assert len(pulled) == 4
+    ack_phase(sensor, result.cursor)
     feed.assert_acked(pulled)  # the malformed and the filtered ones too
 
 
@@ -286,97 +305,85 @@ def test_a_tick_that_fails_before_the_ack_hands_the_messages_back(feed: Feed) ->
     assert request.run_key == message_id
 
 
+@pytest.fixture
+def daemon_feed(stack: Any) -> Iterator[Feed]:
+    """The subscription ``daemon_defs``'s sensor reads."""
+    feed = Feed(stack.project, DAEMON_SUBSCRIPTION)
+    yield feed
+    feed.close()
+
+
+@pytest.fixture
+def daemon(daemon_feed: Feed) -> Iterator[SensorDaemon]:
+    """Dagster's sensor daemon over ``daemon_defs`` (this file), on a persistent instance; runs are queued."""
+    with sensor_daemon("pubsub_sensor_test", python_file=str(Path(__file__).resolve()), attribute="daemon_defs") as running:
+        yield running
+
+
 def test_a_duplicate_publish_is_two_runs_but_a_redelivery_is_one(
-    stack: Any, pulled: list[str], monkeypatch: pytest.MonkeyPatch
+    daemon_feed: Feed, daemon: SensorDaemon, pulled: list[str]
 ) -> None:
-    """Through Dagster's sensor daemon on a real (temporary, SQLite) instance: the daemon launches the runs the
-    sensor requests and drops a request whose run key this sensor has already launched."""
-    from dagster._core.remote_origin import InProcessCodeLocationOrigin
-    from dagster._core.scheduler.instigation import InstigatorType, TickStatus
-    from dagster._core.storage.tags import RUN_KEY_TAG
-    from dagster._core.test_utils import create_test_daemon_workspace_context, freeze_time
-    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
-    from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
-    from dagster._daemon.sensor import execute_sensor_iteration
+    """Through Dagster's sensor daemon: it launches the runs the sensor requests and drops a request whose run
+    key this sensor has already launched."""
+    # the same logical event published twice is two messages: two run keys, two runs
+    first = daemon_feed.publish({"uri": "gs://b/same.csv"})
+    second = daemon_feed.publish({"uri": "gs://b/same.csv"})
+    assert first != second
+    assert daemon.tick().status == TickStatus.SUCCESS
+    for message_id in (first, second):
+        (run,) = daemon.runs_with_key(message_id)
+        assert run.run_config == {"ops": {"sensed_asset": {"config": {"uri": "gs://b/same.csv"}}}}
+        assert run.tags[MESSAGE_ID_TAG] == message_id
+    assert sorted(daemon_feed.waiting()) == sorted([first, second])  # handed back until Dagster kept the tick
 
-    started = time.time()
-    lost_acks: list[str] = []
+    # the next tick finds them in the cursor Dagster kept: acked, nothing requested
+    pulled.clear()
+    tick_ = daemon.tick()
+    assert tick_.status == TickStatus.SKIPPED and "2 already handled" in (tick_.skip_reason or "")
+    assert len(daemon.instance.get_runs()) == 2
+    daemon_feed.assert_acked(pulled)
 
-    real_ack = sensors_module.ack
+    # a redelivery the cursor no longer remembers (reset with `dagster sensor cursor --delete`, or aged
+    # out): the sensor requests the same run key again; the daemon launches nothing
+    third = daemon_feed.publish({"uri": "gs://b/other.csv"})
+    daemon.tick()
+    assert len(daemon.runs_with_key(third)) == 1
+    (state,) = daemon.instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
+    daemon.instance.update_instigator_state(state.with_data(state.instigator_data._replace(cursor=None)))
 
-    def lose_acks() -> None:  # the tick's ack never reaches Pub/Sub: it keeps the messages
-        lost_acks.clear()
-        monkeypatch.setattr(sensors_module, "ack", lambda _subscriber, _path, ack_ids: lost_acks.extend(ack_ids))
+    tick_ = daemon.tick()
+    # the tick carries the requested run key but no run: "already completed with run keys: [third]"
+    assert tick_.status == TickStatus.SKIPPED and tick_.run_keys == [third] and tick_.run_ids == [], tick_
+    assert len(daemon.runs_with_key(third)) == 1
+    pulled.clear()
+    daemon.tick()  # the ack phase
+    assert len(daemon.instance.get_runs()) == 3
+    daemon_feed.assert_acked(pulled)
 
-    def redeliver() -> None:  # Pub/Sub delivers them again (at once, rather than after the ack deadline)
-        daemon_feed.hand_back(lost_acks)
-        monkeypatch.setattr(sensors_module, "ack", real_ack)
 
-    location = InProcessWorkspaceLoadTarget(
-        InProcessCodeLocationOrigin(
-            LoadableTargetOrigin(python_file=str(Path(__file__).resolve()), attribute="daemon_defs"),
-            location_name="pubsub_sensor_test",
-        )
-    )
-    daemon_feed = Feed(stack.project, DAEMON_SUBSCRIPTION)
-    try:
-        with (
-            instance_for_test(synchronous_run_coordinator=True, synchronous_run_launcher=True) as instance,
-            create_test_daemon_workspace_context(location, instance) as workspace,
-        ):
+def test_a_tick_whose_result_is_lost_after_the_evaluation_loses_no_run(
+    daemon_feed: Feed, daemon: SensorDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The evaluation pulled the messages and returned its requests, then the daemon died before keeping
+    them (or the evaluation outlived the daemon's sensor timeout): every message still gets its run, once."""
+    ids = [daemon_feed.publish({"uri": f"gs://b/lost-{i}.csv"}) for i in range(20)]
+    evaluate = InProcessCodeLocation.get_sensor_execution_data
 
-            clock = iter(range(1, 100))
+    def evaluated_then_lost(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = evaluate(self, *args, **kwargs)
+        assert len(result.run_requests) == 20
+        raise DaemonDied("the daemon died before it kept the tick's result")
 
-            def daemon_tick() -> Any:
-                """One iteration of the sensor daemon, a minute after the last one (past the sensor's interval)."""
-                with freeze_time(started + 60 * next(clock)):
-                    list(execute_sensor_iteration(workspace, logging.getLogger("test.sensor_daemon"), None, None))
-                (state,) = instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
-                return instance.get_ticks(state.instigator_origin_id, state.selector_id)[0]  # the newest
+    monkeypatch.setattr(InProcessCodeLocation, "get_sensor_execution_data", evaluated_then_lost)
+    daemon.crash_tick()
+    monkeypatch.setattr(InProcessCodeLocation, "get_sensor_execution_data", evaluate)
 
-            def runs_for(message_id: str) -> list[Any]:
-                return instance.get_runs(filters=RunsFilter(tags={RUN_KEY_TAG: message_id}))
+    statuses = [daemon.tick().status for _ in range(3)]
 
-            # the same logical event published twice is two messages: two run keys, two runs
-            first = daemon_feed.publish({"uri": "gs://b/same.csv"})
-            second = daemon_feed.publish({"uri": "gs://b/same.csv"})
-            assert first != second
-            lose_acks()
-            assert daemon_tick().status == TickStatus.SUCCESS
-            assert len(lost_acks) == 2
-            for message_id in (first, second):
-                (run,) = runs_for(message_id)
-                assert run.status == DagsterRunStatus.SUCCESS
-                assert run.run_config == {"ops": {"sensed_asset": {"config": {"uri": "gs://b/same.csv"}}}}
-                assert run.tags[MESSAGE_ID_TAG] == message_id
-
-            # both are redelivered; the cursor remembers them: acked and skipped, nothing requested
-            redeliver()
-            pulled.clear()
-            tick_ = daemon_tick()
-            assert tick_.status == TickStatus.SKIPPED and "2 already handled" in (tick_.skip_reason or "")
-            assert len(instance.get_runs()) == 2
-            daemon_feed.assert_acked(pulled)
-
-            # a redelivery the cursor no longer remembers (reset with `dagster sensor cursor --delete`,
-            # or aged out): the sensor requests the same run key again; the daemon launches nothing
-            third = daemon_feed.publish({"uri": "gs://b/other.csv"})
-            lose_acks()
-            daemon_tick()
-            assert len(runs_for(third)) == 1
-            redeliver()
-            (state,) = instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
-            instance.update_instigator_state(state.with_data(state.instigator_data._replace(cursor=None)))
-
-            pulled.clear()
-            tick_ = daemon_tick()
-            # the tick carries the requested run key but no run: "already completed with run keys: [third]"
-            assert tick_.status == TickStatus.SKIPPED and tick_.run_keys == [third] and tick_.run_ids == [], tick_
-            assert len(runs_for(third)) == 1
-            assert len(instance.get_runs()) == 3
-            daemon_feed.assert_acked(pulled)
-    finally:
-        daemon_feed.close()
+    assert statuses == [TickStatus.SUCCESS, TickStatus.SKIPPED, TickStatus.SKIPPED], statuses
+    assert [len(daemon.runs_with_key(message_id)) for message_id in ids] == [1] * 20
+    assert len(daemon.instance.get_runs()) == 20
+    assert daemon_feed.waiting() == []  # acked, once Dagster had kept the tick that requested them
 
 
 def test_a_missing_subscription_says_which_and_how_to_create_it(stack: Any) -> None:
@@ -390,19 +397,30 @@ def test_a_missing_subscription_says_which_and_how_to_create_it(stack: Any) -> N
     assert "gcloud pubsub subscriptions create no-such-subscription --topic" in message
 
 
-def test_an_ack_that_fails_still_returns_the_requests(feed: Feed, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_ack_that_fails_is_a_warning_and_the_redelivery_is_absorbed(
+    feed: Feed, pulled: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     message_id = feed.publish({"uri": "gs://b/x"})
+    real_ack = sensors_module.ack
+    sensor = make_sensor(feed)
+    first, _ = tick(sensor)
+    assert [r.run_key for r in requests_of(first)] == [message_id]
 
     def unavailable(*_args: Any) -> None:
         raise gexc.ServiceUnavailable("pubsub is down")
 
     monkeypatch.setattr(sensors_module, "ack", unavailable)
-    result, log = tick(make_sensor(feed))
+    pulled.clear()
+    second, log = tick(sensor, cursor=first.cursor)
+    monkeypatch.setattr(sensors_module, "ack", real_ack)
 
-    assert [r.run_key for r in requests_of(result)] == [message_id]
-    assert json.loads(result.cursor) == [message_id]  # its redelivery will be acked and skipped
+    assert isinstance(second, SensorResult) and not second.run_requests
     (warning,) = log.messages(logging.WARNING)
     assert "acking 1 messages" in warning and "ServiceUnavailable" in warning
+    feed.hand_back(pulled)  # its ack deadline passes: Pub/Sub delivers it again
+    pulled.clear()
+    ack_phase(sensor, second.cursor)  # still in the cursor: acked now, nothing requested twice
+    feed.assert_acked(pulled)
 
 
 def test_pubsub_event_helpers_name_the_message() -> None:
@@ -484,7 +502,9 @@ def test_gcs_notifications_materialize_the_asset_with_the_object_path(
     uri = "gs://landing-zone/landing/2026/sales 01.csv"
     assert request.run_config["ops"] == {"cloud_function_pipes_asset": {"config": {"uri": uri}}}
     assert request.tags["gcs/object"] == "landing/2026/sales 01.csv"
-    assert request.tags[MESSAGE_ID_TAG] == request.run_key
+    # keyed by the object's write, not the message: a duplicate notification of it requests the same key
+    generation = request.tags["gcs/generation"]
+    assert generation and request.run_key == f"landing-zone/landing/2026/sales 01.csv#{generation}"
     # the run config is valid for the asset and reaches it
     with DagsterInstance.ephemeral() as instance:
         outcome = materialize([landed_asset], run_config=request.run_config, tags=request.tags, instance=instance)
