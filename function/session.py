@@ -27,6 +27,7 @@ from dagster_gcf_pipes.function.gcs_chunk_writer import GCSChunkMessageWriter
 from dagster_gcf_pipes.function.lease import claim_lease
 from dagster_gcf_pipes.function.logs import current_trace
 from dagster_gcf_pipes.function.message_writer import PubSubMessageWriter
+from dagster_gcf_pipes.function.stdio import capture_output
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck
 from dagster_gcf_pipes.shared.layout import cancel_key, lease_key
 from dagster_gcf_pipes.shared.protocol import REPLY_CHANNEL_GCS, ProtocolError, ReplyChannelParams, Trigger
@@ -137,7 +138,8 @@ def _run_session(
     try:
         with watch_for_cancellation(gcs, settings.bucket, cancel_marker, settings.heartbeat_interval) as cancelled:
             with CloudFunctionPipesContext(params_loader, PipesInlineOrGCSContextLoader(gcs), writer, cancelled) as pipes:
-                handler(pipes, dict(trigger.payload))
+                with capture_output(pipes):  # prints reach the step's stdout/stderr; the rest is sent before `closed`
+                    handler(pipes, dict(trigger.payload))
     except Exception as exc:  # reported through `closed` by PipesContext.__exit__
         _log.exception("session %s: the handler raised; reported to Dagster", trigger.session_id)
         return SessionOutcome(trigger.session_id, invocation_id, ran=True, error=exc)

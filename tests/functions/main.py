@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import sys
 import time
 from typing import Any
 
@@ -14,10 +16,46 @@ from dagster_gcf_pipes.function.entrypoint import pipes_function
 
 LAKE_BUCKET = "data-lake"
 
+# a library that set its logging up at import time: its handler holds the sys.stderr of that moment
+CHATTY_LIBRARY = logging.getLogger("tests.functions.chatty_library")
+CHATTY_LIBRARY.addHandler(logging.StreamHandler(sys.stderr))
+CHATTY_LIBRARY.propagate = False
+
 
 def mark(kind: str, token: str) -> None:
     """Leave gs://data-lake/KIND/TOKEN for the test to see what the function did."""
     storage_client().bucket(LAKE_BUCKET).blob(f"{kind}/{token}").upload_from_string(kind)
+
+
+def wait_for_mark(kind: str, token: str, timeout: float = 60.0) -> None:
+    blob = storage_client().bucket(LAKE_BUCKET).blob(f"{kind}/{token}")
+    deadline = time.monotonic() + timeout
+    while not blob.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gs://{LAKE_BUCKET}/{kind}/{token} did not appear within {timeout:g}s")
+        time.sleep(0.05)
+
+
+def print_lines(payload: dict[str, Any]) -> None:
+    """The prints scenario: ``prints`` lines tagged ``tag`` to stdout and to stderr, a library's warning
+    through logging (to stderr), a line of the library's own JSON log, and a last line without its newline.
+    With ``peer`` (the token of another session), printing starts once both have started and the session
+    ends once both have printed, so the two print while both are running on this one process."""
+    tag, peer = payload["tag"], payload.get("peer")
+    if peer:
+        wait_for_mark("started", peer)
+    for i in range(int(payload["prints"])):
+        print(f"{tag} out {i}")
+        print(f"{tag} err {i}", file=sys.stderr)
+        if peer and i % 20 == 0:
+            time.sleep(0.01)  # let the peer's lines interleave with these
+    logging.getLogger("some.library").warning(f"{tag} library warning")  # logging's last resort: sys.stderr
+    CHATTY_LIBRARY.warning(f"{tag} handler made at import")
+    logging.getLogger("dagster_pipes_gcp.tests").info(f"{tag} structured line")
+    sys.stdout.write(f"{tag} last line without newline")
+    if peer:
+        mark("printed", payload["token"])
+        wait_for_mark("printed", peer)
 
 
 def sha256_json(value: Any) -> str:
@@ -42,6 +80,8 @@ def main(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -> None:
     if scenario == "fail_once" and not storage_client().bucket(LAKE_BUCKET).blob(f"failed-once/{token}").exists():
         mark("failed-once", token)
         raise RuntimeError("failing the first attempt on purpose")
+    if scenario == "print":
+        print_lines(payload)
     if scenario == "raise":
         try:
             int("not a number")

@@ -1,0 +1,118 @@
+"""What a function prints reaches its Dagster step's captured stdout and stderr (its compute logs), and the
+function's own log still has it.
+
+Each run is a Dagster run in a process of its own with a persistent instance (a temporary ``DAGSTER_HOME``),
+so its compute log manager captures the step's stdout and stderr as it does under ``dagster dev``; the test
+reads them back through ``instance.compute_log_manager``. Run as a module, this file is that process:
+``python -m tests.integration.test_prints PAYLOAD_JSON`` materializes one asset in ``$DAGSTER_HOME``."""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dagster import AssetExecutionContext, DagsterEventType, DagsterInstance, asset, materialize
+from dagster._core.instance.ref import InstanceRef
+
+from dagster_gcf_pipes.local.local_stack import LocalStack
+from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
+from tests.conftest import TEST_TOPIC
+from tests.integration.helpers import make_client
+
+
+@dataclass
+class StepOutput:
+    success: bool
+    stdout: str
+    stderr: str
+
+
+def start_run(home: Path, payload: dict[str, Any]) -> subprocess.Popen[str]:
+    """A Dagster run of one asset calling the test function with ``payload``, in a process of its own."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.test_prints", json.dumps(payload)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def step_output(home: Path, process: subprocess.Popen[str]) -> StepOutput:
+    """Wait for the run in ``home`` to end; its success and what its compute logs captured."""
+    output, _ = process.communicate(timeout=180)
+    assert process.returncode == 0, output
+    with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+        (run,) = instance.get_runs()
+        (captured,) = instance.all_logs(run.run_id, of_type=DagsterEventType.LOGS_CAPTURED)
+        manager = instance.compute_log_manager
+        log_key = manager.build_log_key_for_run(run.run_id, captured.dagster_event.event_specific_data.file_key)
+        data = manager.get_log_data(log_key)
+        success = run.is_success
+    return StepOutput(success, (data.stdout or b"").decode(), (data.stderr or b"").decode())
+
+
+def run_prints(home: Path, payload: dict[str, Any]) -> StepOutput:
+    return step_output(home, start_run(home, payload))
+
+
+def expected_lines(tag: str, stream: str, count: int) -> list[str]:
+    return [f"{tag} {stream} {i}" for i in range(count)]
+
+
+def tagged(text: str, tag: str, stream: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(f"{tag} {stream} ")]
+
+
+def test_prints_reach_the_step_stdout_and_stderr_and_the_function_log(stack: LocalStack, tmp_path: Path):
+    tag = f"solo-{uuid.uuid4().hex[:8]}"
+    step = run_prints(tmp_path / "home", {"scenario": "print", "tag": tag, "prints": 300})
+
+    assert step.success, step
+    assert tagged(step.stdout, tag, "out") == expected_lines(tag, "out", 300)
+    assert tagged(step.stderr, tag, "err") == expected_lines(tag, "err", 300)
+    assert f"{tag} library warning" in step.stderr.splitlines()  # logging's last-resort handler: sys.stderr
+    assert f"{tag} handler made at import" in step.stderr.splitlines()  # a handler holding the original stderr
+    assert f"{tag} last line without newline" in step.stdout  # the rest, sent as the session ended
+    assert f"{tag} structured line" not in step.stdout + step.stderr  # the library's JSON lines stay out
+
+    function_log = stack.function_server(TEST_TOPIC).log_path.read_text().splitlines()
+    assert [line for line in function_log if line.startswith(f"{tag} out ")] == expected_lines(tag, "out", 300)
+    assert [line for line in function_log if line.startswith(f"{tag} err ")] == expected_lines(tag, "err", 300)
+    (structured,) = [json.loads(line) for line in function_log if f"{tag} structured line" in line]
+    assert structured["severity"] == "INFO" and structured["message"] == f"{tag} structured line"
+
+
+def test_two_concurrent_sessions_on_one_process_each_print_into_their_own_step(stack: LocalStack, tmp_path: Path):
+    """Two runs at once, each in its own process with its own captured output; both sessions are served
+    by the one Functions Framework process and print while both are running (they wait for each other)."""
+    tags = [f"a-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"]
+    payloads = [
+        {"scenario": "print", "tag": tag, "token": tag, "peer": peer, "prints": 500}
+        for tag, peer in zip(tags, reversed(tags), strict=True)
+    ]
+    runs = [(tmp_path / tag, start_run(tmp_path / tag, payload)) for tag, payload in zip(tags, payloads, strict=True)]
+    steps = [step_output(home, process) for home, process in runs]
+
+    for step, tag, other in zip(steps, tags, reversed(tags), strict=True):
+        assert step.success, step
+        assert tagged(step.stdout, tag, "out") == expected_lines(tag, "out", 500)
+        assert tagged(step.stderr, tag, "err") == expected_lines(tag, "err", 500)
+        assert other not in step.stdout and other not in step.stderr
+
+
+def _materialize(payload: dict[str, Any]) -> None:
+    """The run process: one asset, the test function, the instance in ``$DAGSTER_HOME``."""
+    @asset(name="prints_asset")
+    def prints_asset(context: AssetExecutionContext, pipes_pubsub: PipesPubSubClient):
+        return pipes_pubsub.run(context=context, payload=payload).get_materialize_result()
+
+    with DagsterInstance.get() as instance:
+        materialize([prints_asset], resources={"pipes_pubsub": make_client()}, instance=instance, raise_on_error=False)
+
+
+if __name__ == "__main__":
+    _materialize(json.loads(sys.argv[1]))
