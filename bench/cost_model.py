@@ -192,6 +192,23 @@ def measured_volumes(sessions: int) -> dict[str, ReplyVolume]:
         }
 
 
+def report(
+    volumes: Mapping[str, ReplyVolume], *, session_seconds: float = 60.0, heartbeat_interval: float = 10.0, group_size: int = 100
+) -> str:
+    """The model's tables, one per reply volume (``python -m bench`` can print ``report(measured_volumes(3))``)."""
+    parts = []
+    for name, volume in volumes.items():
+        messages, size, _ = volume.per_session(session_seconds, heartbeat_interval)
+        parts.append(
+            f"\n{name}: {volume.batches:.1f} batches ({volume.batch_bytes:,.0f} B) + one heartbeat per "
+            f"{heartbeat_interval:g} s ({volume.heartbeat_bytes:,.0f} B each) = {messages:.0f} messages, "
+            f"{size:,.0f} B per {session_seconds:g} s session\n"
+        )
+        rows = model(volume, session_seconds=session_seconds, heartbeat_interval=heartbeat_interval, group_size=group_size)
+        parts.append(table(rows))
+    return "\n".join(parts)
+
+
 def main() -> None:
     warnings.filterwarnings("ignore", category=PreviewWarning)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,30 +218,18 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=3, help="sessions measured per volume")
     parser.add_argument("--batch-bytes", type=float, help="billable bytes of one session's batches (skip measuring)")
     parser.add_argument("--batches", type=float, default=1.0, help="with --batch-bytes: batches per session")
-    parser.add_argument("--heartbeat-bytes", type=float, default=150.0, help="with --batch-bytes: one heartbeat's bytes")
+    parser.add_argument("--heartbeat-bytes", type=float, default=180.0, help="with --batch-bytes: one heartbeat's bytes")
     args = parser.parse_args()
 
     if args.batch_bytes is not None:
         volumes = {"given": ReplyVolume(args.batches, args.batch_bytes, args.heartbeat_bytes)}
     else:
         volumes = measured_volumes(args.sessions)
-    for name, volume in volumes.items():
-        messages, size, _ = volume.per_session(args.session_seconds, args.heartbeat_interval)
-        print(
-            f"\n{name}: {volume.batches:.1f} batches ({volume.batch_bytes:,.0f} B) + one heartbeat per "
-            f"{args.heartbeat_interval:g} s ({volume.heartbeat_bytes:,.0f} B each) = {messages:.0f} messages, "
-            f"{size:,.0f} B per {args.session_seconds:g} s session\n"
+    print(
+        report(
+            volumes, session_seconds=args.session_seconds, heartbeat_interval=args.heartbeat_interval, group_size=args.group_size
         )
-        print(
-            table(
-                model(
-                    volume,
-                    session_seconds=args.session_seconds,
-                    heartbeat_interval=args.heartbeat_interval,
-                    group_size=args.group_size,
-                )
-            )
-        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """What production Pub/Sub does and the emulator never shows, simulated on the local stack with the real
 client wrapped so that it meets the real error (issue 16, items 3, 4 and 5).
 
+Every subscriber client the orchestrator opens is wrapped (``wrap_subscribers``); the calls go on to the emulator.
+
 - StreamingPull right after CreateSubscription can answer NOT_FOUND for a short while
   (googleapis/java-pubsub#81, googleapis/google-cloud-go#9723): the wrapper points the first streams at a
   subscription that does not exist yet, so the emulator itself answers NOT_FOUND.
@@ -18,6 +20,7 @@ import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
+from bench.cost_model import ReplyVolume, model
 from dagster_gcf_pipes.local.local_stack import LocalStack
 from dagster_gcf_pipes.orchestrator import client as client_module
 from dagster_gcf_pipes.orchestrator import reply_subscription
@@ -42,8 +45,27 @@ class _Budget:
             return True
 
 
-def _is_reply_subscription(path: str) -> bool:
-    return path.rsplit("/", 1)[-1].startswith("dagster-pipes-")
+class WrappedSubscriber:
+    """The subscriber client the orchestrator would have used, with some of its calls replaced by a subclass."""
+
+    def __init__(self, real: pubsub_v1.SubscriberClient) -> None:
+        self.real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def __enter__(self) -> "WrappedSubscriber":
+        self.real.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.real.__exit__(*exc)
+
+
+def wrap_subscribers(monkeypatch: pytest.MonkeyPatch, wrapper: type[WrappedSubscriber]) -> None:
+    """Every subscriber client the orchestrator opens (a session's, a fan-out group's) comes wrapped."""
+    real_factory = client_module.subscriber_client
+    monkeypatch.setattr(client_module, "subscriber_client", lambda: wrapper(real_factory()))
 
 
 @pytest.fixture
@@ -53,13 +75,13 @@ def streams_not_found(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], _Bud
     def install(n: float) -> _Budget:
         budget = _Budget(n)
 
-        class NotYetVisible(pubsub_v1.SubscriberClient):
+        class NotYetVisible(WrappedSubscriber):
             def subscribe(self, subscription: str, *args: Any, **kwargs: Any) -> Any:
-                if _is_reply_subscription(subscription) and budget.take():
+                if budget.take():
                     subscription = f"{subscription}-not-visible-yet"  # the emulator answers NOT_FOUND
-                return super().subscribe(subscription, *args, **kwargs)
+                return self.real.subscribe(subscription, *args, **kwargs)
 
-        monkeypatch.setattr(pubsub_v1, "SubscriberClient", NotYetVisible)
+        wrap_subscribers(monkeypatch, NotYetVisible)
         return budget
 
     return install
@@ -70,15 +92,29 @@ def lost_create_answers(monkeypatch: pytest.MonkeyPatch) -> _Budget:
     """The first reply-subscription create lands on the server, but its caller sees ServiceUnavailable."""
     budget = _Budget(1)
 
-    class AnswerLost(pubsub_v1.SubscriberClient):
+    class AnswerLost(WrappedSubscriber):
         def create_subscription(self, *args: Any, **kwargs: Any) -> Any:
-            created = super().create_subscription(*args, **kwargs)
-            if _is_reply_subscription(kwargs["request"]["name"]) and budget.take():
+            created = self.real.create_subscription(*args, **kwargs)
+            if budget.take():
                 raise gexc.ServiceUnavailable("the connection dropped before the answer arrived")
             return created
 
-    monkeypatch.setattr(pubsub_v1, "SubscriberClient", AnswerLost)
+    wrap_subscribers(monkeypatch, AnswerLost)
     return budget
+
+
+@pytest.fixture
+def created_subscriptions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """(name, the retry argument) of every CreateSubscription the orchestrator sends."""
+    created: list[tuple[str, Any]] = []
+
+    class Recording(WrappedSubscriber):
+        def create_subscription(self, *args: Any, **kwargs: Any) -> Any:
+            created.append((kwargs["request"]["name"], kwargs.get("retry", "the client's default")))
+            return self.real.create_subscription(*args, **kwargs)
+
+    wrap_subscribers(monkeypatch, Recording)
+    return created
 
 
 # ------------------------------------------------------------------ item 3: NOT_FOUND right after creation
@@ -132,20 +168,12 @@ def test_a_retried_create_that_had_succeeded_is_taken_as_success(stack: LocalSta
     assert session_subscriptions(stack.project) == []
 
 
-def test_create_subscription_is_retried_by_one_layer_only(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_create_subscription_is_retried_by_one_layer_only(stack: LocalStack, created_subscriptions) -> None:
     """The generated client's own retry (60 s on Unavailable) must not run under tenacity's."""
-    seen: list[Any] = []
-
-    class Recording(pubsub_v1.SubscriberClient):
-        def create_subscription(self, *args: Any, **kwargs: Any) -> Any:
-            seen.append(kwargs.get("retry", "default"))
-            return super().create_subscription(*args, **kwargs)
-
-    monkeypatch.setattr(pubsub_v1, "SubscriberClient", Recording)
     outcome = run_asset(make_client(), payload={})
 
     assert outcome.result.success, outcome.failure_message
-    assert seen == [None]
+    assert [retry for _, retry in created_subscriptions] == [None]
 
 
 # ------------------------------------------------------------------ item 5: topic and bucket checks once per process
@@ -185,3 +213,44 @@ def test_a_missing_topic_is_not_cached(stack: LocalStack, counted_checks: dict[s
         assert "reply_topic: topic projects/local-project/topics/no-such-replies does not exist" in outcome.failure_message
     # run 1 checks both topics; run 2 only the missing one: the trigger topic's success is remembered
     assert counted_checks["topic"] == 3
+
+
+def test_the_cost_model_bills_every_reply_once_per_subscription_on_the_topic() -> None:
+    """The arithmetic behind "Cost and quotas" in docs/architecture.md (the figures come from bench.cost_model)."""
+    no_heartbeats = 1e12
+    per_session, per_group = model(
+        ReplyVolume(batches=2, batch_bytes=5000, heartbeat_bytes=0),
+        session_seconds=10,
+        heartbeat_interval=no_heartbeats,
+        group_size=100,
+        concurrency=[100],
+    )
+    published = 100 / 10 * 5000  # 10 sessions start a second, 5000 bytes each
+    assert per_session.subscriptions_on_topic == 100 and per_group.subscriptions_on_topic == 1
+    assert per_session.published_bytes_per_second == pytest.approx(published)
+    assert per_session.delivered_bytes_per_second == pytest.approx(100 * published)  # 1 own + 99 filtered out
+    assert per_group.delivered_bytes_per_second == pytest.approx(published)
+    assert per_session.admin_ops_per_second == pytest.approx(2 * 100 / 10)  # create + delete per session
+
+
+# ------------------------------------------------------------------ item 8: the reply topic in a project of its own
+def test_session_subscriptions_live_in_the_reply_topics_project(stack: LocalStack, created_subscriptions) -> None:
+    """What docs/deploy.md's narrowed role relies on: with the reply topic in a dedicated project, every
+    subscription Dagster creates, streams and deletes is in that project, never in the function's."""
+    replies = "projects/pipes-replies-project/topics/pipes-replies"
+    with pubsub_v1.PublisherClient() as publisher:
+        try:
+            publisher.create_topic(request={"name": replies})
+        except gexc.AlreadyExists:
+            pass
+    client = make_client(reply_topic=replies)
+    single = run_asset(client, payload={"n": 81})
+    result, _, _ = run_fan_out_asset(client, [{"n": i} for i in range(3)], max_concurrency=3)
+
+    assert single.result.success, single.failure_message
+    assert result.success, step_failure(result)
+    assert len(created_subscriptions) == 2  # the session's and the fan-out group's
+    assert all(
+        name.startswith("projects/pipes-replies-project/subscriptions/dagster-pipes-") for name, _ in created_subscriptions
+    )
+    assert session_subscriptions("pipes-replies-project") == []
