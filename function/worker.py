@@ -4,10 +4,16 @@
     python -m dagster_gcf_pipes.function.worker --subscription pipes-trigger-worker --target main:main
 
 Event-driven Cloud Functions stop at their timeout (9 minutes at most) and a push subscription redelivers
-a message whose request outlives its ack deadline. This worker pulls the trigger topic's messages instead
-(streaming pull with flow control) and lets the client library keep extending each message's lease while
-its session runs, up to ``--max-lease-duration``; it acks when the session has ended. Run it wherever
-long work belongs: Cloud Run jobs or services, GKE, a VM.
+a message whose request outlives its ack deadline. This worker pulls the trigger topic's messages instead,
+keeps extending each message's ack deadline while its session runs (up to ``--max-lease-duration``) and
+acks when the session has ended. Run it wherever long work belongs: Cloud Run jobs or services, GKE, a VM.
+
+It leases no message it cannot start: it pulls (synchronous pull) only when one of its ``--max-sessions``
+slots is free, and asks for at most as many messages as slots are free, so a busy worker never holds
+triggers that an idle worker on the same subscription could run. The client library's streaming pull
+cannot promise that: its ``FlowControl.max_messages`` is only a hint to the server, and every message the
+stream delivers beyond it is put on hold inside the client, its lease extended until a slot frees up (on
+the emulator one worker held and ran all 6 of 6 triggers while a second worker idled).
 
 What is acked when:
 * the session ran (the handler returned, or raised and the error reached Dagster through ``closed``): ack;
@@ -16,10 +22,20 @@ What is acked when:
 * the session could not be set up (``run_session`` itself raised, e.g. Cloud Storage unreachable while
   taking the lease): nack, so Pub/Sub redelivers it to this or another worker.
 
-On SIGTERM or SIGINT the worker starts no new session (messages still delivered are handed back at once)
-and gives running sessions ``--shutdown-grace`` seconds to end, their leases still extended; their
-messages are acked as above, then the stream is closed. A session still running after the grace is abandoned when the
-process exits: its message is not acked, and the orchestrator's heartbeat timeout reports it.
+On SIGTERM or SIGINT the worker pulls no more (a message a pull returns meanwhile is nacked at once) and
+gives running sessions ``--shutdown-grace`` seconds to end, their leases still extended; a session that
+ends within the grace is acked as above. A session still running after the grace is abandoned: its message
+is nacked (handed back at once, so that a live worker and the session lease decide its fate now rather than
+when its ack deadline lapses; if the nack cannot be sent, the deadline lapses within ``LEASE_EXTENSION``
+seconds anyway), it is never acked afterwards, and the process exits without waiting for its handler
+thread. Exit codes:
+
+* 0 (``EXIT_OK``): stopped by a signal; every session ended within the grace;
+* 1 (``EXIT_PULL_FAILED``): pulling failed for good (subscription missing, permission denied, Pub/Sub
+  unreachable past the retry budget); running sessions were given the grace first;
+* 2 (``EXIT_USAGE``): a bad command line (argparse's own code);
+* 3 (``EXIT_ABANDONED``): stopped by a signal, and at least one session was still running after the
+  grace: abandoned, its message nacked for redelivery.
 """
 
 from __future__ import annotations
@@ -31,27 +47,42 @@ import os
 import signal
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from dataclasses import dataclass
 from typing import Any
 
+from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
-from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 
 from dagster_gcf_pipes.function.logs import LOGGER_NAME, configure_function_logging
-from dagster_gcf_pipes.function.session import Handler, run_session
+from dagster_gcf_pipes.function.session import Handler, SessionOutcome, run_session
+from dagster_gcf_pipes.shared.retry import transient_retry
 
 _log = logging.getLogger(f"{LOGGER_NAME}.worker")
+
+EXIT_OK = 0
+EXIT_PULL_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ABANDONED = 3
+
+#: Seconds each extension sets a running session's ack deadline to; renewed every quarter of it. A worker
+#: killed outright (SIGKILL, node loss) has its messages redelivered within this time.
+LEASE_EXTENSION = 60
+#: Seconds one pull waits for messages (an empty subscription answers at this deadline).
+PULL_TIMEOUT = 10.0
+#: Seconds an ack already being sent when the grace ends may still take (its retry budget).
+ACK_BUDGET = 10.0
 
 
 def load_handler(target: str) -> Handler:
     """``module:attr`` naming a business handler ``(pipes, payload)`` or a ``@pipes_function`` entry point."""
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
-        raise SystemExit(f"--target {target!r} must be module:attribute, e.g. main:main")
+        raise ValueError(f"--target {target!r} must be module:attribute, e.g. main:main")
     sys.path.insert(0, os.getcwd())
     found = getattr(importlib.import_module(module_name), attr, None)
     if found is None:
-        raise SystemExit(f"--target {target!r}: module {module_name} has no attribute {attr!r}")
+        raise ValueError(f"--target {target!r}: module {module_name} has no attribute {attr!r}")
     return getattr(found, "pipes_handler", found)
 
 
@@ -60,91 +91,243 @@ def subscription_path(subscription: str) -> str:
         return subscription
     project = os.environ.get("GOOGLE_CLOUD_PROJECT")
     if not project:
-        raise SystemExit(f"--subscription {subscription!r} is a short name: set GOOGLE_CLOUD_PROJECT or pass projects/P/subscriptions/S")
+        raise ValueError(f"--subscription {subscription!r} is a short name: set GOOGLE_CLOUD_PROJECT or pass projects/P/subscriptions/S")
     return f"projects/{project}/subscriptions/{subscription}"
 
 
+@transient_retry(max_seconds=300, max_attempts=200)
+def _pull(subscriber: pubsub_v1.SubscriberClient, subscription: str, max_messages: int) -> list[Any]:
+    """Up to ``max_messages`` received messages; none if nothing arrived within ``PULL_TIMEOUT``."""
+    try:
+        response = subscriber.pull(
+            request={"subscription": subscription, "max_messages": max_messages}, timeout=PULL_TIMEOUT, retry=None
+        )
+    except gexc.DeadlineExceeded:
+        return []
+    return list(response.received_messages)
+
+
+@transient_retry(max_seconds=ACK_BUDGET)
+def _acknowledge(subscriber: pubsub_v1.SubscriberClient, subscription: str, ack_id: str) -> None:
+    subscriber.acknowledge(request={"subscription": subscription, "ack_ids": [ack_id]}, retry=None, timeout=5)
+
+
+@transient_retry(max_seconds=LEASE_EXTENSION / 4)
+def _set_deadline(subscriber: pubsub_v1.SubscriberClient, subscription: str, ack_ids: list[str], seconds: int) -> None:
+    """Extend the messages' ack deadlines to ``seconds`` from now; 0 hands them back (a nack)."""
+    subscriber.modify_ack_deadline(
+        request={"subscription": subscription, "ack_ids": ack_ids, "ack_deadline_seconds": seconds}, retry=None, timeout=5
+    )
+
+
+@dataclass
+class _Lease:
+    """A message this worker holds: its session is running, or its ack is being sent (``settling``)."""
+
+    message_id: str
+    pulled_at: float
+    settling: bool = False
+    abandoned: bool = False
+    overdue: bool = False  # held past --max-lease-duration: no longer extended
+
+
 class Worker:
-    def __init__(self, handler: Handler, subscription: str, *, max_messages: int, max_lease_duration: float):
+    def __init__(self, handler: Handler, subscription: str, *, max_sessions: int, max_lease_duration: float):
         self._handler = handler
         self._subscription = subscription
-        self._max_messages = max_messages
+        self._max_sessions = max_sessions
         self._max_lease_duration = max_lease_duration
-        self._running = 0
+        self._subscriber = pubsub_v1.SubscriberClient()
+        self._leases: dict[str, _Lease] = {}  # by ack id
         self._lock = threading.Condition()
-        self._stopping = threading.Event()
+        self._stopping = False
+        self._closed = threading.Event()
+        self._pull_error: BaseException | None = None
         self.sessions_run = 0
 
-    def _on_message(self, message: Any) -> None:
+    def serve(self, stop: threading.Event, shutdown_grace: float) -> int:
+        """Pull until ``stop`` is set (or pulling fails); then shut down, giving running sessions
+        ``shutdown_grace`` seconds. Returns the exit code (see the module docstring)."""
+        threading.Thread(target=self._pull_loop, args=(stop,), name="pipes-pull", daemon=True).start()
+        threading.Thread(target=self._lease_loop, name="pipes-lease", daemon=True).start()
+        _log.info("pulling %s (at most %d sessions at once)", self._subscription, self._max_sessions)
+        stop.wait()
+        abandoned = self._shut_down(shutdown_grace)
+        if self._pull_error is not None:
+            return EXIT_PULL_FAILED
+        if abandoned:
+            return EXIT_ABANDONED
+        _log.info("stopped after %d session(s)", self.sessions_run)
+        return EXIT_OK
+
+    # -- pulling: only into free slots ---------------------------------------------------------------------
+
+    def _free_slots(self) -> int:
+        """Block until a slot is free; 0 once the worker is stopping."""
         with self._lock:
-            if self._stopping.is_set():  # shutting down: another worker takes it
-                message.nack()
-                return
-            self._running += 1
+            self._lock.wait_for(lambda: self._stopping or len(self._leases) < self._max_sessions)
+            return 0 if self._stopping else self._max_sessions - len(self._leases)
+
+    def _pull_loop(self, stop: threading.Event) -> None:
         try:
-            outcome = run_session(self._handler, message.data, dict(message.attributes), message_id=message.message_id,
-                                  publish_time=message.publish_time.timestamp())
+            while free := self._free_slots():
+                for received in _pull(self._subscriber, self._subscription, free):
+                    self._start(received)
+        except Exception as exc:  # noqa: BLE001 - any failure ends the worker; during shutdown it is expected
+            if not self._closed.is_set():
+                self._pull_error = exc
+                _log.error(
+                    "pulling %s failed: %r. Check that the subscription exists (gcloud pubsub subscriptions create "
+                    "NAME --topic TRIGGER_TOPIC) and that the worker's identity has roles/pubsub.subscriber on it",
+                    self._subscription, exc,
+                )
+                stop.set()
+
+    def _start(self, received: Any) -> None:
+        message_id = received.message.message_id
+        with self._lock:
+            accepted = not self._stopping
+            if accepted:
+                self._leases[received.ack_id] = _Lease(message_id, time.monotonic())
+        if not accepted:  # pulled while stopping: another worker takes it
+            self._hand_back([received.ack_id], f"trigger message {message_id} arrived while stopping")
+            return
+        self._extend([received.ack_id])  # at once: the subscription's own ack deadline may be short
+        threading.Thread(target=self._run, args=(received,), name=f"pipes-session-{message_id}", daemon=True).start()
+
+    # -- one session ---------------------------------------------------------------------------------------
+
+    def _run(self, received: Any) -> None:
+        message = received.message
+        outcome: SessionOutcome | None = None
+        try:
+            outcome = run_session(self._handler, message.data, dict(message.attributes), message_id=message.message_id)
         except Exception:  # noqa: BLE001 - setting the session up failed: let Pub/Sub redeliver it
-            _log.exception("trigger message %s: the session could not be set up; nacked for redelivery", message.message_id)
-            message.nack()
-        else:
-            message.ack()
-            if outcome.ran:
-                self.sessions_run += 1
-            _log.info("trigger message %s acked (session %s, ran=%s)", message.message_id, outcome.session_id, outcome.ran)
+            _log.exception("trigger message %s: the session could not be set up", message.message_id)
+        try:
+            if self._begin_settling(received.ack_id):
+                self._settle(received, outcome)
         finally:
             with self._lock:
-                self._running -= 1
+                self._leases.pop(received.ack_id, None)
                 self._lock.notify_all()
 
-    def serve(self, stop: threading.Event, shutdown_grace: float) -> int:
-        """Pull until ``stop`` is set; then let running sessions end for up to ``shutdown_grace`` seconds."""
-        subscriber = pubsub_v1.SubscriberClient()
-        flow_control = pubsub_v1.types.FlowControl(
-            max_messages=self._max_messages, max_lease_duration=self._max_lease_duration
-        )
-        executor = ThreadPoolExecutor(max_workers=self._max_messages, thread_name_prefix="pipes-session")
-        streaming = subscriber.subscribe(
-            self._subscription, self._on_message, flow_control=flow_control,
-            scheduler=ThreadScheduler(executor),
-        )
-        _log.info("pulling %s (at most %d sessions at once)", self._subscription, self._max_messages)
-        while not stop.wait(0.5):
-            if streaming.done():
-                _log.error("the streaming pull of %s ended: %r", self._subscription, streaming.exception())
-                return 1
-        _log.info("stopping: no new sessions; waiting up to %gs for %d running session(s)", shutdown_grace, self._running)
-        # The stream stays open until running sessions end: it keeps extending their leases and carries
-        # their acks. Messages delivered meanwhile are handed back at once.
+    def _begin_settling(self, ack_id: str) -> bool:
+        """Whether this session's message is still this worker's to ack or nack (not abandoned)."""
         with self._lock:
-            self._stopping.set()
-            finished = self._lock.wait_for(lambda: self._running == 0, timeout=shutdown_grace)
-        streaming.cancel()
-        if not finished:
-            _log.error("%d session(s) still running after the grace period; their messages stay unacked", self._running)
-            return 1
-        subscriber.close()
-        _log.info("stopped after %d session(s)", self.sessions_run)
-        return 0
+            lease = self._leases[ack_id]
+            if lease.abandoned:
+                _log.warning("trigger message %s: its session ended after the shutdown grace; the message was "
+                             "already handed back unacked and stays so", lease.message_id)
+                return False
+            lease.settling = True
+            return True
+
+    def _settle(self, received: Any, outcome: SessionOutcome | None) -> None:
+        message_id = received.message.message_id
+        if outcome is None:
+            self._hand_back([received.ack_id], f"trigger message {message_id}: nacked for redelivery")
+            return
+        try:
+            _acknowledge(self._subscriber, self._subscription, received.ack_id)
+        except Exception as exc:  # noqa: BLE001 - the session is over either way; a redelivery meets its lease
+            _log.error("trigger message %s (session %s): the ack failed (%r); Pub/Sub will redeliver it and the "
+                       "session lease absorbs the duplicate", message_id, outcome.session_id, exc)
+            return
+        with self._lock:
+            self.sessions_run += outcome.ran
+        _log.info("trigger message %s acked (session %s, ran=%s)", message_id, outcome.session_id, outcome.ran)
+
+    # -- leases ------------------------------------------------------------------------------------------
+
+    def _lease_loop(self) -> None:
+        while not self._closed.wait(LEASE_EXTENSION / 4):
+            self._extend(self._to_extend())
+
+    def _to_extend(self) -> list[str]:
+        """Ack ids of the messages still held and still within ``--max-lease-duration``."""
+        now = time.monotonic()
+        with self._lock:
+            for lease in self._leases.values():
+                if not lease.overdue and now - lease.pulled_at > self._max_lease_duration:
+                    lease.overdue = True
+                    _log.warning("trigger message %s: held longer than --max-lease-duration (%gs); no longer extended, "
+                                 "so Pub/Sub redelivers it (the session lease absorbs the duplicate)",
+                                 lease.message_id, self._max_lease_duration)
+            return [ack_id for ack_id, lease in self._leases.items() if not (lease.abandoned or lease.overdue)]
+
+    def _extend(self, ack_ids: list[str]) -> None:
+        if not ack_ids:
+            return
+        try:
+            _set_deadline(self._subscriber, self._subscription, ack_ids, LEASE_EXTENSION)
+        except Exception as exc:  # noqa: BLE001 - tried again at the next renewal, well before the deadline
+            if not self._closed.is_set():
+                _log.warning("extending the ack deadline of %d message(s) failed: %r", len(ack_ids), exc)
+
+    def _hand_back(self, ack_ids: list[str], why: str) -> None:
+        try:
+            _set_deadline(self._subscriber, self._subscription, ack_ids, 0)
+        except Exception as exc:  # noqa: BLE001 - the ack deadline lapses instead
+            _log.warning("%s; the nack failed (%r): Pub/Sub redelivers it when its ack deadline lapses", why, exc)
+        else:
+            _log.info("%s; handed back (nacked) for redelivery", why)
+
+    # -- shutdown ----------------------------------------------------------------------------------------
+
+    def _shut_down(self, grace: float) -> bool:
+        """Stop pulling, wait up to ``grace`` for running sessions, abandon the rest. Whether any was abandoned."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+            _log.info("stopping: no new sessions; waiting up to %gs for %d running session(s)", grace, len(self._leases))
+            self._lock.wait_for(lambda: not self._leases, timeout=grace)
+            abandoned = {ack_id: lease for ack_id, lease in self._leases.items() if not lease.settling}
+            for lease in abandoned.values():
+                lease.abandoned = True
+        if abandoned:
+            ids = ", ".join(lease.message_id for lease in abandoned.values())
+            _log.error("%d session(s) still running after the %gs grace: abandoned, never to be acked (trigger "
+                       "message(s) %s); the orchestrator's heartbeat timeout reports them", len(abandoned), grace, ids)
+            self._hand_back(list(abandoned), f"abandoned trigger message(s) {ids}")
+        with self._lock:  # acks already being sent finish (bounded by their retry budget)
+            self._lock.wait_for(lambda: all(lease.abandoned for lease in self._leases.values()), timeout=ACK_BUDGET + 5)
+        self._closed.set()
+        self._subscriber.close()
+        return bool(abandoned)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m dagster_gcf_pipes.function.worker") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--subscription", required=True, help="pull subscription on the trigger topic (name or full path)")
     parser.add_argument("--target", required=True, help="module:attribute of the handler or @pipes_function entry point")
-    parser.add_argument("--max-messages", type=int, default=1, help="sessions run at once (flow control); default 1")
+    parser.add_argument("--max-sessions", type=int, default=1,
+                        help="sessions run at once; the worker never holds more trigger messages than this. Default 1")
     parser.add_argument("--max-lease-duration", type=float, default=24 * 3600,
-                        help="seconds the library keeps extending a message's lease while its session runs")
+                        help="seconds the worker keeps extending a message's ack deadline while its session runs")
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
-                        help="seconds running sessions get to end after SIGTERM/SIGINT")
+                        help="seconds running sessions get to end after SIGTERM/SIGINT; then they are abandoned")
     args = parser.parse_args(argv)
+    if args.max_sessions < 1:
+        parser.error(f"--max-sessions {args.max_sessions} must be at least 1")
+    try:
+        handler, subscription = load_handler(args.target), subscription_path(args.subscription)
+    except ValueError as exc:
+        parser.error(str(exc))
     configure_function_logging()
-    worker = Worker(load_handler(args.target), subscription_path(args.subscription),
-                    max_messages=args.max_messages, max_lease_duration=args.max_lease_duration)
+    worker = Worker(handler, subscription, max_sessions=args.max_sessions, max_lease_duration=args.max_lease_duration)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    return worker.serve(stop, args.shutdown_grace)
+    code = worker.serve(stop, args.shutdown_grace)
+    if code == EXIT_ABANDONED:
+        # An abandoned handler may hold threads the interpreter would wait for at exit (a library's
+        # executor, a thread started non-daemon): leave without joining any of them.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
