@@ -36,7 +36,7 @@ from dagster import (
     sensor,
 )
 from dagster._core.definitions.metadata.external_metadata import metadata_map_from_external
-from google.cloud import pubsub_v1, storage
+from google.cloud import storage
 
 from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient, resolve_project
 from dagster_gcf_pipes.orchestrator.errors import format_remote_traceback
@@ -46,6 +46,7 @@ from dagster_gcf_pipes.orchestrator.reassembly import ReassemblyError, SessionRe
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore
 from dagster_gcf_pipes.shared.layout import session_prefix
 from dagster_gcf_pipes.shared.protocol import ProtocolError, Reply
+from dagster_gcf_pipes.shared.pubsub import subscriber_client
 
 #: How many recorded session ids the cursor remembers: far more than can be waiting for their ack phase.
 CURSOR_SESSIONS = 1000
@@ -122,14 +123,14 @@ def pipes_completion_sensor(
         recorded: list[str] = json.loads(context.cursor) if context.cursor else []
         already = set(recorded)
 
-        with pubsub_v1.SubscriberClient() as subscriber:
+        with subscriber_client() as subscriber:
             received = pull(subscriber, path, max_messages=max_messages_per_tick)
             to_ack: list[str] = []
             finished: set[str] = set()
             sessions: dict[str, _Session] = defaultdict(_Session)
             for message in received:
                 try:
-                    reply = decode_reply(message.message.data, dict(message.message.attributes), claim_check, client.signing_secret)
+                    reply = decode_reply(message.message.data, dict(message.message.attributes), claim_check, client.signing_secret, bucket=client.bucket, prefix=client.prefix)
                 except ProtocolError as exc:
                     context.log.warning(f"[pipes] dropped reply message {message.message.message_id}: {exc}")
                     to_ack.append(message.ack_id)

@@ -5,10 +5,18 @@ Messages arrive by streaming pull; each is decoded (claim-check objects fetched 
 session id (the Pub/Sub emulator stores filters but does not apply them, so this check is what isolates
 sessions there), reassembled into order and handed to Dagster's handler, then acked. Anything malformed is
 logged with its message id and acked: it never reaches Dagster and never stops the reader.
+
+What a reply may make the reader do is bounded, since anyone allowed to publish to the reply topic can
+write one (docs/reliability.md, "Threat model"): a claim-check pointer is only followed inside the
+session's own folder and up to ``MAX_CLAIM_BYTES``; an ``opened`` only makes its invocation the session's
+owner if that invocation holds the session lease in GCS, which only the function that claimed the trigger
+can have written; and a message the stream can never deliver (larger than the channel accepts) ends the
+session with an error that says so, instead of stalling it until a timeout blames the function.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -25,14 +33,36 @@ from dagster_gcf_pipes.orchestrator.reassembly import ReassemblyError, SessionRe
 from dagster_gcf_pipes.orchestrator.reply_subscription import ReplyDemux, ReplySubscription
 from dagster_gcf_pipes.orchestrator.session_wait import SessionWaiter
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck
-from dagster_gcf_pipes.shared.protocol import Attr, ProtocolError, Reply, ReplyChannelParams, subscription_filter
+from dagster_gcf_pipes.shared.layout import lease_key, session_prefix
+from dagster_gcf_pipes.shared.protocol import (
+    Attr,
+    ProtocolError,
+    Reply,
+    ReplyChannelParams,
+    require_session_id,
+    subscription_filter,
+)
+from dagster_gcf_pipes.shared.pubsub import forget_stream, stream_trouble, undeliverable_hint
 from dagster_gcf_pipes.shared.signing import is_authentic
 
+#: a lease object is a few hundred bytes; anything much larger is not one
+_MAX_LEASE_BYTES = 4096
 
-def decode_reply(data: bytes, attributes: Mapping[str, str], claim_check: ClaimCheck, signing_secret: str | None) -> Reply:
-    """One reply message as published by the function's writer: fetched from GCS if claim-checked, its
-    signature checked when a secret is configured, decoded. Raises ``ProtocolError`` for anything malformed."""
-    body = claim_check.unwrap(data, attributes)
+
+def decode_reply(
+    data: bytes,
+    attributes: Mapping[str, str],
+    claim_check: ClaimCheck,
+    signing_secret: str | None,
+    *,
+    bucket: str,
+    prefix: str,
+) -> Reply:
+    """One reply message as published by the function's writer: fetched from GCS if claim-checked (only from
+    its session's folder ``gs://bucket/prefix/SESSION/``), its signature checked when a secret is
+    configured, decoded. Raises ``ProtocolError`` for anything malformed."""
+    session_folder = f"gs://{bucket}/{session_prefix(prefix, require_session_id(attributes))}"
+    body = claim_check.unwrap(data, attributes, within=session_folder)
     if signing_secret and not is_authentic(signing_secret, body, attributes):
         raise ProtocolError(
             f"unsigned or badly signed reply of invocation {attributes.get(Attr.INVOCATION)!r}; "
@@ -94,7 +124,11 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
             )
         with source as subscription:
             self._subscription = subscription
-            yield self._channel_params.to_params()
+            try:
+                yield self._channel_params.to_params()
+            finally:
+                if self._demux is None:
+                    forget_stream(subscription.path)
 
     def no_messages_debug_text(self) -> str:
         return (
@@ -121,13 +155,33 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         attributes = dict(message.attributes)
         if attributes.get(Attr.SESSION) not in (None, self.session_id):
             return  # another session's reply: only reaches us where filters are not applied (the emulator)
-        reply = decode_reply(message.data, attributes, self._claim_check, self._signing_secret)
+        params = self._channel_params
+        reply = decode_reply(
+            message.data, attributes, self._claim_check, self._signing_secret, bucket=params.bucket, prefix=params.prefix
+        )
+        if reply.seq == 0 and not self.opened and not self._holds_lease(reply.invocation_id):
+            raise ProtocolError(
+                f"'opened' of invocation {reply.invocation_id}, which does not hold the session lease "
+                f"gs://{params.bucket}/{lease_key(params.prefix, self.session_id)}: not from the function that "
+                "claimed the trigger (forged, or a stray publisher on the reply topic); ignored"
+            )
         with self._cond:
             if self._reassembler.counts_as_alive(reply):
                 self._heard_from_function()
             for pipes_message in self._reassembler.offer(reply):
                 self._hand_to_dagster(pipes_message)
             self._cond.notify_all()
+
+    def _holds_lease(self, invocation_id: str) -> bool:
+        """Whether the session lease names ``invocation_id``: a function claims it before sending ``opened``,
+        and writing it takes write access to the bucket, which publishing a reply does not."""
+        params = self._channel_params
+        url = f"gs://{params.bucket}/{lease_key(params.prefix, self.session_id)}"
+        try:
+            lease = json.loads(self._claim_check.store.get(url, _MAX_LEASE_BYTES))
+        except (ProtocolError, ValueError):
+            return False
+        return isinstance(lease, dict) and lease.get("invocation_id") == invocation_id
 
     def _hand_to_dagster(self, pipes_message: Mapping[str, Any]) -> None:
         assert self._handler is not None
@@ -162,3 +216,10 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         stopped = self._subscription.stopped() if self._subscription is not None else None
         if stopped:
             raise ReplyStreamError(f"session {self.session_id}: {stopped}")
+        trouble = stream_trouble(self._subscription.path) if self._subscription is not None else None
+        if trouble is not None and trouble.undeliverable:
+            raise ReplyStreamError(f"session {self.session_id}: {undeliverable_hint(trouble.subscription, trouble.error)}")
+
+    def _stream_trouble_since(self, since: float) -> str | None:
+        trouble = stream_trouble(self._subscription.path) if self._subscription is not None else None
+        return trouble.describe() if trouble is not None and trouble.last_at >= since else None

@@ -4,7 +4,8 @@ stream of Pipes messages the function wrote: each message once, in order.
 * dedupe: a batch whose ``seq`` was already released or is already buffered is dropped;
 * reorder: a batch ahead of the next expected ``seq`` waits (bounded) until the gap fills;
 * fencing: the first invocation whose ``seq`` 0 (the batch holding ``opened``) arrives owns the session;
-  every other invocation's replies are dropped with a warning naming both invocation ids.
+  every other invocation's replies are dropped with a warning naming both invocation ids and the two
+  things such replies can be (a second execution, or a forgery).
 
 Pure logic with no I/O, shared by the attached reader and anything else that reassembles sessions.
 """
@@ -102,6 +103,8 @@ class SessionReassembler:
                 self._fenced.add(invocation_id)
                 self.warn(
                     f"session {self.session_id}: dropping replies of invocation {invocation_id}; the session belongs "
-                    f"to invocation {self.accepted_invocation}, which sent 'opened' first (a duplicate execution "
-                    "of the trigger, fenced off)"
+                    f"to invocation {self.accepted_invocation}, which sent 'opened' first. Replies that name this "
+                    "session but come from another invocation are either a second execution of the trigger (a lease "
+                    "taken over after it expired: the function ran past function_timeout) or forged by someone "
+                    "who can publish to the reply topic (set signing_secret to reject those)"
                 )

@@ -49,6 +49,11 @@ class SessionWaiter:
     def _raise_if_broken(self) -> None:
         """Raise if the channel can no longer deliver this session's replies."""
 
+    def _stream_trouble_since(self, since: float) -> str | None:
+        """What went wrong reading the channel since the wall-clock time ``since``, if anything: a timeout
+        then blames the channel, not the function."""
+        return None
+
     def _heard_from_function(self) -> None:
         self._last_heard = (time.monotonic(), time.time())
 
@@ -85,16 +90,36 @@ class SessionWaiter:
                         raise FunctionStartupTimeout(
                             f"the Cloud Function did not start session {self.session_id} within "
                             f"startup_timeout={startup_timeout:g}s of the trigger being sent to {sent_to}. "
-                            f"{startup_hint}; raise startup_timeout for slow cold starts."
+                            + self._blame(time.time() - (now - triggered_at), "started", end=" ")
+                            + f"{startup_hint}; raise startup_timeout for slow cold starts."
                         )
                 elif self._last_heard is not None and now - self._last_heard[0] > heartbeat_timeout:
-                    last_heard_at = datetime.fromtimestamp(self._last_heard[1], tz=timezone.utc).isoformat(timespec="seconds")
-                    raise FunctionHeartbeatTimeout(
-                        f"the Cloud Function stopped sending heartbeats: invocation {self.invocation_id} of session "
-                        f"{self.session_id} was last heard from at {last_heard_at} ({now - self._last_heard[0]:.1f}s "
-                        f"ago; heartbeat_timeout={heartbeat_timeout:g}s). It was probably killed (function timeout, "
-                        "out of memory, instance shut down): check the function's logs for that invocation and its "
-                        "timeout and memory settings."
-                    )
+                    raise FunctionHeartbeatTimeout(self._heartbeat_message(now - self._last_heard[0], heartbeat_timeout))
                 self._cond.wait(timeout=0.1)
         return True
+
+    def _heartbeat_message(self, silent_for: float, heartbeat_timeout: float) -> str:
+        assert self._last_heard is not None
+        last_heard_at = datetime.fromtimestamp(self._last_heard[1], tz=timezone.utc).isoformat(timespec="seconds")
+        heard = (
+            f"invocation {self.invocation_id} of session {self.session_id} was last heard from at {last_heard_at} "
+            f"({silent_for:.1f}s ago; heartbeat_timeout={heartbeat_timeout:g}s)."
+        )
+        blame = self._blame(self._last_heard[1], "running")
+        if blame:
+            return f"no heartbeat arrived from the Cloud Function: {heard} {blame}"
+        return (
+            f"the Cloud Function stopped sending heartbeats: {heard} It was probably killed (function timeout, out "
+            "of memory, instance shut down): check the function's logs for that invocation and its timeout and "
+            "memory settings."
+        )
+
+    def _blame(self, since: float, state: str, end: str = "") -> str:
+        """The channel's trouble since ``since``, as the first suspect of a timeout, or ""."""
+        trouble = self._stream_trouble_since(since)
+        if trouble is None:
+            return ""
+        return (
+            f"Meanwhile {trouble}: the function may have {state} and still be running, unheard; check that Pub/Sub "
+            f"is reachable from here.{end}"
+        )

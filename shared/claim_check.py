@@ -1,9 +1,14 @@
 """Claim-check codec: a message body travels inline below a threshold, else as a ``gs://`` pointer.
 
-Pub/Sub caps a message at 10 MB, and pulling messages above 4 MiB needs special channel options, so large
+Pub/Sub caps a message at 10 MB, and a subscriber on a default gRPC channel receives at most 4 MiB, so large
 bodies go to GCS and the message carries only the object's URL. The ``dagster_pipes_body`` attribute says
 which: ``inline`` or ``claim``. Both sides use the same codec; it never decides where the object lives,
 the caller passes the key.
+
+Reading a pointer is guarded, because a pointer arrives in a message anyone with publish rights may have
+written: ``unwrap(..., within=...)`` refuses a pointer outside the given ``gs://BUCKET/PREFIX/`` (a reply's
+pointer must stay inside its own session's folder), and no object above ``MAX_CLAIM_BYTES`` is downloaded
+(its size is read from the object's metadata first).
 """
 
 from __future__ import annotations
@@ -21,16 +26,26 @@ from dagster_gcf_pipes.shared.retry import transient_retry
 INLINE = "inline"
 CLAIM = "claim"
 
-#: Head-room for attributes and framing under Pub/Sub's 10 MB message limit.
-MAX_INLINE_THRESHOLD = PUBSUB_MAX_MESSAGE_BYTES - 64_000
+#: gRPC's default receive limit: what a subscriber whose channel was opened without options accepts (the
+#: client library's emulator mode, other tools, older releases of this library).
+DEFAULT_GRPC_RECEIVE_BYTES = 4 * 1024 * 1024
+
+#: The largest inline body: under every receive path's limit with 64 KiB of head-room for attributes and
+#: framing. Above it a body goes through GCS, which costs one object per message and nothing else.
+MAX_INLINE_THRESHOLD = min(PUBSUB_MAX_MESSAGE_BYTES, DEFAULT_GRPC_RECEIVE_BYTES) - 64 * 1024
+
+#: The largest claim-check object either side writes or reads: a reader never downloads more than this for
+#: one message, whoever wrote the pointer.
+MAX_CLAIM_BYTES = 64 * 1024 * 1024
 
 
 class BlobStore(Protocol):
     def put(self, key: str, data: bytes) -> str:
         """Store ``data`` under ``key`` and return its URL."""
 
-    def get(self, url: str) -> bytes:
-        """Return the bytes at ``url``; raise ``ProtocolError`` if there is no such object."""
+    def get(self, url: str, max_bytes: int) -> bytes:
+        """Return the bytes at ``url``; raise ``ProtocolError`` if there is no such object or it is larger
+        than ``max_bytes``."""
 
 
 def parse_gs_url(url: str) -> tuple[str, str]:
@@ -53,12 +68,23 @@ class GCSBlobStore:
         return f"gs://{self.bucket}/{key}"
 
     @transient_retry()
-    def get(self, url: str) -> bytes:
+    def get(self, url: str, max_bytes: int = MAX_CLAIM_BYTES) -> bytes:
+        """The object's size is checked (metadata) before anything is downloaded, and the download is pinned
+        to the generation that was checked, so a bigger object swapped in between is never read."""
         bucket, key = parse_gs_url(url)
+        blob = self.client.bucket(bucket).get_blob(key)
+        if blob is None:
+            raise ProtocolError(f"claim-check object {url} does not exist (deleted, or never written)")
+        if blob.size is None or blob.size > max_bytes:
+            raise ProtocolError(
+                f"claim-check object {url} is {blob.size} bytes, above the {max_bytes}-byte cap: not downloaded"
+            )
         try:
-            return self.client.bucket(bucket).blob(key).download_as_bytes()
+            return blob.download_as_bytes(if_generation_match=blob.generation)
         except gexc.NotFound as exc:
-            raise ProtocolError(f"claim-check object {url} does not exist (deleted, or never written)") from exc
+            raise ProtocolError(f"claim-check object {url} was deleted while being read") from exc
+        except gexc.PreconditionFailed as exc:
+            raise ProtocolError(f"claim-check object {url} was replaced while being read") from exc
 
     @transient_retry()
     def delete_prefix(self, prefix: str) -> int:
@@ -75,9 +101,10 @@ class GCSBlobStore:
 def validate_threshold(threshold: int) -> int:
     if not 0 <= threshold <= MAX_INLINE_THRESHOLD:
         raise ValueError(
-            f"inline_threshold_bytes={threshold} is outside 0..{MAX_INLINE_THRESHOLD}: Pub/Sub rejects messages "
-            f"over {PUBSUB_MAX_MESSAGE_BYTES} bytes; set it to at most {MAX_INLINE_THRESHOLD} (default "
-            f"{DEFAULT_INLINE_THRESHOLD}), and bodies above it go through GCS"
+            f"inline_threshold_bytes={threshold} is outside 0..{MAX_INLINE_THRESHOLD}: a larger inline message "
+            f"cannot be received by a subscriber on a default gRPC channel ({DEFAULT_GRPC_RECEIVE_BYTES} bytes) and "
+            f"Pub/Sub rejects messages over {PUBSUB_MAX_MESSAGE_BYTES} bytes; set it to at most "
+            f"{MAX_INLINE_THRESHOLD} (default {DEFAULT_INLINE_THRESHOLD}): bodies above it go through GCS"
         )
     return threshold
 
@@ -94,9 +121,15 @@ class ClaimCheck:
         """Return the message data and the codec attribute for ``body``; bodies over the threshold go to ``key``."""
         if len(body) <= self.threshold:
             return body, {Attr.BODY: INLINE}
+        if len(body) > MAX_CLAIM_BYTES:
+            raise ProtocolError(
+                f"a message body of {len(body)} bytes is above the {MAX_CLAIM_BYTES}-byte claim-check cap, which "
+                "no reader downloads: send less at once (write large data to your own storage and report where)"
+            )
         return self.store.put(key, body).encode("utf-8"), {Attr.BODY: CLAIM}
 
-    def unwrap(self, data: bytes, attributes: Mapping[str, str]) -> bytes:
+    def unwrap(self, data: bytes, attributes: Mapping[str, str], within: str | None = None) -> bytes:
+        """The body ``data`` carries. ``within`` (``gs://BUCKET/PREFIX/``): refuse a pointer outside it."""
         encoding = attributes.get(Attr.BODY, INLINE)
         if encoding == INLINE:
             return data
@@ -106,5 +139,13 @@ class ClaimCheck:
             except UnicodeDecodeError as exc:
                 raise ProtocolError("claim-check pointer is not UTF-8") from exc
             parse_gs_url(url)
-            return self.store.get(url)
+            if within is not None and not _is_inside(url, within):
+                raise ProtocolError(f"claim-check pointer {url[:200]!r} is outside {within}: not fetched")
+            return self.store.get(url, MAX_CLAIM_BYTES)
         raise ProtocolError(f"unknown {Attr.BODY!r} attribute {encoding!r} (expected {INLINE!r} or {CLAIM!r})")
+
+
+def _is_inside(url: str, folder: str) -> bool:
+    """Whether ``url`` names an object under ``folder`` (no ``..`` or empty segments to climb out by)."""
+    rest = url[len(folder):]
+    return url.startswith(folder) and folder.endswith("/") and all(part not in ("", ".", "..") for part in rest.split("/"))

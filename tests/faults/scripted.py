@@ -1,21 +1,29 @@
 """A scripted function: plays the function's part by hand so a test can inject exactly the faults it wants.
 
 It takes the trigger off a topic nobody else consumes (its own subscription), then publishes replies as the
-test dictates: duplicated, reordered, from a second invocation, malformed, unsigned, or not at all."""
+test dictates: duplicated, reordered, from a second invocation, malformed, unsigned, or not at all. Like the
+real function it claims the session lease before an invocation's ``opened`` (a forger does not: ``lease=False``)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
+
+import pytest
 
 from dagster_pipes import PIPES_PROTOCOL_VERSION, PIPES_PROTOCOL_VERSION_FIELD, decode_param
 from google.cloud import pubsub_v1, storage
 
+from dagster_gcf_pipes.function.lease import claim_lease
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore
+from dagster_gcf_pipes.shared.layout import lease_key
 from dagster_gcf_pipes.shared.protocol import Reply, ReplyChannelParams, Trigger, dumps
 from dagster_gcf_pipes.shared.signing import sign
+from tests.conftest import SCRIPTED_TOPIC
+from tests.integration.helpers import Outcome, make_client, run_asset
 
 
 def pipes_message(method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -73,11 +81,22 @@ class ScriptedFunction:
         assert self.context is not None
         return self.context["data"]["asset_keys"][0]
 
-    def batch(self, invocation: str, seq: int, messages: Sequence[Mapping[str, Any]], secret: str | None = None) -> None:
+    def batch(
+        self, invocation: str, seq: int, messages: Sequence[Mapping[str, Any]], secret: str | None = None, lease: bool = True
+    ) -> None:
+        """Publish one batch; an ``opened`` batch claims the session lease first, as the function does, if ``lease``."""
         assert self.params is not None, "take_trigger() first"
+        if lease and seq == 0 and messages and messages[0].get("method") == "opened":
+            self.claim_lease(invocation)
         body = dumps(list(messages), "batch")
         attributes = Reply(self.params.session_id, invocation, seq).attributes()
         self.raw(body, sign(secret, body, attributes) if secret else attributes)
+
+    def claim_lease(self, invocation: str) -> bool:
+        assert self.params is not None
+        gcs = storage.Client(project=self.project)
+        key = lease_key(self.params.prefix, self.params.session_id)
+        return claim_lease(gcs, self.params.bucket, key, invocation, self.params.lease_seconds)
 
     def heartbeat(self, invocation: str) -> None:
         assert self.params is not None
@@ -90,3 +109,26 @@ class ScriptedFunction:
     def close(self) -> None:
         self.subscriber.delete_subscription(request={"subscription": self.subscription})
         self.subscriber.close()
+
+
+@pytest.fixture
+def scripted(stack: Any) -> Iterator[Callable[..., tuple[ScriptedFunction, concurrent.futures.Future]]]:
+    """Start a run against the scripted topic in the background; return the scripted function and the run."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    functions: list[ScriptedFunction] = []
+
+    def start(**client_overrides: Any) -> tuple[ScriptedFunction, concurrent.futures.Future]:
+        function = ScriptedFunction(stack.project, SCRIPTED_TOPIC)
+        functions.append(function)
+        future = pool.submit(run_asset, make_client(trigger_topic=SCRIPTED_TOPIC, **client_overrides), {"n": 1})
+        function.take_trigger()
+        return function, future
+
+    yield start
+    pool.shutdown(wait=True)
+    for function in functions:
+        function.close()
+
+
+def finished(future: concurrent.futures.Future) -> Outcome:
+    return future.result(timeout=60)

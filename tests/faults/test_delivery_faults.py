@@ -1,43 +1,27 @@
 """Faults in what Pub/Sub delivers to the reader, injected by a scripted function on the real emulator:
-duplicates, reordering, a second invocation, poison and foreign messages, unsigned replies, and silence."""
+duplicates, reordering, a second invocation, poison and foreign messages, unsigned replies, silence, and
+messages larger than a default gRPC channel receives."""
 
 from __future__ import annotations
 
-import concurrent.futures
+import os
 import time
-from collections.abc import Callable, Iterator
+import uuid
 
+import grpc
 import pytest
 from google.cloud import pubsub_v1, storage
+from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
 from dagster_gcf_pipes.local.local_stack import LocalStack
-from dagster_gcf_pipes.shared.protocol import Attr, Reply, new_session_id
+from dagster_gcf_pipes.orchestrator.errors import ReplyStreamError
+from dagster_gcf_pipes.orchestrator.message_reader import PipesPubSubMessageReader
+from dagster_gcf_pipes.shared.claim_check import MAX_INLINE_THRESHOLD, ClaimCheck, GCSBlobStore
+from dagster_gcf_pipes.shared.protocol import Attr, Reply, ReplyChannelParams, dumps, new_session_id
+from dagster_gcf_pipes.shared.pubsub import WatchedSubscriberClient, publisher_client
 from tests.conftest import PAYLOAD_BUCKET, SCRIPTED_TOPIC
-from tests.faults.scripted import ScriptedFunction, closed, log, materialization, opened
-from tests.integration.helpers import Outcome, make_client, run_asset, session_objects, session_subscriptions
-
-
-@pytest.fixture
-def scripted(stack: LocalStack) -> Iterator[Callable[..., tuple[ScriptedFunction, concurrent.futures.Future]]]:
-    """Start a run against the scripted topic in the background; return the scripted function and the run."""
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    functions: list[ScriptedFunction] = []
-
-    def start(**client_overrides) -> tuple[ScriptedFunction, concurrent.futures.Future]:
-        function = ScriptedFunction(stack.project, SCRIPTED_TOPIC)
-        functions.append(function)
-        future = pool.submit(run_asset, make_client(trigger_topic=SCRIPTED_TOPIC, **client_overrides), {"n": 1})
-        function.take_trigger()
-        return function, future
-
-    yield start
-    pool.shutdown(wait=True)
-    for function in functions:
-        function.close()
-
-
-def finished(future: concurrent.futures.Future) -> Outcome:
-    return future.result(timeout=60)
+from tests.faults.scripted import closed, finished, log, materialization, opened, scripted  # noqa: F401 (a fixture)
+from tests.integration.helpers import make_client, run_asset, session_objects, session_subscriptions
 
 
 def assert_nothing_left(stack: LocalStack) -> None:
@@ -91,6 +75,7 @@ def test_poison_and_foreign_messages_are_logged_once_by_id_and_never_reach_dagst
         f.raw(b"[]", {**good, Attr.VERSION: "99"}): "unsupported protocol version '99'",
         f.raw(b"[]", {Attr.VERSION: "1", Attr.SEQ: "1"}): "missing attribute 'dagster_pipes_session'",
         f.raw(b"[]", {**good, Attr.SEQ: "one"}): "non-numeric 'dagster_pipes_seq'",
+        f.raw(b"[]", {**good, Attr.SEQ: "\u00b2"}): "non-numeric 'dagster_pipes_seq'",  # "²".isdigit() is True
         f.raw(f"gs://{PAYLOAD_BUCKET}/dagster-pipes/{sid}/missing.json".encode(), {**good, Attr.BODY: "claim"}):
             "does not exist",
         f.raw(b'[{"no": "method"}]', good): "must be a JSON list of Pipes messages",
@@ -202,3 +187,76 @@ def pipes_exception_closed() -> dict:
         "name": "MemoryError", "message": "MemoryError: out of memory\n", "stack": ["  File \"main.py\", line 1\n"],
         "cause": None, "context": None,
     }})
+
+
+# ----------------------------------------------------------------------------------- messages over 4 MiB
+
+
+def test_a_reply_over_4_mib_reaches_dagster_instead_of_stalling_the_reader(stack, scripted):
+    """gRPC's default 4 MiB receive limit made such a message undeliverable on the emulator: redelivered forever,
+    never acked, and the session failed on its heartbeat timeout. The reader's channel now has no limit."""
+    f, run = scripted(heartbeat_interval=1.0, heartbeat_timeout=15.0)
+    f.batch("inv", 0, [opened()])
+    line = "y" * 5_000_000
+    body = dumps([log(line)], "batch")
+    f.raw(body, Reply(f.params.session_id, "inv", 1).attributes())  # inline, as a writer with a 9 MB threshold did
+    f.batch("inv", 2, [materialization(f.asset_key, big=True), closed()])
+
+    outcome = finished(run)
+    assert outcome.result.success, outcome.failure_message
+    assert line in outcome.log_messages
+    assert_nothing_left(stack)
+
+
+def test_an_inline_threshold_above_what_every_reader_accepts_is_a_configuration_error(stack):
+    outcome = run_asset(make_client(trigger_topic=SCRIPTED_TOPIC, inline_threshold_bytes=9_000_000, startup_timeout=2.0), {})
+    assert not outcome.result.success
+    error = outcome.failure_message
+    assert "PipesPubSubConfigError" in error and f"inline_threshold_bytes=9000000 is outside 0..{MAX_INLINE_THRESHOLD}" in error
+    assert "default gRPC channel" in error
+    assert_nothing_left(stack)
+
+
+class _Recorder:
+    """Dagster's side of a reader, reduced to what the reader calls."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+
+    def handle_message(self, message: dict) -> None:
+        self.messages.append(message)
+
+    def report_pipes_framework_exception(self, origin: str, exc_info: object) -> None:
+        raise AssertionError(origin)
+
+
+def test_a_message_the_reader_cannot_receive_ends_the_session_with_an_error_that_says_so(stack, caplog):
+    """A subscriber on a channel with gRPC's default limit (as the client library opens in emulator mode) can
+    never receive a 5 MB message: the reader must say so at once instead of waiting for a timeout that blames
+    the function."""
+    topic = f"projects/{stack.project}/topics/big-{uuid.uuid4().hex[:8]}"
+    host = os.environ["PUBSUB_EMULATOR_HOST"]
+    limited = WatchedSubscriberClient(transport=SubscriberGrpcTransport(channel=grpc.insecure_channel(host), host=host))
+    with publisher_client() as publisher:
+        publisher.create_topic(request={"name": topic})
+        session_id = new_session_id()
+        params = ReplyChannelParams(topic=topic, session_id=session_id, bucket=PAYLOAD_BUCKET, prefix="dagster-pipes")
+        reader = PipesPubSubMessageReader(
+            subscriber=limited, claim_check=ClaimCheck(GCSBlobStore(storage.Client(project=stack.project), PAYLOAD_BUCKET)),
+            channel_params=params,
+        )
+        try:
+            with reader.read_messages(_Recorder()):  # type: ignore[arg-type]
+                body = dumps([opened(), log("z" * 5_000_000)], "batch")
+                publisher.publish(topic, body, **Reply(session_id, "inv", 0).attributes()).result(timeout=30)
+                with pytest.raises(ReplyStreamError) as raised:
+                    reader.wait_for_close(
+                        triggered_at=time.monotonic(), sent_to=topic, startup_hint="-", startup_timeout=20.0,
+                        heartbeat_timeout=20.0,
+                    )
+        finally:
+            limited.close()
+            publisher.delete_topic(request={"topic": topic})
+    error = str(raised.value)
+    assert "can never be delivered" in error and "larger than max" in error and "subscriber_client()" in error
+    assert any("can never be delivered" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)

@@ -11,7 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dagster_gcf_pipes.orchestrator.reassembly import ReassemblyError, SessionReassembler
-from dagster_gcf_pipes.shared.claim_check import MAX_INLINE_THRESHOLD, ClaimCheck, GCSBlobStore, validate_threshold
+from dagster_gcf_pipes.shared.claim_check import (
+    DEFAULT_GRPC_RECEIVE_BYTES,
+    MAX_INLINE_THRESHOLD,
+    ClaimCheck,
+    GCSBlobStore,
+    validate_threshold,
+)
 from dagster_gcf_pipes.shared.protocol import (
     BOOTSTRAP_KEYS,
     REPLY_CHANNELS,
@@ -21,6 +27,7 @@ from dagster_gcf_pipes.shared.protocol import (
     ReplyChannelParams,
     Trigger,
     new_session_id,
+    parse_protocol_int,
     subscription_filter,
 )
 from tests.conftest import PAYLOAD_BUCKET
@@ -71,6 +78,11 @@ GOOD = {Attr.SESSION: "a" * 32, Attr.VERSION: "1", Attr.INVOCATION: "inv", Attr.
         (b"[]", {k: v for k, v in GOOD.items() if k != Attr.INVOCATION}, "without the"),
         (b"[]", {**GOOD, Attr.KIND: "other"}, "unknown reply kind 'other'"),
         (b"[]", {**GOOD, Attr.SEQ: "x1"}, "non-numeric"),
+        (b"[]", {**GOOD, Attr.SEQ: "\u00b2"}, "non-numeric"),  # "²".isdigit() is True, int("²") raises
+        (b"[]", {**GOOD, Attr.SEQ: "\u0663"}, "non-numeric"),  # an Arabic-Indic 3: int() would take it
+        (b"[]", {**GOOD, Attr.SEQ: "-1"}, "non-numeric"),
+        (b"[]", {**GOOD, Attr.SEQ: " 1"}, "non-numeric"),
+        (b"[]", {**GOOD, Attr.SEQ: "1" * 16}, "1 to 15 ASCII digits"),
         (b"\xff\xfe", GOOD, "not UTF-8 JSON"),
         (b"{not json", GOOD, "not UTF-8 JSON"),
         (b'[{"no": "method"}]', GOOD, "objects with a 'method'"),
@@ -134,8 +146,31 @@ def test_claim_check_errors(blob_store: GCSBlobStore) -> None:
     with pytest.raises(ProtocolError, match="unknown"):
         codec.unwrap(b"x", {Attr.BODY: "zip"})
     assert validate_threshold(MAX_INLINE_THRESHOLD) == MAX_INLINE_THRESHOLD
-    with pytest.raises(ValueError, match="Pub/Sub rejects messages"):
+    assert MAX_INLINE_THRESHOLD < DEFAULT_GRPC_RECEIVE_BYTES  # what a default gRPC channel receives, with room
+    with pytest.raises(ValueError, match="default gRPC channel"):
         validate_threshold(MAX_INLINE_THRESHOLD + 1)
+
+
+def test_claim_check_reads_only_inside_the_given_folder_and_below_the_cap(blob_store: GCSBlobStore) -> None:
+    folder = f"gs://{PAYLOAD_BUCKET}/unit/{uuid.uuid4().hex}/"
+    codec = ClaimCheck(blob_store, 10)
+    data, attributes = codec.wrap(b"x" * 100, folder[len(f"gs://{PAYLOAD_BUCKET}/"):] + "replies/1.json")
+    assert codec.unwrap(data, attributes, within=folder) == b"x" * 100
+    for outside in (f"gs://elsewhere/{folder[5:]}a.json", folder.rstrip("/") + "-twin/a.json", folder + "../x/a.json", folder + "a//b"):
+        with pytest.raises(ProtocolError, match="is outside"):
+            codec.unwrap(outside.encode(), attributes, within=folder)
+    with pytest.raises(ProtocolError, match="above the 99-byte cap: not downloaded"):
+        blob_store.get(data.decode(), max_bytes=99)
+
+
+@given(st.text(max_size=20))
+def test_protocol_integers_are_ascii_digits_or_a_protocol_error(raw: str) -> None:
+    try:
+        value = parse_protocol_int(raw, "n")
+    except ProtocolError:
+        assert not (raw.isascii() and raw.isdigit() and len(raw) <= 15)
+    else:
+        assert str(value) == raw.lstrip("0") or (value == 0 and set(raw) == {"0"})
 
 
 # ----------------------------------------------------------------------------------- reassembly

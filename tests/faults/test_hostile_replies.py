@@ -1,0 +1,96 @@
+"""Replies written by someone other than the session's function, on the real local stack: anyone allowed to
+publish to the reply topic can send them (docs/reliability.md, "Threat model"). Signing is off in these
+tests, as it is by default: what is proven here holds without a shared secret."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from google.cloud import storage
+
+from dagster_gcf_pipes.shared.claim_check import MAX_CLAIM_BYTES
+from dagster_gcf_pipes.shared.protocol import Attr, Reply, dumps, new_session_id
+from tests.conftest import LAKE_BUCKET, PAYLOAD_BUCKET, SCRIPTED_TOPIC
+from tests.faults.scripted import ScriptedFunction, closed, finished, log, materialization, opened, scripted  # noqa: F401
+from tests.integration.helpers import Outcome, session_objects, session_subscriptions
+
+
+def dropped(outcome: Outcome, message_id: str) -> list[str]:
+    return [m for m in outcome.log_messages if f"dropped reply message {message_id}:" in m]
+
+
+def claim(f: ScriptedFunction, url: str, seq: int = 1) -> str:
+    """Publish a batch whose body is claim-checked at ``url``."""
+    return f.raw(url.encode(), {**Reply(f.params.session_id, "inv", seq).attributes(), Attr.BODY: "claim"})
+
+
+@pytest.fixture
+def bait(stack) -> Iterator[tuple[str, str]]:
+    """A valid batch in another bucket and in another session's folder, where a pointer could send the reader."""
+    gcs = storage.Client(project=stack.project)
+    body = dumps([log("read from elsewhere")], "batch")
+    placed = [(LAKE_BUCKET, "secrets/pii.json"), (PAYLOAD_BUCKET, f"dagster-pipes/{new_session_id()}/replies/inv/1.json")]
+    for bucket, key in placed:
+        gcs.bucket(bucket).blob(key).upload_from_string(body)
+    yield placed[0][1], placed[1][1]
+    for bucket, key in placed:
+        gcs.bucket(bucket).blob(key).delete()
+
+
+def test_claim_check_pointers_outside_the_session_folder_are_not_fetched(stack, scripted, bait):
+    lake_key, other_session = bait
+    f, run = scripted()
+    sid = f.params.session_id
+    f.batch("inv", 0, [opened()])
+    pointers = {
+        claim(f, f"gs://{LAKE_BUCKET}/{lake_key}"): "another bucket",
+        claim(f, f"gs://{PAYLOAD_BUCKET}/{other_session}"): "another session's folder",
+        claim(f, f"gs://{PAYLOAD_BUCKET}/dagster-pipes/{sid}/../{other_session[len('dagster-pipes/'):]}"): "climbing out",
+    }
+    f.batch("inv", 1, [log("the real line"), materialization(f.asset_key), closed()])
+
+    outcome = finished(run)
+    assert outcome.result.success, outcome.failure_message
+    assert "read from elsewhere" not in outcome.log_messages and "the real line" in outcome.log_messages
+    for message_id, case in pointers.items():
+        mentions = dropped(outcome, message_id)
+        assert len(mentions) == 1 and f"is outside gs://{PAYLOAD_BUCKET}/dagster-pipes/{sid}/" in mentions[0], case
+    assert session_subscriptions(stack.project) == []
+    assert session_objects(stack.project) == [other_session]  # the bait, removed by the fixture
+
+
+def test_a_claim_check_object_over_the_cap_is_refused_before_download(stack, scripted):
+    f, run = scripted()
+    key = f"dagster-pipes/{f.params.session_id}/replies/inv/1.json"
+    storage.Client(project=stack.project).bucket(PAYLOAD_BUCKET).blob(key).upload_from_string(b" " * (MAX_CLAIM_BYTES + 1))
+    f.batch("inv", 0, [opened()])
+    huge = claim(f, f"gs://{PAYLOAD_BUCKET}/{key}")
+    f.batch("inv", 1, [materialization(f.asset_key), closed()])
+
+    outcome = finished(run)
+    assert outcome.result.success, outcome.failure_message
+    (mention,) = dropped(outcome, huge)
+    assert f"is {MAX_CLAIM_BYTES + 1} bytes, above the {MAX_CLAIM_BYTES}-byte cap: not downloaded" in mention
+    assert session_objects(stack.project) == []
+
+
+def test_a_forged_opened_does_not_hijack_the_session(stack, scripted):
+    """A forger who learned the session id sends ``opened`` before the function starts. Without the lease it
+    holds no claim on the session: its ``opened`` is ignored and its later batches are fenced off, named as what
+    they may be (forged), not as a duplicate execution."""
+    f, run = scripted()
+    forged_opened = f.raw(dumps([opened(), log("hijacked")], "batch"), Reply(f.params.session_id, "forger", 0).attributes())
+    f.batch("forger", 1, [materialization(f.asset_key, who="forger"), closed()])
+    f.batch("real", 0, [opened(), log("the function's line")])  # claims the lease first, as the function does
+    f.batch("real", 1, [materialization(f.asset_key, who="real"), closed()])
+
+    outcome = finished(run)
+    assert outcome.result.success, outcome.failure_message
+    assert outcome.metadata["who"] == "real"
+    assert "hijacked" not in outcome.log_messages and "the function's line" in outcome.log_messages
+    (ignored,) = dropped(outcome, forged_opened)
+    assert "'opened' of invocation forger, which does not hold the session lease" in ignored
+    (fenced,) = [m for m in outcome.log_messages if "dropping replies of invocation forger" in m]
+    assert "forged by someone who can publish to the reply topic" in fenced and "duplicate execution" not in fenced
+    assert session_objects(stack.project) == []
