@@ -1,5 +1,7 @@
 """The local stack: Google's Pub/Sub emulator, fake-gcs-server and the Functions Framework, on free loopback
-ports, wired the way Eventarc wires a deployed function (a push subscription from the trigger topic).
+ports, wired the way Eventarc wires a deployed function: the trigger topic's subscription is delivered to the
+function by ``local/dispatcher.py`` (Eventarc-like, ``LocalFunction.concurrency`` at a time), or by an emulator
+push subscription (``delivery="push"``: at most 2 at a time).
 
 Used by the demo, the benchmark and the test fixtures::
 
@@ -9,11 +11,23 @@ Used by the demo, the benchmark and the test fixtures::
 
 Nothing here is imported by production code paths: the clients find the emulators through the standard
 environment variables, exactly as they find real GCP through Application Default Credentials.
+
+**Nothing outlives the stack's process**, whatever ends it (SIGKILL included): each server gets
+``PR_SET_PDEATHSIG`` (Linux), and a watchdog process kills every server's process group when the stack's
+process goes away (its pipe reaches end of file): that also covers what the servers start themselves (the
+Functions Framework's gunicorn worker).
+
+**A server that dies is noticed at the next use**: ``check()`` (also run by ``activated()``,
+``add_function()`` and ``function_server()``) raises ``LocalStackError`` with the tail of its log, instead
+of letting the next run wait out its startup timeout. The logs stay in ``workdir`` (by default a new folder
+under the system's temporary folder, logged at start) after the stack stops.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -21,12 +35,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from google.api_core.exceptions import AlreadyExists
 
@@ -37,8 +54,31 @@ INSTALL_HINT = (
 )
 
 
+#: what the dispatcher logs once it pulls (local/dispatcher.py)
+DISPATCHER_READY = "delivering"
+
+
 class LocalStackError(RuntimeError):
     pass
+
+
+_log = logging.getLogger("dagster_gcf_pipes.local")
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+#: run by the watchdog process: reads "+PGID" / "-PGID" lines until the stack's process closes the pipe (it
+#: stopped, or died however it died), then kills every process group still registered
+_WATCHDOG = """
+import os, signal, sys
+groups = set()
+for line in sys.stdin:
+    (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
+for pgid in groups:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
 
 
 def free_port() -> int:
@@ -57,39 +97,129 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def _answers(url: str) -> Callable[[ManagedProcess], bool]:
+    def ready(_: ManagedProcess) -> bool:
+        return _http_ok(url)
+
+    ready.__doc__ = f"answering at {url}"
+    return ready
+
+
+def _logged(text: str) -> Callable[[ManagedProcess], bool]:
+    def ready(server: ManagedProcess) -> bool:
+        return server.log_path.exists() and text in server.log_path.read_text(errors="replace")
+
+    ready.__doc__ = f"{text!r} in its log"
+    return ready
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when this process dies (Linux only; else None).
+
+    The kernel ties the signal to the *thread* that forks, so it is set only when the stack is started from
+    the main thread; the watchdog covers the other cases."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return preexec
+
+
+class Watchdog:
+    """A process in its own session that kills the registered process groups once this process is gone.
+
+    It holds the read end of a pipe whose write end only this process holds (not inherited across exec), so
+    it sees end of file however this process ends, SIGKILL included, and from then on nothing of the stack
+    can keep running, grandchildren included."""
+
+    def __init__(self) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-S", "-c", _WATCHDOG], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True, text=True, bufsize=1,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def guard(self, pgid: int) -> None:
+        self._send(f"+{pgid}")
+
+    def release(self, pgid: int) -> None:
+        self._send(f"-{pgid}")
+
+    def _send(self, line: str) -> None:
+        assert self._process.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self._process.stdin.write(line + "\n")
+
+    def close(self) -> None:
+        """Let the watchdog go: it kills what is still registered (nothing, after a clean stop) and exits."""
+        assert self._process.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self._process.stdin.close()
+        self._process.wait(timeout=10)
+
+
 @dataclass
 class ManagedProcess:
-    """A child process in its own process group, logging to a file, stopped with escalation."""
+    """A child process in its own process group, logging to a file, stopped with escalation, and killed with
+    the stack's process however that ends (``PR_SET_PDEATHSIG`` on it, the watchdog on its group)."""
 
     name: str
     argv: Sequence[str]
     log_path: Path
     env: Mapping[str, str] | None = None
     process: subprocess.Popen | None = None
+    watchdog: Watchdog | None = None
+    #: stopped with this one (a function's dispatcher)
+    companions: list[ManagedProcess] = field(default_factory=list)
 
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         self.process = subprocess.Popen(
             list(self.argv), stdout=log, stderr=subprocess.STDOUT, env=dict(self.env or os.environ),
-            start_new_session=True,
+            # the preexec only calls prctl through an already loaded libc: no lock, import or allocation
+            start_new_session=True, preexec_fn=_die_with_parent(),  # noqa: PLW1509
         )
         log.close()
+        if self.watchdog is not None:
+            self.watchdog.guard(self.process.pid)
 
-    def wait_until(self, ready: str, timeout: float) -> None:
+    def wait_until(self, ready: str | Callable[[ManagedProcess], bool], timeout: float) -> None:
+        """Wait until ``ready`` answers over HTTP (a URL) or says so (a callable given this process)."""
+        if isinstance(ready, str):
+            ready = _answers(ready)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise LocalStackError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
-            if _http_ok(ready):
+            if ready(self):
                 return
             time.sleep(0.05)
-        raise LocalStackError(f"{self.name} not ready at {ready} after {timeout:g}s:\n{self.log_tail()}")
+        raise LocalStackError(f"{self.name} not ready ({ready.__doc__}) after {timeout:g}s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    def death(self) -> str | None:
+        """How the process ended, if it ended without being stopped (the rest of its group is killed then)."""
+        if self.process is None or self.process.poll() is None:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # e.g. the gunicorn worker of a killed master
+        code = self.process.returncode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+        return f"{self.name} (pid {self.process.pid}) {how}; the end of {self.log_path}:\n{self.log_tail()}"
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the whole process group (the test of a function killed mid-run uses this)."""
@@ -98,6 +228,8 @@ class ManagedProcess:
                 os.killpg(self.process.pid, sig)
 
     def stop(self, grace: float = 3.0) -> None:
+        for companion in self.companions:
+            companion.stop(grace)
         if self.process is None:
             return
         self.kill(signal.SIGTERM)
@@ -106,21 +238,31 @@ class ManagedProcess:
         except subprocess.TimeoutExpired:
             self.kill(signal.SIGKILL)
             self.process.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # what the leader left behind in its group
+        if self.watchdog is not None:
+            self.watchdog.release(self.process.pid)
         self.process = None
 
 
 @dataclass(frozen=True)
 class LocalFunction:
-    """A function served by the Functions Framework: pushed its trigger topic's messages (a CloudEvent
-    function), or, without a trigger topic, invoked over HTTP at ``LocalStack.function_url(target)``.
+    """A function served by the Functions Framework: delivered its trigger topic's messages (a CloudEvent
+    function), or, without a trigger topic, invoked over HTTP at ``LocalStack.function_urls[target]``.
 
-    ``source`` is the function's ``main.py`` (or any module file), relative to the current folder or absolute."""
+    ``source`` is the function's ``main.py`` (or any module file), relative to the current folder or absolute.
+    ``concurrency`` is how many deliveries run at once at most, like Eventarc's ``--max-instances`` (times
+    the per-instance concurrency); the Functions Framework gets as many threads unless ``env`` sets THREADS.
+    ``delivery="push"`` uses an emulator push subscription instead of the dispatcher: it delivers at most 2
+    messages at a time, whatever ``concurrency`` says."""
 
     source: str | os.PathLike[str]
     target: str
     trigger_topic: str | None = None
     ack_deadline_seconds: int = 600  # >= the function's run time, or Pub/Sub redelivers while it runs
     env: Mapping[str, str] = field(default_factory=dict)
+    concurrency: int = 100
+    delivery: Literal["dispatcher", "push"] = "dispatcher"
 
 
 @dataclass
@@ -131,19 +273,24 @@ class LocalStack:
     #: durable pull subscriptions to create, name -> topic (the topic must be in ``topics``)
     subscriptions: Mapping[str, str] = field(default_factory=dict)
     project: str = "local-project"
+    #: where the servers' logs go (created if missing); by default a new folder under the system's temporary
+    #: folder. Either way it is kept after the stack stops, and logged at start.
     workdir: Path | None = None
     pubsub_host: str = ""
     storage_host: str = ""
     servers: dict[str, ManagedProcess] = field(default_factory=dict)
     #: where each function's Functions Framework listens, by trigger topic (by target for HTTP functions)
     function_urls: dict[str, str] = field(default_factory=dict)
-    _tmp: tempfile.TemporaryDirectory | None = None
+    watchdog: Watchdog | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> LocalStack:
         if self.workdir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="pipes-local-stack-")
-            self.workdir = Path(self._tmp.name)
+            self.workdir = Path(tempfile.mkdtemp(prefix=f"gcf-pipes-{time.strftime('%Y%m%d-%H%M%S')}-"))
+        self.workdir = Path(self.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        _log.info("local stack: the servers' logs are in %s", self.workdir)
+        self.watchdog = Watchdog()
         try:
             self._start_pubsub()
             self._start_gcs()
@@ -161,11 +308,26 @@ class LocalStack:
 
     def stop(self) -> None:
         for server in reversed(list(self.servers.values())):
+            death = server.death()
+            if death is not None:
+                _log.warning("a server died before the stack stopped: %s", death)
             server.stop()
         self.servers.clear()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        if self.watchdog is not None:
+            self.watchdog.close()
+            self.watchdog = None
+
+    def check(self) -> None:
+        """Raise ``LocalStackError`` if a server died (was not stopped by the stack), with the end of its log.
+
+        Call it before using the stack (the test fixtures do, before each test): a dead Functions Framework
+        otherwise shows up only as a run that waits out its startup timeout."""
+        deaths = [death for server in self.servers.values() if (death := server.death()) is not None]
+        if deaths:
+            raise LocalStackError(
+                "the local stack is broken: " + "\n\n".join(deaths)
+                + "\n\nrestart it (every server's log is in " + str(self.workdir) + ")"
+            )
 
     @property
     def environment(self) -> dict[str, str]:
@@ -178,6 +340,7 @@ class LocalStack:
     @contextlib.contextmanager
     def activated(self) -> Iterator[LocalStack]:
         """Point this process's Google clients at the stack for the duration of the block."""
+        self.check()
         saved = {k: os.environ.get(k) for k in self.environment}
         os.environ.update(self.environment)
         try:
@@ -190,9 +353,12 @@ class LocalStack:
                     os.environ[key] = value
 
     # ------------------------------------------------------------------ the servers
-    def _spawn(self, name: str, argv: Sequence[str], ready: str, timeout: float, env: Mapping[str, str] | None = None) -> ManagedProcess:
+    def _spawn(
+        self, name: str, argv: Sequence[str], ready: str | Callable[[ManagedProcess], bool], timeout: float,
+        env: Mapping[str, str] | None = None,
+    ) -> ManagedProcess:
         assert self.workdir is not None
-        server = ManagedProcess(name, argv, self.workdir / f"{name}.log", env=env)
+        server = ManagedProcess(name, argv, self.workdir / f"{name}.log", env=env, watchdog=self.watchdog)
         self.servers[name] = server
         server.start()
         server.wait_until(ready, timeout)
@@ -205,6 +371,7 @@ class LocalStack:
             raise LocalStackError(f"the Pub/Sub emulator needs Java 17 and `java` is not on PATH: {INSTALL_HINT}")
         port = free_port()
         env = {**os.environ, "JAVA_OPTS": os.environ.get("JAVA_OPTS", "-Xmx256m")}
+        # the launcher script ends with `exec java`: java is the process that PR_SET_PDEATHSIG was set on
         self._spawn("pubsub-emulator", [str(PUBSUB_EMULATOR), "--host=127.0.0.1", f"--port={port}"],
                     f"http://127.0.0.1:{port}/", timeout=60, env=env)
         self.pubsub_host = f"127.0.0.1:{port}"
@@ -224,13 +391,32 @@ class LocalStack:
         self.storage_host = f"127.0.0.1:{port}"
 
     def add_function(self, function: LocalFunction) -> ManagedProcess:
-        """Serve ``function`` in its own Functions Framework process, pushed from its trigger topic if it has one."""
-        from google.cloud import pubsub_v1
-
+        """Serve ``function`` in its own Functions Framework process, delivered its trigger topic if it has one."""
+        self.check()
+        if function.concurrency < 1:
+            raise LocalStackError(f"LocalFunction.concurrency={function.concurrency} must be at least 1")
         port = free_port()
+        server = self._serve(function, port)
+        if function.trigger_topic is not None:
+            self._deliver(function, server, port)
+        return server
+
+    def restart_function(self, function: LocalFunction) -> ManagedProcess:
+        """Serve ``function``'s current code: its server restarts on the same port, so its delivery carries
+        on (the dispatcher retries what arrives meanwhile; a push subscription's endpoint stays valid)."""
+        name = function.trigger_topic or function.target
+        old = self.servers[f"function-{name}"]
+        companions, old.companions = old.companions, []  # the dispatcher keeps running
+        old.stop()
+        server = self._serve(function, urllib.parse.urlsplit(self.function_urls[name]).port)
+        server.companions = companions
+        return server
+
+    def _serve(self, function: LocalFunction, port: int) -> ManagedProcess:
         env = {
             **os.environ,
             **self.environment,
+            "THREADS": str(function.concurrency),  # gunicorn's threads: as many requests at once as delivered
             **function.env,
             # the project's root (the current folder) is importable, as when Dagster loads the code location
             "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
@@ -244,22 +430,41 @@ class LocalStack:
         name = function.trigger_topic or function.target
         server = self._spawn(f"function-{name}", argv, f"http://127.0.0.1:{port}/", timeout=60, env=env)
         self.function_urls[name] = f"http://127.0.0.1:{port}/"
-        if function.trigger_topic is None:
-            return server
+        return server
+
+    def trigger_subscription(self, trigger_topic: str) -> str:
+        """The subscription that delivers ``trigger_topic`` to its function (Eventarc's push subscription)."""
+        return f"projects/{self.project}/subscriptions/{trigger_topic}-push"
+
+    def _deliver(self, function: LocalFunction, server: ManagedProcess, port: int) -> None:
+        """Create the trigger topic's subscription, and the dispatcher that delivers it unless it is pushed."""
+        from google.cloud import pubsub_v1
+
+        assert function.trigger_topic is not None
+        topic = f"projects/{self.project}/topics/{function.trigger_topic}"
+        subscription = self.trigger_subscription(function.trigger_topic)
+        # Eventarc's push path: the CloudEvent's `source` then names the topic
+        url = f"http://127.0.0.1:{port}/{topic}"
         with self.activated(), pubsub_v1.PublisherClient() as publisher, pubsub_v1.SubscriberClient() as subscriber:
-            topic = publisher.topic_path(self.project, function.trigger_topic)
             with contextlib.suppress(AlreadyExists):
                 publisher.create_topic(request={"name": topic})
             subscriber.create_subscription(request={
-                "name": subscriber.subscription_path(self.project, f"{function.trigger_topic}-push"),
-                "topic": topic,
-                # Eventarc's push path: the CloudEvent's `source` then names the topic
-                "push_config": {"push_endpoint": f"http://127.0.0.1:{port}/projects/{self.project}/topics/{function.trigger_topic}"},
-                "ack_deadline_seconds": function.ack_deadline_seconds,
+                "name": subscription, "topic": topic, "ack_deadline_seconds": function.ack_deadline_seconds,
+                **({"push_config": {"push_endpoint": url}} if function.delivery == "push" else {}),
             })
-        return server
+        if function.delivery == "push":
+            return
+        argv = [
+            sys.executable, "-m", "dagster_gcf_pipes.local.dispatcher", f"--subscription={subscription}",
+            f"--topic={topic}", f"--url={url}", f"--concurrency={function.concurrency}",
+            f"--function-log={server.log_path}",
+        ]
+        env = {**os.environ, **self.environment, "PYTHONUNBUFFERED": "1"}
+        dispatcher = self._spawn(f"dispatcher-{function.trigger_topic}", argv, _logged(DISPATCHER_READY), timeout=60, env=env)
+        server.companions.append(dispatcher)
 
     def function_server(self, trigger_topic: str) -> ManagedProcess:
+        self.check()
         return self.servers[f"function-{trigger_topic}"]
 
     def _create_topics_and_buckets(self) -> None:

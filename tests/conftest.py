@@ -45,6 +45,13 @@ def stack() -> Iterator[LocalStack]:
             yield running
 
 
+@pytest.fixture(autouse=True)
+def _stack_alive(request: pytest.FixtureRequest) -> None:
+    """Fail a test on the stack at once, with the server's log, if one of the stack's servers died."""
+    if "stack" in request.fixturenames:
+        request.getfixturevalue("stack").check()
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeFunctionService]:
     """An in-process gRPC fake of the Cloud Functions v2 FunctionService, with an empty resolution cache."""

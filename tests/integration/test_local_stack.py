@@ -1,28 +1,157 @@
-"""The local stack itself: clear errors when a piece is missing, nothing left running after it stops."""
+"""The local stack itself: clear errors when a piece is missing, nothing left running after it stops or after
+its process is killed, a dead server reported at the next use, logs kept where the user can find them."""
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from dagster_gcf_pipes.local import local_stack
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack, LocalStackError
+from tests import REPO_ROOT
+
+EXAMPLE_FUNCTION = "examples/sales/function/main.py"
+LOUD_FUNCTION = """
+print("the loud function is loaded", flush=True)
+
+def main(event):
+    pass
+"""
+
+
+@pytest.fixture
+def loud_function(tmp_path: Path) -> Path:
+    """A function that says when it is loaded, so that its server's log is not empty."""
+    source = tmp_path / "loud" / "main.py"
+    source.parent.mkdir()
+    source.write_text(LOUD_FUNCTION)
+    return source
 
 
 def test_missing_pubsub_emulator_says_what_to_install(monkeypatch, tmp_path: Path):
     monkeypatch.setattr(local_stack, "PUBSUB_EMULATOR", tmp_path / "no-emulator-here")
     with pytest.raises(LocalStackError, match="apt-get install google-cloud-cli-pubsub-emulator openjdk-17-jre-headless"):
-        LocalStack().__enter__()
+        LocalStack(workdir=tmp_path).__enter__()
 
 
-def test_stack_stops_every_process_it_started():
-    with LocalStack(functions=[LocalFunction("examples/sales/function/main.py", "main", "stack-test-trigger")], topics=["stack-test-replies"], buckets=["stack-test-bucket"]) as stack:
+def test_stack_stops_every_process_it_started_and_keeps_its_logs_in_a_new_workdir(tmp_path: Path, caplog, loud_function):
+    workdir = tmp_path / "not" / "there" / "yet"
+    caplog.set_level(logging.INFO, logger="dagster_gcf_pipes.local")
+    functions = [LocalFunction(loud_function, "main", "stack-test-trigger")]
+    with LocalStack(functions=functions, topics=["stack-test-replies"], buckets=["stack-test-bucket"], workdir=workdir) as stack:
         pids = [server.process.pid for server in stack.servers.values()]
-        assert len(pids) == 3
-        workdir = stack.workdir
+        assert sorted(stack.servers) == [
+            "dispatcher-stack-test-trigger", "fake-gcs-server", "function-stack-test-trigger", "pubsub-emulator",
+        ]
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)  # each server ran in its own process group: none of its processes is left
-    assert not workdir.exists()
+    assert f"the servers' logs are in {workdir}" in caplog.text
+    assert "the loud function is loaded" in (workdir / "function-stack-test-trigger.log").read_text()  # kept
+    assert "delivering" in (workdir / "dispatcher-stack-test-trigger.log").read_text()
+
+
+# ---------------------------------------------------------------------------------- the stack's process killed
+
+STACK_IN_A_CHILD = f"""
+import sys, time
+from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
+stack = LocalStack(functions=[LocalFunction({EXAMPLE_FUNCTION!r}, "main", "orphan-trigger")], topics=[], buckets=[])
+stack.__enter__()
+print(stack.workdir, flush=True)
+time.sleep(600)
+"""
+
+
+def process_table() -> dict[int, tuple[int, str, str]]:
+    """pid -> (parent pid, state, command line) of every process (Linux /proc)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        table[int(entry.name)] = (int(fields[1]), fields[0], cmdline)
+    return table
+
+
+def descendants(root: int) -> dict[int, str]:
+    """Every living process below ``root``: pid -> command line."""
+    table = process_table()
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, state, cmdline) in table.items():
+            if ppid == parent and state != "Z" and pid not in found:
+                found[pid] = cmdline
+                frontier.append(pid)
+    return found
+
+
+def alive(pids: dict[int, str]) -> dict[int, str]:
+    table = process_table()
+    return {pid: cmd for pid, cmd in pids.items() if pid in table and table[pid][1] != "Z" and table[pid][2] == cmd}
+
+
+def test_sigkill_of_the_stacks_process_leaves_nothing_running():
+    parent = subprocess.Popen(
+        [sys.executable, "-c", STACK_IN_A_CHILD], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    children: dict[int, str] = {}
+    try:
+        workdir = Path(parent.stdout.readline().strip())
+        assert workdir.is_dir(), parent.stderr.read()
+        children = descendants(parent.pid)
+        commands = list(children.values())
+        # what the stack starts, grandchildren included: java (the emulator's launcher execs it), the
+        # Functions Framework's gunicorn master and its worker, the dispatcher, fake-gcs-server, the watchdog
+        assert any("java" in c and "pubsub-emulator" in c for c in commands), commands
+        assert sum("functions_framework" in c for c in commands) == 2, commands
+        assert any("dagster_gcf_pipes.local.dispatcher" in c for c in commands), commands
+        assert any("fake-gcs-server" in c for c in commands), commands
+
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while alive(children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert alive(children) == {}, f"left running after SIGKILL of their parent: {alive(children)}"
+        assert (workdir / "function-orphan-trigger.log").exists()  # the default workdir is kept for the user
+    finally:
+        parent.kill()
+        for pid in alive(children):  # before the fix: do not leave them to the next test
+            os.kill(pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------- a server dies
+
+
+def test_a_dead_function_server_fails_the_next_use_at_once_with_the_end_of_its_log(tmp_path: Path, loud_function):
+    with LocalStack(functions=[LocalFunction(loud_function, "main", "dying-trigger")], topics=[], buckets=[], workdir=tmp_path) as stack:
+        server = stack.servers["function-dying-trigger"]
+        group_before = descendants(server.process.pid)  # the gunicorn worker
+        stack.check()  # all alive: no error
+
+        os.kill(server.process.pid, signal.SIGKILL)  # the master only, as a crash or the OOM killer would
+        server.process.wait(timeout=10)
+
+        for use in (stack.check, lambda: stack.activated().__enter__(), lambda: stack.function_server("dying-trigger")):
+            with pytest.raises(LocalStackError) as failure:
+                use()
+            message = str(failure.value)
+            assert f"function-dying-trigger (pid {server.process.pid}) was killed by SIGKILL" in message
+            assert str(server.log_path) in message and "the loud function is loaded" in message  # its log's end
+        assert group_before and alive(group_before) == {}  # its worker did not outlive it
