@@ -72,11 +72,20 @@ def decode_reply(
 
 
 def with_log_prefix(pipes_message: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
-    """The message with ``prefix`` before its text if it is a log line (how fan-out tells shards apart)."""
-    if not prefix or pipes_message.get("method") != "log":
+    """The message with ``prefix`` before its text if it is a log line, or before each line of printed text,
+    an unfinished last line ended (how fan-out tells shards apart)."""
+    method = pipes_message.get("method")
+    if not prefix or method not in ("log", "log_external_stream"):
         return pipes_message
     params = pipes_message["params"]
-    return {**pipes_message, "params": {**params, "message": f"{prefix}{params['message']}"}}
+    if method == "log":
+        return {**pipes_message, "params": {**params, "message": f"{prefix}{params['message']}"}}
+    text = params.get("text") if isinstance(params, Mapping) else None
+    if not isinstance(text, str):
+        return pipes_message  # malformed: Dagster's handler reports it as it is
+    # each piece ends its line, or another shard's next line would follow on from an unfinished one
+    prefixed = "".join(prefix + (line if line.endswith(("\n", "\r")) else line + "\n") for line in text.splitlines(True))
+    return {**pipes_message, "params": {**params, "text": prefixed}}
 
 
 class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):

@@ -31,7 +31,7 @@ class StepOutput:
     stderr: str
 
 
-def start_run(home: Path, payload: dict[str, Any]) -> subprocess.Popen[str]:
+def start_run(home: Path, payload: dict[str, Any] | list[dict[str, Any]]) -> subprocess.Popen[str]:
     """A Dagster run of one asset calling the test function with ``payload``, in a process of its own."""
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "DAGSTER_HOME": str(home)}
@@ -55,7 +55,7 @@ def step_output(home: Path, process: subprocess.Popen[str]) -> StepOutput:
     return StepOutput(success, (data.stdout or b"").decode(), (data.stderr or b"").decode())
 
 
-def run_prints(home: Path, payload: dict[str, Any]) -> StepOutput:
+def run_prints(home: Path, payload: dict[str, Any] | list[dict[str, Any]]) -> StepOutput:
     return step_output(home, start_run(home, payload))
 
 
@@ -104,10 +104,27 @@ def test_two_concurrent_sessions_on_one_process_each_print_into_their_own_step(s
         assert other not in step.stdout and other not in step.stderr
 
 
-def _materialize(payload: dict[str, Any]) -> None:
-    """The run process: one asset, the test function, the instance in ``$DAGSTER_HOME``."""
+def test_fan_out_shards_prints_carry_their_shard(stack: LocalStack, tmp_path: Path):
+    tags = [f"s{shard}-{uuid.uuid4().hex[:8]}" for shard in range(2)]
+    step = run_prints(tmp_path / "home", [{"scenario": "print", "tag": tag, "prints": 100} for tag in tags])
+
+    assert step.success, step
+    for shard, tag in enumerate(tags):
+        prefix = f"[shard {shard}] "
+        assert [line for line in step.stdout.splitlines() if f"{tag} out " in line] == [
+            prefix + line for line in expected_lines(tag, "out", 100)
+        ]
+        assert prefix + f"{tag} err 99" in step.stderr.splitlines()
+
+
+def _materialize(payload: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """The run process: one asset, the test function (a fan-out for a list of payloads), the instance in
+    ``$DAGSTER_HOME``."""
+
     @asset(name="prints_asset")
     def prints_asset(context: AssetExecutionContext, pipes_pubsub: PipesPubSubClient):
+        if isinstance(payload, list):
+            return pipes_pubsub.run_many(context=context, payloads=payload).get_materialize_result()
         return pipes_pubsub.run(context=context, payload=payload).get_materialize_result()
 
     with DagsterInstance.get() as instance:
