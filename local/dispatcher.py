@@ -34,6 +34,7 @@ import json
 import logging
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -43,11 +44,14 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from google.pubsub_v1.types import ReceivedMessage
 
+from dagster_gcf_pipes.shared.pubsub import subscriber_client
+
 EVENT_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
 RETRY_MIN_SECONDS = 1
 RETRY_MAX_SECONDS = 60
 #: how long one POST may take: the longest a 2nd-gen event-driven function may run
 REQUEST_TIMEOUT_SECONDS = 3600
+PULL_RETRY_SECONDS = 1.0
 #: the most messages one pull may ask for (Pub/Sub's limit)
 MAX_PULL = 1000
 #: the message attributes a trace context may arrive in, first match wins
@@ -100,7 +104,8 @@ class Dispatcher:
     concurrency: int
     #: where the function server logs, named when it refuses connections
     function_log: str = ""
-    subscriber: pubsub_v1.SubscriberClient = field(default_factory=pubsub_v1.SubscriberClient)
+    #: no receive limit on the emulator's channel, as on production channels: a trigger up to Pub/Sub's 10 MB
+    subscriber: pubsub_v1.SubscriberClient = field(default_factory=subscriber_client)
     _failures: dict[str, int] = field(default_factory=dict)  # message id -> failed deliveries so far
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -131,8 +136,9 @@ class Dispatcher:
         except gexc.NotFound:
             _log.error("%s no longer exists: nothing left to deliver, stopping", self.subscription)
             raise SystemExit(0) from None
-        except gexc.GoogleAPICallError as exc:
-            _log.warning("pulling %s failed, retrying: %s", self.subscription, exc)
+        except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+            _log.warning("pulling %s failed, retrying in %gs: %s", self.subscription, PULL_RETRY_SECONDS, exc)
+            time.sleep(PULL_RETRY_SECONDS)
             return []
         return list(response.received_messages)
 
