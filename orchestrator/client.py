@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import google.auth
@@ -36,6 +36,7 @@ from google.cloud import functions_v2, pubsub_v1, storage
 from pydantic import Field
 
 from dagster_gcf_pipes.orchestrator.context_injectors import PipesPubSubContextInjector
+from dagster_gcf_pipes.orchestrator.detached_registry import DetachedRegistry, PendingSession, registry_prefix
 from dagster_gcf_pipes.orchestrator.errors import (
     CloudFunctionError,
     GCPUnreachableError,
@@ -239,6 +240,13 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
     detached_reply_topic: str | None = Field(
         default=None,
         description="Topic detached sessions (run_detached) reply to; a durable subscription on it feeds the completion sensor.",
+    )
+    detached_start_timeout: float = Field(
+        default=3600.0,
+        description="Seconds from a detached trigger's publishTime within which the function may still start it "
+        "(startup_timeout is for attached sessions, where a step waits). Eventarc retries a failed delivery with "
+        "backoff from ~10 s to 600 s: keep this above the function outages to ride out. The completion sensor "
+        "reports a session that has not closed by then plus function_timeout as expired.",
     )
     preflight_timeout: float = Field(
         default=30.0,
@@ -574,6 +582,8 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 "(gcloud pubsub topics create pipes-detached-replies; gcloud pubsub subscriptions create "
                 "pipes-detached-completions --topic pipes-detached-replies) and set detached_reply_topic"
             )
+        if self.detached_start_timeout <= 0:
+            raise PipesPubSubConfigError(f"detached_start_timeout={self.detached_start_timeout:g} must be positive")
         resolved = self._resolve(project, detached=True)
         session_id = new_session_id()
         blob_store = GCSBlobStore(resolved.gcs, self.bucket)
@@ -586,17 +596,37 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         with injector.inject_context(context_data) as context_params:
             bootstrap = {
                 DAGSTER_PIPES_CONTEXT_ENV_VAR: encode_env_var(context_params),
+                # nobody waits for a detached session to start: its own, longer start window
                 DAGSTER_PIPES_MESSAGES_ENV_VAR: encode_env_var(
-                    self._session_params(resolved, session_id).to_params()
+                    replace(
+                        self._session_params(resolved, session_id), start_window=self.detached_start_timeout
+                    ).to_params()
                 ),
             }
+        # registered before the trigger exists, so the completion sensor knows of every session that replies,
+        # and reports the ones that never do
+        registry = DetachedRegistry(resolved.gcs, self.bucket, registry_prefix(self.prefix, resolved.reply_topic))
+        registry.register(PendingSession(
+            session_id=session_id,
+            registered_at=time.time(),
+            start_window=self.detached_start_timeout,
+            function_timeout=resolved.function_timeout,
+            trigger_topic=resolved.trigger_topic,
+            run_id=context.run_id,
+            step_key=context.op_execution_context.get_step_execution_context().step.key,
+        ))
         claim_check = ClaimCheck(blob_store, self.inline_threshold_bytes)
-        message_id = self._send_trigger(resolved, claim_check, session_id, payload, bootstrap).metadata[
-            "pipes_trigger_message_id"
-        ]
+        try:
+            sent = self._send_trigger(resolved, claim_check, session_id, payload, bootstrap)
+        except BaseException:
+            registry.remove(session_id)  # the step fails: nothing for the sensor to report
+            blob_store.delete_prefix(session_prefix(self.prefix, session_id))
+            raise
+        message_id = sent.metadata["pipes_trigger_message_id"]
         context.log.info(
             f"[pipes] detached session {session_id}: trigger message {message_id} published to "
-            f"{resolved.trigger_topic}; replies go to {self.detached_reply_topic}"
+            f"{resolved.trigger_topic}; replies go to {self.detached_reply_topic}; it may start within "
+            f"detached_start_timeout={self.detached_start_timeout:g}s"
         )
         return DetachedSession(session_id, message_id)
 
