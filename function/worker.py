@@ -56,6 +56,7 @@ from google.cloud import pubsub_v1
 
 from dagster_gcf_pipes.function.logs import LOGGER_NAME, configure_function_logging
 from dagster_gcf_pipes.function.session import Handler, SessionOutcome, run_session
+from dagster_gcf_pipes.shared.pubsub import subscriber_client
 from dagster_gcf_pipes.shared.retry import transient_retry
 
 _log = logging.getLogger(f"{LOGGER_NAME}.worker")
@@ -137,7 +138,7 @@ class Worker:
         self._subscription = subscription
         self._max_sessions = max_sessions
         self._max_lease_duration = max_lease_duration
-        self._subscriber = pubsub_v1.SubscriberClient()
+        self._subscriber = subscriber_client()  # on the emulator, a channel without gRPC's 4 MiB receive limit
         self._leases: dict[str, _Lease] = {}  # by ack id
         self._lock = threading.Condition()
         self._stopping = False
@@ -201,7 +202,9 @@ class Worker:
         message = received.message
         outcome: SessionOutcome | None = None
         try:
-            outcome = run_session(self._handler, message.data, dict(message.attributes), message_id=message.message_id)
+            # the start window is counted from Pub/Sub's publish time, never from this machine's clock
+            outcome = run_session(self._handler, message.data, dict(message.attributes), message_id=message.message_id,
+                                  publish_time=message.publish_time.timestamp())
         except Exception:  # noqa: BLE001 - setting the session up failed: let Pub/Sub redeliver it
             _log.exception("trigger message %s: the session could not be set up", message.message_id)
         try:
