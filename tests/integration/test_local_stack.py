@@ -61,10 +61,16 @@ def test_stack_stops_every_process_it_started_and_keeps_its_logs_in_a_new_workdi
 # ---------------------------------------------------------------------------------- the stack's process killed
 
 STACK_IN_A_CHILD = f"""
-import sys, time
+import sys, threading, time
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
 stack = LocalStack(functions=[LocalFunction({EXAMPLE_FUNCTION!r}, "main", "orphan-trigger")], topics=[], buckets=[])
-stack.__enter__()
+if sys.argv[1] == "thread":  # started by a thread that has ended by the time the process is killed
+    starter = threading.Thread(target=stack.__enter__)
+    starter.start()
+    starter.join()
+else:
+    stack.__enter__()
+stack.check()
 print(stack.workdir, flush=True)
 time.sleep(600)
 """
@@ -105,15 +111,17 @@ def alive(pids: dict[int, str]) -> dict[int, str]:
     return {pid: cmd for pid, cmd in pids.items() if pid in table and table[pid][1] != "Z" and table[pid][2] == cmd}
 
 
-def test_sigkill_of_the_stacks_process_leaves_nothing_running():
+@pytest.mark.parametrize("started_by", ["main", "thread"])
+def test_sigkill_of_the_stacks_process_leaves_nothing_running(started_by: str):
     parent = subprocess.Popen(
-        [sys.executable, "-c", STACK_IN_A_CHILD], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-c", STACK_IN_A_CHILD, started_by], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     children: dict[int, str] = {}
     try:
-        workdir = Path(parent.stdout.readline().strip())
-        assert workdir.is_dir(), parent.stderr.read()
+        printed = parent.stdout.readline().strip()  # the stack is up
+        assert printed, parent.stderr.read()
+        workdir = Path(printed)
         children = descendants(parent.pid)
         commands = list(children.values())
         # what the stack starts, grandchildren included: java (the emulator's launcher execs it), the
