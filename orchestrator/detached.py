@@ -69,8 +69,8 @@ from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError, format
 from dagster_gcf_pipes.orchestrator.message_reader import decode_reply
 from dagster_gcf_pipes.orchestrator.pull import ack, nack, pull, subscription_path
 from dagster_gcf_pipes.orchestrator.reassembly import ReassemblyError, SessionReassembler
+from dagster_gcf_pipes.orchestrator.session_end import end_session
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore
-from dagster_gcf_pipes.shared.layout import session_prefix
 from dagster_gcf_pipes.shared.protocol import ProtocolError, Reply
 from dagster_gcf_pipes.shared.pubsub import subscriber_client
 
@@ -274,6 +274,7 @@ def pipes_completion_sensor(
     log_tail_lines: int = 20,
     minimum_interval_seconds: int = 30,
     expiry_margin_seconds: float = 300.0,
+    pull_timeout_seconds: float = 5.0,
     default_status: DefaultSensorStatus = DefaultSensorStatus.STOPPED,
 ) -> SensorDefinition:
     """A sensor ending the detached sessions that reply to ``subscription`` (a durable subscription on the
@@ -287,7 +288,8 @@ def pipes_completion_sensor(
     reason. A session must fit in one tick (``max_messages_per_tick`` reply batches; each batch holds up to
     a thousand Pipes messages); its messages are handed back until all of them have arrived.
     ``expiry_margin_seconds`` is added to a session's start window and function timeout before it
-    expires: clock skew and the delivery of its last replies."""
+    expires: clock skew and the delivery of its last replies. ``pull_timeout_seconds``: how long a tick's
+    first pull waits when nothing is waiting."""
     failure_job, failure_op = _failure_job(name)
 
     @sensor(
@@ -315,7 +317,10 @@ def pipes_completion_sensor(
         tick = _Tick(context, failure_op, log_tail_lines)
 
         with subscriber_client() as subscriber:
-            received = pull(subscriber, path, max_messages=max_messages_per_tick)
+            received = pull(
+                subscriber, path, max_messages=max_messages_per_tick, timeout=pull_timeout_seconds,
+                follow_up_timeout=min(1.0, pull_timeout_seconds),
+            )
             pending = registry.pending()  # after the pull: every reply pulled is of a session registered by now
             sessions: dict[str, _Session] = defaultdict(_Session)
             unknown: set[str] = set()
@@ -365,7 +370,8 @@ def pipes_completion_sensor(
             nack(subscriber, path, tick.to_nack)
 
         for session_id in ended & pending.keys():  # the ack phase of a session ended by a tick Dagster kept
-            blob_store.delete_prefix(session_prefix(client.prefix, session_id))
+            end_session(gcs, client.bucket, client.prefix, session_id, start_window=pending[session_id].start_window,
+                        reason="the completion sensor recorded the detached session")  # durable: a late trigger never runs
             registry.remove(session_id)
         cursor = json.dumps((ended_before + tick.ended)[-CURSOR_SESSIONS:])
         if not tick.events and not tick.failures and cursor == json.dumps(ended_before):

@@ -46,7 +46,10 @@ DAEMON_TOPIC = "detached-daemon-test"  # its reply topic and durable subscriptio
 daemon_defs = Definitions(
     sensors=[
         pipes_completion_sensor(
-            subscription=DAEMON_TOPIC, name="daemon_completions", default_status=DefaultSensorStatus.RUNNING
+            subscription=DAEMON_TOPIC,
+            name="daemon_completions",
+            default_status=DefaultSensorStatus.RUNNING,
+            pull_timeout_seconds=0.5,
         )
     ],
     resources={"pipes_pubsub": make_client(detached_reply_topic=DAEMON_TOPIC)},
