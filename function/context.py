@@ -1,15 +1,24 @@
 """The Pipes context handed to a handler: dagster-pipes' ``PipesContext``, one per invocation, plus the
-session's cooperative cancellation."""
+session's cooperative cancellation and its deadline."""
 
 from __future__ import annotations
 
+import sys
 import threading
+import traceback
 
-from dagster_pipes import PipesContext, PipesContextLoader, PipesMessageWriter, PipesParamsLoader
+from dagster_pipes import PipesContext, PipesContextLoader, PipesException, PipesMessageWriter, PipesParamsLoader
+
+from dagster_gcf_pipes.function.cancellation import Cancellation
 
 
 class SessionCancelled(Exception):
-    """Raised by ``raise_if_cancelled()`` once Dagster asked the session to stop."""
+    """Raised by ``raise_if_cancelled()`` once the session must stop (the run was terminated, or the
+    orchestrator ended the session)."""
+
+
+class SessionTimeout(Exception):
+    """The session reached the function's timeout and was closed by the function itself."""
 
 
 class CloudFunctionPipesContext(PipesContext):
@@ -18,17 +27,34 @@ class CloudFunctionPipesContext(PipesContext):
         params_loader: PipesParamsLoader,
         context_loader: PipesContextLoader,
         message_writer: PipesMessageWriter,
-        cancelled: threading.Event,
+        cancellation: Cancellation,
     ) -> None:
+        self._close_lock = threading.Lock()
         super().__init__(params_loader, context_loader, message_writer)
-        self._cancelled = cancelled
+        self._cancellation = cancellation
 
     @property
     def is_cancelled(self) -> bool:
-        """True once the Dagster run was terminated and the orchestrator asked this session to stop."""
-        return self._cancelled.is_set()
+        """True once the session must stop: the Dagster run was terminated, the orchestrator ended the session,
+        or the function's timeout is near."""
+        return self._cancellation.is_set()
 
     def raise_if_cancelled(self) -> None:
         """Stop here (with ``SessionCancelled``, reported through ``closed``) if the session was cancelled."""
         if self.is_cancelled:
-            raise SessionCancelled("the Dagster run was terminated: the orchestrator cancelled this session")
+            raise SessionCancelled(f"the session was cancelled: {self._cancellation.reason}")
+
+    def close(self, exc: PipesException | None = None) -> None:
+        # the deadline closes the session from the watcher's thread while the handler may be closing it too
+        with self._close_lock:
+            super().close(exc)
+
+    def close_at_deadline(self, message: str, handler_thread: threading.Thread) -> None:
+        """Close the session with ``SessionTimeout(message)`` while the handler still runs: ``closed`` carries
+        where the handler was (its thread's stack); whatever it writes afterwards is refused."""
+        frame = sys._current_frames().get(handler_thread.ident or -1)
+        stack = traceback.format_stack(frame) if frame is not None else []
+        self.close(PipesException(
+            message=f"{SessionTimeout.__name__}: {message}\n", stack=stack, name=SessionTimeout.__name__,
+            cause=None, context=None,
+        ))

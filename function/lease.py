@@ -1,51 +1,81 @@
-"""The session lease: the first execution to create ``PREFIX/SESSION/lease`` runs the session; every other
-execution of the same trigger (a Pub/Sub redelivery, a push retry while it runs) finds it and returns
-without running.
+"""The session lease, function side: the first execution to create ``PREFIX/leases/SESSION`` runs the session;
+every other execution of the same trigger (a Pub/Sub redelivery, a push retry while it runs, a duplicate
+after the session ended) finds it and returns without running.
 
 The object is created with ``if_generation_match=0``, so GCS creates it only if it does not exist,
-atomically. It records when it expires (``lease_seconds`` after the claim, derived by the orchestrator from
-the function's timeout): a lease left by an attempt that crashed can be taken over after that, with
-``if_generation_match`` set to the stale lease's generation so that only one retry wins.
+atomically. A held lease records when it expires (``lease_seconds`` after the claim, derived by the
+orchestrator from the function's timeout): a lease left by an attempt that crashed can be taken over after
+that, with ``if_generation_match`` set to the stale lease's generation so that only one retry wins. An
+ended lease (``shared/lease.py``) is never taken over: the session is over.
 """
 
 from __future__ import annotations
 
-import json
+import enum
 import logging
 import time
 
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
+from dagster_gcf_pipes.shared.lease import HELD, LeaseRecord, read_lease, write_lease
 from dagster_gcf_pipes.shared.retry import transient_retry
 
 _log = logging.getLogger("dagster_pipes_gcp.function")
 
 
+class Claim(enum.Enum):
+    CLAIMED = "claimed"  # this invocation holds the lease: run the session
+    HELD = "held"  # a live lease of another invocation: a duplicate delivery
+    ENDED = "ended"  # the session is over (tombstone): a late delivery
+
+    def __bool__(self) -> bool:
+        """True only when this invocation holds the lease (so ``if claim_lease(...):`` reads naturally)."""
+        return self is Claim.CLAIMED
+
+
 @transient_retry()
-def claim_lease(client: storage.Client, bucket: str, key: str, invocation_id: str, lease_seconds: float) -> bool:
-    """True if this invocation now holds the lease, False if a live one is held by another invocation."""
+def claim_lease(client: storage.Client, bucket: str, key: str, invocation_id: str, lease_seconds: float) -> Claim:
+    """Try to take the session's lease for ``invocation_id``."""
     now = time.time()
-    body = json.dumps({"invocation_id": invocation_id, "claimed_at": now, "expires_at": now + lease_seconds})
+    record = LeaseRecord(HELD, invocation_id=invocation_id, expires_at=now + lease_seconds)
     try:
-        client.bucket(bucket).blob(key).upload_from_string(body, if_generation_match=0)
-        return True
+        write_lease(client.bucket(bucket).blob(key), record, generation=0)
+        return Claim.CLAIMED
     except gexc.PreconditionFailed:
         pass
     held = client.bucket(bucket).get_blob(key)
-    if held is None:  # released between our two calls: the session is over
-        return False
-    lease = json.loads(held.download_as_bytes(if_generation_match=held.generation))
-    if lease.get("invocation_id") == invocation_id:
-        return True  # a retried upload whose first attempt landed: that lease is ours
-    if lease.get("expires_at", float("inf")) > now:
+    if held is None:  # removed between our two calls: only a sweep or a lifecycle rule removes leases
+        return Claim.ENDED
+    lease = read_lease(held)
+    if lease.ended:
+        _log.info("lease gs://%s/%s: the session already ended (%s): this delivery is late and does not run",
+                  bucket, key, lease.reason)
+        return Claim.ENDED
+    if lease.invocation_id == invocation_id:
+        return Claim.CLAIMED  # a retried upload whose first attempt landed: that lease is ours
+    if lease.expires_at > now:
         _log.info("lease gs://%s/%s is held by invocation %s: this delivery is a duplicate and does not run",
-                  bucket, key, lease.get("invocation_id"))
-        return False
+                  bucket, key, lease.invocation_id)
+        return Claim.HELD
     try:
-        held.upload_from_string(body, if_generation_match=held.generation)
+        write_lease(held, record, generation=held.generation)
     except gexc.PreconditionFailed:
-        return False  # another retry took the stale lease first
+        return Claim.HELD  # another retry took the stale lease first (or the orchestrator ended it)
     _log.warning("lease gs://%s/%s of invocation %s expired; invocation %s takes the session over",
-                 bucket, key, lease.get("invocation_id"), invocation_id)
-    return True
+                 bucket, key, lease.invocation_id, invocation_id)
+    return Claim.CLAIMED
+
+
+def why_stop(client: storage.Client, bucket: str, key: str, invocation_id: str) -> str | None:
+    """Why the session ``invocation_id`` runs must stop (the orchestrator ended it, another invocation took it
+    over), or None while the lease is still ours. One metadata GET."""
+    held = client.bucket(bucket).get_blob(key)
+    if held is None:
+        return "its lease is gone: the session was ended"
+    lease = read_lease(held)
+    if lease.ended:
+        return f"the orchestrator ended the session ({lease.reason})"
+    if lease.invocation_id != invocation_id:
+        return f"invocation {lease.invocation_id} took the session over"
+    return None

@@ -5,8 +5,9 @@ flusher: a batch leaves when it reaches ``max_batch_messages`` or ``max_batch_by
 after its first message (0 by default: at once, so a batch is whatever was written while the previous
 publish was in flight: one message when the function is quiet, up to the limits when it is chatty). While
 nothing is written a heartbeat goes out every ``heartbeat_interval`` so the orchestrator can tell a quiet
-function from a dead one. ``closed`` is always the last batch, and closing
-blocks until every batch is acknowledged by Pub/Sub, so the function never returns with messages in flight.
+function from a dead one. ``closed`` is always the last batch (a message written after it is dropped), and
+closing blocks until every batch is acknowledged by Pub/Sub, so the function never returns with messages in
+flight.
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ class PubSubMessageWriterChannel(PipesMessageWriterChannel):
         with self._cond:
             if self._error is not None:
                 raise RuntimeError("the Pipes reply channel failed earlier; see the first error") from self._error
+            if self._closing:  # `closed` is written (the deadline closed the session under a running handler)
+                _log.debug("dropping a Pipes %r message written after `closed`", message["method"])
+                return
             self._buffer.append(encoded)
             self._buffer_bytes += len(encoded) + 1
             was_empty = self._first_buffered_at is None

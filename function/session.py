@@ -8,8 +8,10 @@ other or at once, keeps them apart.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 import time
 import uuid
 import zlib
@@ -20,16 +22,16 @@ from typing import Any
 from dagster_pipes import PipesMappingParamsLoader, PipesMessageWriter
 
 from dagster_gcf_pipes.function import clients
-from dagster_gcf_pipes.function.cancellation import watch_for_cancellation
-from dagster_gcf_pipes.function.context import CloudFunctionPipesContext
+from dagster_gcf_pipes.function.cancellation import Cancellation, deadline_margin, watch_session
+from dagster_gcf_pipes.function.context import CloudFunctionPipesContext, SessionCancelled
 from dagster_gcf_pipes.function.context_loader import PipesInlineOrGCSContextLoader
 from dagster_gcf_pipes.function.gcs_chunk_writer import GCSChunkMessageWriter
-from dagster_gcf_pipes.function.lease import claim_lease
+from dagster_gcf_pipes.function.lease import Claim, claim_lease, why_stop
 from dagster_gcf_pipes.function.logs import current_trace
 from dagster_gcf_pipes.function.message_writer import PubSubMessageWriter
 from dagster_gcf_pipes.function.stdio import capture_output
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck
-from dagster_gcf_pipes.shared.layout import cancel_key, lease_key
+from dagster_gcf_pipes.shared.layout import lease_key
 from dagster_gcf_pipes.shared.protocol import REPLY_CHANNEL_GCS, ProtocolError, ReplyChannelParams, Trigger
 from dagster_gcf_pipes.shared.signing import SECRET_ENV_VAR
 
@@ -107,6 +109,7 @@ def _run_session(
     trace_id: str | None,
     publish_time: float | None,
 ) -> SessionOutcome:
+    arrived = time.monotonic()
     invocation_id = uuid.uuid4().hex
     try:
         trigger = decode_trigger(data, attributes)
@@ -123,7 +126,9 @@ def _run_session(
         return SessionOutcome(trigger.session_id, invocation_id, ran=False, error=ProtocolError(refusal))
 
     gcs = clients.storage_client()
-    if not claim_lease(gcs, settings.bucket, lease_key(settings.prefix, trigger.session_id), invocation_id, settings.lease_seconds):
+    key = lease_key(settings.prefix, trigger.session_id)
+    claim = claim_lease(gcs, settings.bucket, key, invocation_id, settings.lease_seconds)
+    if claim is not Claim.CLAIMED:
         return SessionOutcome(trigger.session_id, invocation_id, ran=False)
 
     _log.info("session %s: invocation %s starts (trigger message %s)", trigger.session_id, invocation_id, message_id)
@@ -134,13 +139,52 @@ def _run_session(
         writer = PubSubMessageWriter(
             clients.publisher(), clients.blob_store, invocation_id, signing_secret=signing_secret, trace_id=trace_id
         )
-    cancel_marker = cancel_key(settings.prefix, trigger.session_id)
+    cancellation = Cancellation()
+    handler_started = False
     try:
-        with watch_for_cancellation(gcs, settings.bucket, cancel_marker, settings.heartbeat_interval) as cancelled:
-            with CloudFunctionPipesContext(params_loader, PipesInlineOrGCSContextLoader(gcs), writer, cancelled) as pipes:
-                with capture_output(pipes):  # prints reach the step's stdout/stderr; the rest is sent before `closed`
-                    handler(pipes, dict(trigger.payload))
-    except Exception as exc:  # reported through `closed` by PipesContext.__exit__
+        with (
+            CloudFunctionPipesContext(params_loader, PipesInlineOrGCSContextLoader(gcs), writer, cancellation) as pipes,
+            watch_session(
+                functools.partial(why_stop, gcs, settings.bucket, key, invocation_id),
+                cancellation,
+                interval=settings.heartbeat_interval,
+                deadline=_deadline(settings, arrived),
+                on_deadline=functools.partial(_close_at_deadline, pipes, cancellation, settings, threading.current_thread()),
+            ),
+        ):
+            pipes.raise_if_cancelled()  # ended while the session was being set up: the handler never starts
+            handler_started = True
+            with capture_output(pipes):  # prints reach the step's stdout/stderr; the rest is sent before `closed`
+                handler(pipes, dict(trigger.payload))
+    except Exception as exc:  # noqa: BLE001 - reported through `closed` by PipesContext.__exit__
+        if not handler_started and isinstance(exc, SessionCancelled):
+            _log.warning("session %s: the handler was not started: %s", trigger.session_id, exc)
+            return SessionOutcome(trigger.session_id, invocation_id, ran=False, error=exc)
         _log.exception("session %s: the handler raised; reported to Dagster", trigger.session_id)
         return SessionOutcome(trigger.session_id, invocation_id, ran=True, error=exc)
     return SessionOutcome(trigger.session_id, invocation_id, ran=True)
+
+
+def _deadline(settings: ReplyChannelParams, arrived: float) -> float | None:
+    """When (``time.monotonic()``) the session closes itself: the function's timeout, counted from the
+    delivery's arrival, less a margin to publish ``closed`` before the platform gives up on the request."""
+    if settings.function_timeout is None:
+        return None
+    return arrived + settings.function_timeout - deadline_margin(settings.function_timeout)
+
+
+def _close_at_deadline(
+    pipes: CloudFunctionPipesContext, cancellation: Cancellation, settings: ReplyChannelParams, handler: threading.Thread
+) -> None:
+    """The function's timeout is near and the handler still runs. Cloud Functions (2nd gen) would not stop it:
+    tell the handler to stop (cooperatively), and end the session now with a timeout error, which also stops
+    the heartbeats, so Dagster is not kept waiting by a function that overran."""
+    message = (
+        f"session {settings.session_id}: the handler was still running at the function's timeout "
+        f"(function_timeout={settings.function_timeout:g}s, less {deadline_margin(settings.function_timeout or 0):g}s "
+        "to report it); the session was closed and the handler asked to stop. Raise the function's timeout "
+        "(gcloud functions deploy --timeout, then function_timeout), or split the work (run_many)"
+    )
+    _log.error(message)
+    cancellation.set(f"the function's timeout (function_timeout={settings.function_timeout:g}s) is reached")
+    pipes.close_at_deadline(message, handler)

@@ -39,6 +39,7 @@ from dagster_gcf_pipes.orchestrator.context_injectors import PipesPubSubContextI
 from dagster_gcf_pipes.orchestrator.detached_registry import DetachedRegistry, PendingSession, registry_prefix
 from dagster_gcf_pipes.orchestrator.errors import (
     CloudFunctionError,
+    FunctionTotalTimeout,
     GCPUnreachableError,
     PipesPubSubConfigError,
     PipesPubSubError,
@@ -50,8 +51,10 @@ from dagster_gcf_pipes.orchestrator.gcs_chunk_reader import PipesGCSChunkMessage
 from dagster_gcf_pipes.orchestrator.http_invocation import HttpInvocation, http_session
 from dagster_gcf_pipes.orchestrator.message_reader import PipesPubSubMessageReader
 from dagster_gcf_pipes.orchestrator.reply_subscription import ReplyDemux
+from dagster_gcf_pipes.orchestrator.session_end import end_lease, end_session
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore, validate_threshold
-from dagster_gcf_pipes.shared.layout import cancel_key, chunks_prefix, context_key, session_prefix, trigger_key
+from dagster_gcf_pipes.shared.layout import chunks_prefix, context_key, session_prefix, trigger_key
+from dagster_gcf_pipes.shared.lease import read_lease
 from dagster_gcf_pipes.shared.protocol import (
     DEFAULT_INLINE_THRESHOLD,
     REPLY_CHANNEL_GCS,
@@ -71,6 +74,10 @@ LEASE_MARGIN_SECONDS = 60.0
 #: without function_name, the longest an event-driven function may run (540 s, the gen2 maximum), so the session
 #: lease outlives any deployment; gcloud's own default, when --timeout is not given, is 60 s
 DEFAULT_FUNCTION_TIMEOUT = 540.0
+
+#: a session is over at the latest startup_timeout + function_timeout + this after its trigger was sent: the
+#: function closes it itself a little before its timeout, so this only covers the last replies' way here
+SESSION_CAP_MARGIN_SECONDS = 10.0
 
 
 def resolve_project(project: str | None) -> str:
@@ -489,11 +496,13 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             blob_store=blob_store, key=context_key(self.prefix, session_id), inline_threshold=self.inline_threshold_bytes
         )
         started = time.monotonic()
+        ended_because = "the session closed"
         try:
             with open_pipes_session(context=context, context_injector=injector, message_reader=reader, extras=extras) as session:
                 triggered_at = time.monotonic()
                 sent = self._send_trigger(resolved, claim_check, session_id, payload, session.get_bootstrap_env_vars())
                 context.log.info(f"{log_prefix}[pipes] session {session_id}: trigger sent to {sent.sent_to}")
+                cap_at = triggered_at + self._session_cap(resolved)
                 try:
                     reader.wait_for_close(
                         triggered_at=triggered_at,
@@ -502,10 +511,11 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                         startup_timeout=self.startup_timeout,
                         heartbeat_timeout=resolved.heartbeat_timeout,
                         total_timeout=self._total_timeout(resolved),
-                        stop=lambda: self._stop_waiting(session_id, sent, interrupted),
+                        stop=lambda: self._stop_waiting(session_id, sent, interrupted, cap_at, resolved),
                     )
                 except (KeyboardInterrupt, DagsterExecutionInterruptedError, RunInterrupted):
-                    self._cancel(context, reader, blob_store, sent.sent_to)
+                    ended_because = "the Dagster run was terminated"
+                    self._cancel(context, reader, resolved.gcs, sent.sent_to, ended_because)
                     raise
             # the GCS channel's last chunks are read as the session above closes
             if not reader.closed:
@@ -513,8 +523,13 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                     f"session {session_id}: the function at {sent.sent_to} answered, but its `closed` message never "
                     f"arrived in gs://{self.bucket}/{channel_params.key_prefix}/; check the function's logs"
                 )
+        except Exception as exc:
+            ended_because = f"{ended_because}; {type(exc).__name__}"
+            raise
         finally:
-            blob_store.delete_prefix(session_prefix(self.prefix, session_id))
+            # durable: a late or duplicate delivery of the trigger finds the session ended and does not run
+            end_session(resolved.gcs, self.bucket, self.prefix, session_id, start_window=self.startup_timeout,
+                        reason=f"{ended_because}; the orchestrator stopped listening")
             if subscriber is not None:
                 subscriber.close()
 
@@ -533,15 +548,30 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         )
 
     def _total_timeout(self, resolved: _Resolved) -> float | None:
-        """The configured (or derived) cap; on the GCS channel (no heartbeats) at most what the function may take."""
-        if resolved.reply_channel != REPLY_CHANNEL_GCS:
-            return resolved.total_timeout
-        bound = self.startup_timeout + resolved.function_timeout + 2 * self.chunk_interval
-        return bound if resolved.total_timeout is None else min(bound, resolved.total_timeout)
+        """The configured (or derived) total timeout, unless the session cap comes first (its error says why)."""
+        total = resolved.total_timeout
+        return total if total is not None and total <= self._session_cap(resolved) else None
 
-    def _stop_waiting(self, session_id: str, sent: _SentTrigger, interrupted: threading.Event | None) -> bool:
+    def _session_cap(self, resolved: _Resolved) -> float:
+        """Every session is over by then, counted from sending the trigger: it starts within startup_timeout,
+        the function closes it before function_timeout, and its last replies need a moment (on the GCS
+        channel, up to two chunk intervals)."""
+        margin = SESSION_CAP_MARGIN_SECONDS + (2 * self.chunk_interval if resolved.reply_channel == REPLY_CHANNEL_GCS else 0)
+        return self.startup_timeout + resolved.function_timeout + margin
+
+    def _stop_waiting(
+        self, session_id: str, sent: _SentTrigger, interrupted: threading.Event | None, cap_at: float, resolved: _Resolved
+    ) -> bool:
         if interrupted is not None and interrupted.is_set():
             raise RunInterrupted(f"session {session_id}: the step was interrupted")
+        if time.monotonic() > cap_at:
+            raise FunctionTotalTimeout(
+                f"session {session_id} did not close within startup_timeout + function_timeout + margin "
+                f"({self._session_cap(resolved):g}s; function_timeout={resolved.function_timeout:g}s): the function ran "
+                "past its timeout. Cloud Functions (2nd gen) does not stop a function at its timeout, and this one "
+                "did not close the session itself: check that it runs this release of the integration, that "
+                "function_timeout matches its deployed --timeout (or set function_name), and its logs"
+            )
         if sent.http is None:
             return False
         # raises once the POST failed; on the GCS channel a 200 ends the wait, as in the earlier design
@@ -674,23 +704,40 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         self,
         context: OpExecutionContext | AssetExecutionContext,
         reader: PipesPubSubMessageReader | PipesGCSChunkMessageReader,
-        blob_store: GCSBlobStore,
+        gcs: storage.Client,
         sent_to: str,
+        reason: str,
     ) -> None:
-        """The run was terminated: ask the function to stop (the cancel marker its session watches) and give
-        it ``cancel_timeout`` seconds to report ``closed`` before the session is torn down."""
+        """The run was terminated: end the session in its lease at once (a function that has not started never
+        will; a running one sees it within a second and is cancelled) and give a running function
+        ``cancel_timeout`` seconds to report ``closed`` before the session is torn down."""
         session_id = reader.session_id
-        blob_store.put(cancel_key(self.prefix, session_id), b'{"reason": "dagster run terminated"}')
+        tombstone = end_lease(gcs, self.bucket, self.prefix, session_id, start_window=self.startup_timeout, reason=reason)
+        if not reader.opened and not read_lease(tombstone).invocation_id:  # no function had claimed the session
+            context.log.warning(
+                f"[pipes] run terminated before the function started session {session_id}: the session is ended, so "
+                "its trigger can no longer start it"
+            )
+            return
         context.log.warning(f"[pipes] run terminated: asked the function to cancel session {session_id}")
+        give_up_at = time.monotonic() + self.cancel_timeout
         try:
-            reader.wait_for_close(
+            closed = reader.wait_for_close(
                 triggered_at=time.monotonic(),
                 sent_to=sent_to,
                 startup_hint="Check the function's logs",
                 startup_timeout=self.cancel_timeout,
-                heartbeat_timeout=self.cancel_timeout,
-                total_timeout=self.cancel_timeout,
+                heartbeat_timeout=float("inf"),  # bounded by cancel_timeout below
+                stop=lambda: time.monotonic() > give_up_at,
             )
-            context.log.warning(f"[pipes] session {session_id} closed after cancellation")
         except PipesPubSubError as exc:
-            context.log.warning(f"[pipes] session {session_id} did not close within cancel_timeout: {exc}")
+            context.log.warning(f"[pipes] session {session_id}: could not wait for it to close after cancellation: {exc}")
+            return
+        if closed:
+            context.log.warning(f"[pipes] session {session_id} closed after cancellation")
+        else:
+            context.log.warning(
+                f"[pipes] session {session_id} did not report `closed` within cancel_timeout={self.cancel_timeout:g}s "
+                "of the cancel request; its function may still run until its handler checks pipes.is_cancelled or "
+                "reaches its timeout. Raise cancel_timeout to wait longer for a clean stop"
+            )

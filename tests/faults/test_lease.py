@@ -11,18 +11,17 @@ from datetime import datetime, timezone
 
 from google.cloud import storage
 
-from dagster_gcf_pipes.function.lease import claim_lease
+from dagster_gcf_pipes.function.lease import Claim, claim_lease
 from dagster_gcf_pipes.shared.layout import lease_key
+from dagster_gcf_pipes.shared.lease import HELD, LeaseRecord, write_lease
 from tests.conftest import PAYLOAD_BUCKET
 from tests.functions.main import main as scenario_function
 from tests.integration.function_harness import FunctionHarness
 
 
 def plant_lease(project: str, session_id: str, invocation: str, expires_in: float) -> None:
-    now = time.time()
-    storage.Client(project=project).bucket(PAYLOAD_BUCKET).blob(lease_key("harness", session_id)).upload_from_string(
-        json.dumps({"invocation_id": invocation, "claimed_at": now - 100, "expires_at": now + expires_in})
-    )
+    blob = storage.Client(project=project).bucket(PAYLOAD_BUCKET).blob(lease_key("harness", session_id))
+    write_lease(blob, LeaseRecord(HELD, invocation_id=invocation, expires_at=time.time() + expires_in), generation=0)
 
 
 def test_a_live_lease_of_another_invocation_blocks_the_delivery(stack):
@@ -54,8 +53,8 @@ def test_only_one_of_several_concurrent_retries_takes_an_expired_lease_over(stac
         gcs = storage.Client(project=stack.project)
         key = lease_key("harness", h.session_id)
         with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
-            won = list(pool.map(lambda i: claim_lease(gcs, PAYLOAD_BUCKET, key, f"retry-{i}", 60), range(6)))
-        assert sum(won) == 1
+            claims = list(pool.map(lambda i: claim_lease(gcs, PAYLOAD_BUCKET, key, f"retry-{i}", 60), range(6)))
+        assert claims.count(Claim.CLAIMED) == 1
     finally:
         h.close()
 

@@ -4,11 +4,7 @@ runs, Pub/Sub unreachable for a while, the Dagster run terminated, signing confi
 from __future__ import annotations
 
 import concurrent.futures
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 
@@ -16,9 +12,13 @@ import pytest
 from google.cloud import pubsub_v1, storage
 
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
-from tests import REPO_ROOT
 from tests.conftest import LAKE_BUCKET, TEST_TOPIC
+from tests.faults.cancel_run import interrupt_run
 from tests.integration.helpers import make_client, run_asset, session_objects, session_subscriptions
+
+
+def lake_object_exists(project: str, name: str) -> bool:
+    return storage.Client(project=project).bucket(LAKE_BUCKET).blob(name).exists()
 
 
 def wait_for_object(project: str, name: str, timeout: float = 20.0) -> None:
@@ -126,21 +126,10 @@ def test_pubsub_unreachable_past_the_budget_fails_with_a_clear_error(stack):
 
 def test_terminated_run_cancels_the_function_which_sees_it_and_stops(stack):
     token = uuid.uuid4().hex
-    env = {**os.environ, **stack.environment, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.faults.cancel_run", token], cwd=REPO_ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        wait_for_object(stack.project, f"started/{token}", timeout=60)
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        process.kill()
+    spec = {"payload": {"scenario": "wait_for_cancel", "token": token, "sleep": 60}}
+    report = interrupt_run(stack.environment, spec, ready=lambda: lake_object_exists(stack.project, f"started/{token}"))
 
     wait_for_object(stack.project, f"cancel-observed/{token}", timeout=5)
-    report = json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else None
-    assert report is not None, stderr[-3000:]
     assert not report["success"]
     assert "DagsterExecutionInterruptedError" in report["error"], report["error"][-2000:]
     assert any("asked the function to cancel session" in m for m in report["logs"])

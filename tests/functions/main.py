@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import time
+import uuid
 from typing import Any
 
 from dagster_gcf_pipes.function.clients import storage_client
@@ -40,13 +41,19 @@ def print_lines(payload: dict[str, Any]) -> None:
     """The prints scenario: ``prints`` lines tagged ``tag`` to stdout and to stderr, a library's warning
     through logging (to stderr), a line of the library's own JSON log, and a last line without its newline.
     With ``peer`` (the token of another session), printing starts once both have started and the session
-    ends once both have printed, so the two print while both are running on this one process."""
-    tag, peer = payload["tag"], payload.get("peer")
+    ends once both have printed, so the two print while both are running on this one process. With
+    ``print_until`` (another session's token), lines go out without a pause until that session started,
+    then ``prints`` more: the other session's start happens while this one prints."""
+    tag, peer, until = payload["tag"], payload.get("peer"), payload.get("print_until")
     if peer:
         wait_for_mark("started", peer)
-    for i in range(int(payload["prints"])):
-        print(f"{tag} out {i}")
-        print(f"{tag} err {i}", file=sys.stderr)
+    printed = 0
+    while until and not storage_client().bucket(LAKE_BUCKET).blob(f"started/{until}").exists():
+        for i in range(printed, printed + 50):
+            print_pair(tag, i)
+        printed += 50
+    for i in range(printed, printed + int(payload["prints"])):
+        print_pair(tag, i)
         if peer and i % 20 == 0:
             time.sleep(0.01)  # let the peer's lines interleave with these
     logging.getLogger("some.library").warning(f"{tag} library warning")  # logging's last resort: sys.stderr
@@ -56,6 +63,11 @@ def print_lines(payload: dict[str, Any]) -> None:
     if peer:
         mark("printed", payload["token"])
         wait_for_mark("printed", peer)
+
+
+def print_pair(tag: str, i: int) -> None:
+    print(f"{tag} out {i}")
+    print(f"{tag} err {i}", file=sys.stderr)
 
 
 def sha256_json(value: Any) -> str:
@@ -70,6 +82,7 @@ def main(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -> None:
     pipes.log.info(f"scenario {scenario} starts")
     if token:
         mark("started", token)
+        mark("runs", f"{token}/{uuid.uuid4().hex}")  # one object per run of the handler, to count them
     if scenario == "wait_for_cancel":
         deadline = time.monotonic() + float(payload.get("sleep", 60))
         while time.monotonic() < deadline:

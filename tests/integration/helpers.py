@@ -8,6 +8,7 @@ from dagster import AssetExecutionContext, DagsterEventType, DagsterInstance, Ex
 from google.cloud import pubsub_v1, storage
 
 from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
+from dagster_gcf_pipes.shared.lease import read_lease
 from tests.conftest import PAYLOAD_BUCKET, REPLY_TOPIC, TEST_TOPIC
 
 
@@ -73,5 +74,7 @@ def session_subscriptions(project: str) -> list[str]:
 
 
 def session_objects(project: str, prefix: str = "dagster-pipes/") -> list[str]:
-    """Objects the client's sessions left in the payload bucket (claim-checks, context, leases)."""
-    return [b.name for b in storage.Client(project=project).list_blobs(PAYLOAD_BUCKET, prefix=prefix)]
+    """Objects the client's sessions left in the payload bucket (claim-checks, context, leases), except the
+    tombstones of ended sessions (ended leases, swept once their start window has passed)."""
+    blobs = storage.Client(project=project).list_blobs(PAYLOAD_BUCKET, prefix=prefix)
+    return [b.name for b in blobs if not read_lease(b).ended or "/leases/" not in f"/{b.name}"]

@@ -1,0 +1,76 @@
+"""The session lease object ``PREFIX/leases/SESSION``, which both sides read and write.
+
+Its life: the first delivery of the trigger creates it **held** (``if_generation_match=0``) and runs the
+session; when the session ends, the orchestrator rewrites it **ended** (with a generation precondition, or
+creates it ended if no function ever claimed it). An ended lease is the session's tombstone: a later
+delivery of the same trigger cannot claim it, so it never runs, and the function polls it to learn that
+the session was cancelled or abandoned. The tombstone is kept ``keep_seconds`` after it was written (the
+trigger's start window plus a margin; after that the start window refuses every delivery by itself) and
+then swept.
+
+The record is the object's custom metadata (one metadata GET reads it; a listing returns it for every
+lease at once); the body repeats it as JSON for people reading the bucket.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+from google.cloud import storage
+
+HELD = "held"
+ENDED = "ended"
+
+_FIELD = "dagster_pipes_lease_"
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    state: str
+    #: the invocation that holds (or last held) the session
+    invocation_id: str = ""
+    #: when a held lease may be taken over by a platform retry (the function's clock, epoch seconds)
+    expires_at: float = 0.0
+    #: ended: why the session ended, for the log line of a refused late delivery
+    reason: str = ""
+    #: ended: how long after the tombstone was written a delivery could still fall in the start window
+    keep_seconds: float = 0.0
+
+    @property
+    def ended(self) -> bool:
+        return self.state != HELD
+
+    def metadata(self) -> dict[str, str]:
+        return {_FIELD + key: str(value) for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str] | None) -> LeaseRecord | None:
+        """The record in an object's metadata; None for an object that is not a lease (or predates them)."""
+        values = {key[len(_FIELD):]: value for key, value in (metadata or {}).items() if key.startswith(_FIELD)}
+        if "state" not in values:
+            return None
+        return cls(
+            state=values["state"],
+            invocation_id=values.get("invocation_id", ""),
+            expires_at=float(values.get("expires_at") or 0.0),
+            reason=values.get("reason", ""),
+            keep_seconds=float(values.get("keep_seconds") or 0.0),
+        )
+
+
+def read_lease(blob: storage.Blob) -> LeaseRecord:
+    """The record of a lease object as listed or fetched; an object without one counts as ended (nothing
+    may claim a lease it cannot read)."""
+    return LeaseRecord.from_metadata(blob.metadata) or LeaseRecord(ENDED, reason="unreadable lease object")
+
+
+def write_lease(blob: storage.Blob, record: LeaseRecord, generation: int) -> None:
+    """Create (``generation`` 0) or replace (the generation read) the lease; raises ``PreconditionFailed``
+    if someone else wrote it first. Always a full upload, never a metadata patch: a patch keeps the
+    generation, so a concurrent conditional claim would overwrite an ended lease."""
+    blob.metadata = record.metadata()
+    blob.upload_from_string(
+        json.dumps(asdict(record)), content_type="application/json", if_generation_match=generation
+    )
