@@ -7,9 +7,13 @@ subscription; (b) the earlier design, the same function invoked over HTTP with i
 at dagster-pipes' default interval (10 s) and at 1 s; (c) the floor, ``PipesSubprocessClient`` running the same handler as a local process;
 (d) the raw emulator publish -> streaming-pull receive round trip. Times come from the timestamps Dagster
 recorded in its event log, so they are what Dagster handled, not what was sent.
+
+The raw samples go to ``--results`` (JSON; by default ``bench/results/bench.json``, ``bench/results/quick/``
+under ``--quick``), which ``python -m bench.plots`` draws.
 """
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -33,6 +37,7 @@ from dagster import (
 from google.cloud import pubsub_v1
 
 from bench.fanout import fan_out_seconds
+from bench.plots import results_dir
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
 from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
 
@@ -116,6 +121,25 @@ def raw_round_trips(project: str, count: int) -> list[float]:
     return times
 
 
+def fan_out_with_cpu(client: PipesPubSubClient, shards: int) -> dict[str, float]:
+    """``fan_out_seconds`` plus the CPU seconds this (the orchestrator's) process spent on it."""
+    cpu = time.process_time()
+    seconds, threads, rss_mb = fan_out_seconds(client, shards, min(shards, 100))
+    return {"shards": shards, "seconds": seconds, "threads": threads, "rss_mb": rss_mb, "cpu_seconds": time.process_time() - cpu}
+
+
+def write_results(path: Path, rows: dict[str, dict[str, Any]], raw: list[float], fan: list[dict[str, float]]) -> None:
+    """The raw samples behind the tables, for ``bench/plots.py``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "cores": os.cpu_count(),
+        "first_log": {name: [t["first_log"] for t in row["trivial"]] for name, row in rows.items()},
+        "step": {name: [t["step"] for t in row["trivial"]] for name, row in rows.items()},
+        "raw_round_trip": raw,
+        "fan_out": fan,
+    }, indent=1))
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -124,6 +148,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=PreviewWarning)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer sessions and smaller loads (< 2 minutes)")
+    parser.add_argument("--results", type=Path, help="where the raw samples go (JSON; default bench/results/bench.json)")
     args = parser.parse_args()
     sessions = 5 if args.quick else 20
     log_lines = 2_000 if args.quick else 20_000
@@ -158,7 +183,7 @@ def main() -> None:
                 sized[size] = (outcome["step"], peak_rss_mb())
             rows[name] = {"trivial": trivial, "bulk": bulk, "sized": sized}
         raw = raw_round_trips(stack.project, sessions)
-        fan = {n: fan_out_seconds(client, n, min(n, 100)) for n in fan_outs}
+        fan = [fan_out_with_cpu(client, n) for n in fan_outs]
 
     print(f"\nlocal stack, {os.cpu_count()} cores, {sessions} sessions per figure, {log_lines} log lines for throughput")
     print("\n| path | first log median / p95 s | step median / p95 s | logs/s handled (received/sent) |"
@@ -183,10 +208,17 @@ def main() -> None:
     for earlier in (EARLIER_DEFAULT, EARLIER_1S):
         print(f"| {earlier}: first log / ours, step / ours | {first_median[earlier] / first_median[OURS]:.1f}×, {step_median[earlier] / step_median[OURS]:.1f}× |")
 
-    print("\n| fan-out shards | wall s | × one shard | peak threads | peak RSS MB |\n|---:|---:|---:|---:|---:|")
-    for n, (seconds, threads, rss_mb) in fan.items():
-        print(f"| {n} | {seconds:.2f} | {seconds / fan[1][0]:.2f} | {threads} | {rss_mb:.0f} |")
-    print(f"\nbench took {time.monotonic() - started:.0f}s")
+    print("\n| fan-out shards | wall s | × one shard | orchestrator CPU s | peak threads | peak RSS MB |\n|---:|---:|---:|---:|---:|---:|")
+    for row in fan:
+        print(f"| {row['shards']} | {row['seconds']:.2f} | {row['seconds'] / fan[0]['seconds']:.2f} | {row['cpu_seconds']:.2f} | "
+              f"{row['threads']} | {row['rss_mb']:.0f} |")
+    results = args.results or results_dir(args.quick) / "bench.json"
+    write_results(results, rows, raw, fan)
+    print(f"\nraw samples in {results}; bench took {time.monotonic() - started:.0f}s")
+    if not args.quick:  # another stack and six sessions: left out of the quick (CI) variant
+        from bench.cost_model import measured_volumes, report
+
+        print("\n" + report(measured_volumes(3)))
 
 
 if __name__ == "__main__":
