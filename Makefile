@@ -31,8 +31,9 @@ dev: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# the table, the chaos soak (bench/soak.py), then their charts in docs/img/ (BENCH_ARGS=--quick: short runs, charts in bench/results/quick/img/)
 bench: install
-	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench $(BENCH_ARGS) && $(PY) -m bench.soak $(BENCH_ARGS) && $(PY) -m bench.plots $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
