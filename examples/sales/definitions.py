@@ -13,6 +13,7 @@ the local stack (``make demo``, the tests) and a real project.
 
 
 import os
+from pathlib import Path
 
 from dagster import (
     AssetExecutionContext,
@@ -26,6 +27,7 @@ from dagster import (
     RunRequest,
     asset,
     job,
+    load_from_defs_folder,
     op,
 )
 
@@ -126,3 +128,6 @@ defs = Definitions(
     sensors=[detached_completions, landed_objects],
     resources={"pipes_pubsub": pipes_pubsub_from_env()},
 )
+
+# and the assets declared in YAML: every component instance under defs/ (here yaml_sales/defs.yaml)
+defs = Definitions.merge(defs, load_from_defs_folder(path_within_project=Path(__file__).parent))
