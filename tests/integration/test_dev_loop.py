@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance, MaterializeResult, asset, materialize
 
 from dagster_gcf_pipes.local.local_stack import free_port
+from dagster_gcf_pipes.orchestrator import PipesPubSubClient
 from tests.integration.processes import Output
 
 GCF_PIPES = Path(sys.executable).parent / "gcf-pipes"
@@ -186,12 +187,8 @@ def test_the_pytest_fixture_serves_the_users_function(project: Path):
 
 @pytest.mark.gcf_pipes(function="tests/functions/main.py:main")
 def test_the_projects_own_tests_use_the_same_fixture(gcf_pipes):
-    from dagster import AssetExecutionContext, MaterializeResult, asset
-
-    from dagster_gcf_pipes.orchestrator import PipesPubSubClient
-
     @asset
-    def echoed(context: AssetExecutionContext, pipes: PipesPubSubClient) -> MaterializeResult:
+    def echoed(context, pipes: PipesPubSubClient) -> MaterializeResult:
         return pipes.run(context=context, payload={"n": 42}).get_materialize_result()
 
     result = materialize([echoed], resources={"pipes": gcf_pipes.client})
