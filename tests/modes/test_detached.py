@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 import requests
 from dagster import (
+    AssetCheckEvaluation,
     AssetKey,
+    AssetMaterialization,
     DagsterInstance,
     DagsterRunStatus,
     DefaultSensorStatus,
@@ -22,6 +24,7 @@ from dagster import (
     SensorResult,
     SkipReason,
     build_sensor_context,
+    instance_for_test,
     job,
     op,
 )
@@ -29,7 +32,12 @@ from dagster._core.remote_representation.code_location import InProcessCodeLocat
 from google.cloud import pubsub_v1, storage
 
 from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
-from dagster_gcf_pipes.orchestrator.detached import OUTCOME_TAG, SESSION_TAG, pipes_completion_sensor
+from dagster_gcf_pipes.orchestrator.detached import (
+    OUTCOME_TAG,
+    SESSION_TAG,
+    pipes_completion_sensor,
+    unrecorded_events,
+)
 from dagster_gcf_pipes.orchestrator.detached_registry import registry_prefix
 from dagster_gcf_pipes.orchestrator.pull import nack, pull
 from dagster_gcf_pipes.shared.layout import session_prefix
@@ -292,6 +300,29 @@ def deliver_as_eventarc(stack: Any, message: Any) -> None:
     url = stack.function_urls[TEST_TOPIC] + f"projects/{stack.project}/topics/{TEST_TOPIC}"
     response = requests.post(url, json=body, timeout=60)
     assert response.ok, response.text
+
+
+def test_the_events_the_instance_already_holds_for_a_session_are_left_out() -> None:
+    """What a daemon that died part-way through a tick wrote, materializations and check evaluations alike,
+    counted per asset and check in the order the function reported them."""
+    def session_event(session_id: str, check: str = "", part: int = 0) -> Any:
+        metadata = {"pipes_session_id": session_id, "part": part}
+        if check:
+            return AssetCheckEvaluation(asset_key=ASSET, check_name=check, passed=True, metadata=metadata)
+        return AssetMaterialization(ASSET, metadata=metadata)
+
+    events = [session_event("s1", part=1), session_event("s1", check="rows"), session_event("s1", part=2)]
+    with instance_for_test() as instance:
+        since = time.time() - 60
+        assert unrecorded_events(instance, "s1", events, since) == events
+        instance.report_runless_asset_event(events[0])
+        assert unrecorded_events(instance, "s1", events, since) == events[1:]
+        instance.report_runless_asset_event(events[1])
+        assert unrecorded_events(instance, "s1", events, since) == events[2:]
+        instance.report_runless_asset_event(events[2])
+        assert unrecorded_events(instance, "s1", events, since) == []
+        other = [session_event("s2", part=1), session_event("s2", check="rows")]  # another session's: not held
+        assert unrecorded_events(instance, "s2", other, since) == other
 
 
 def test_run_detached_without_topic_names_the_setting(stack: Any) -> None:
