@@ -27,7 +27,8 @@ class FunctionHeartbeatTimeout(PipesPubSubError):
 
 
 class FunctionTotalTimeout(PipesPubSubError):
-    """The session ran longer than the configured total timeout."""
+    """The session ran longer than the configured total timeout, or than any session may
+    (startup_timeout + function_timeout + a margin)."""
 
 
 class ReplyStreamError(PipesPubSubError):

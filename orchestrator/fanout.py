@@ -3,6 +3,17 @@
 Each shard is a complete session run by ``PipesPubSubClient``; this module only schedules them, retries
 failed shards as new sessions, and aggregates: per-shard metadata on success, and once every shard has
 ended, a ``FanOutError`` listing each failed shard with its remote traceback.
+
+A retry never races its predecessor's session: the retry starts only after the failed attempt's session was
+ended durably (its lease rewritten ended), so a predecessor that is still running (a heartbeat timeout
+while it lived on, a function past its timeout) is cancelled at its next lease check (within a second),
+cannot reply into the step any more, and a queued or duplicate delivery of its trigger never starts. What
+cooperative cancellation cannot stop is a handler that ignores ``pipes.is_cancelled`` while writing its
+output: write shard outputs idempotently (a name derived from the payload, each object written whole in
+one upload), so two attempts can only write the same result (docs/reliability.md).
+
+An interrupt ends every running shard's session (the functions that had not started never will) and starts
+no new shard.
 """
 
 from __future__ import annotations

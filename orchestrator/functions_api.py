@@ -118,9 +118,12 @@ def clear_cache() -> None:
 def derived_timeouts(function: DeployedFunction) -> dict[str, float]:
     """Session timeouts that follow from the function's own timeout.
 
-    The platform kills the function at ``timeout_seconds``, so a session cannot legitimately outlive it by
-    more than startup and the last replies (``total_timeout``); a heartbeat gap longer than the function's
-    whole timeout cannot be a live function, so the heartbeat timeout is capped by it.
+    At ``timeout_seconds`` the platform answers the caller with an error; a 2nd gen function is not killed
+    ("the function instance might be throttled, but it continues operating until it exits on its own":
+    https://cloud.google.com/functions/docs/configuring/timeout), so the function's session closes itself
+    just before it, and a session cannot legitimately outlive it by more than startup and the last replies
+    (``total_timeout``); a heartbeat gap longer than the function's whole timeout cannot be a live
+    function, so the heartbeat timeout is capped by it.
     """
     timeout = function.timeout_seconds
     return {
