@@ -3,6 +3,7 @@
 The public API is this module's ``__all__``; the submodules are internal and may change between releases."""
 
 from dagster_gcf_pipes.orchestrator.client import DetachedSession, PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.component import CloudFunctionComponent
 from dagster_gcf_pipes.orchestrator.context_injectors import PipesPubSubContextInjector
 from dagster_gcf_pipes.orchestrator.detached import pipes_completion_sensor
 from dagster_gcf_pipes.orchestrator.errors import (
@@ -19,6 +20,7 @@ from dagster_gcf_pipes.orchestrator.message_reader import PipesPubSubMessageRead
 from dagster_gcf_pipes.orchestrator.sensors import GcsObjectEvent, PubSubEvent, gcs_object_event, pubsub_sensor
 
 __all__ = [
+    "CloudFunctionComponent",
     "CloudFunctionError",
     "DetachedSession",
     "FanOutError",

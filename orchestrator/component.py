@@ -13,10 +13,9 @@ The payload is rendered at run time with Dagster's own template engine (the one 
 ``{{ env.X }}``), with the run's partition key, partition key range, tags and id, and in a fan-out the
 shard's item, in scope. Unknown names in it fail at load time, with the file and line.
 
-``python -m dagster_gcf_pipes.orchestrator.component --markdown`` prints the attributes table of docs/component.md.
+``attributes_table()`` writes the attributes table of docs/component.md from the schema (a test compares them).
 """
 
-import argparse
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
@@ -321,7 +320,7 @@ class CloudFunctionComponent(Component, Resolvable, PipesPubSubSettings):  # typ
     Examples:
         .. code-block:: yaml
 
-            type: dagster_gcf_pipes.orchestrator.component.CloudFunctionComponent
+            type: dagster_gcf_pipes.orchestrator.CloudFunctionComponent
             attributes:
               trigger_topic: "{{ env.PIPES_TRIGGER_TOPIC }}"
               reply_topic: pipes-replies
@@ -549,15 +548,3 @@ def attributes_table(model: type[BaseModel] | None = None) -> str:
                 f"| `{prefix}{name}` | {_type_text(spec)} | {_default_text(spec, name in required)} | {description} |"
             )
     return "\n".join(lines) + "\n"
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--markdown", action="store_true", help="print the attributes table (docs/component.md)")
-    args = parser.parse_args(argv)
-    if args.markdown:
-        print(attributes_table(), end="")
-
-
-if __name__ == "__main__":
-    main()

@@ -30,7 +30,7 @@ from dagster_gcf_pipes.orchestrator.component import CloudFunctionComponent, att
 from tests.conftest import PAYLOAD_BUCKET, REPLY_TOPIC, TEST_TOPIC
 from tests.integration.test_round_trip import sha256_json
 
-TYPE = "dagster_gcf_pipes.orchestrator.component.CloudFunctionComponent"
+TYPE = "dagster_gcf_pipes.orchestrator.CloudFunctionComponent"
 DG = str(Path(sys.executable).parent / "dg")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,6 +58,17 @@ INSTANCES = {
     n: 7
     region: "{{ partition_key }}"
     requested_by: "{{ run_tags.get('who', 'nobody') }}"
+""",
+    # loaded, not run: the test function reports no checks, and a declared check must be reported
+    "checked": CLIENT
+    + """\
+  assets:
+    - key: component/checked_a
+    - key: component/checked_b
+  checks:
+    - name: has_rows
+      asset: component/checked_a
+      blocking: true
 """,
     "fanned": CLIENT
     + """\
@@ -166,6 +177,11 @@ def test_defs_folder_loads_the_declared_specs(defs: Definitions, detached_topic:
     assert isinstance(single.automation_condition, AutomationCondition)
     assert single.partitions_def == StaticPartitionsDefinition(["north", "south"])
     assert specs["component/fanned"].kinds == {"python"}  # declared kinds win
+    (check,) = [c for c in defs.resolve_asset_graph().asset_check_keys if c.name == "has_rows"]
+    assert check.asset_key == AssetKey(["component", "checked_a"])
+    checked = defs.resolve_assets_def(AssetKey(["component", "checked_a"]))
+    assert checked.keys == {AssetKey(["component", "checked_a"]), AssetKey(["component", "checked_b"])}  # one step
+    assert checked.get_spec_for_check_key(check).blocking
 
     # each attached instance brings its own resource, built from the attributes ({{ env.X }} resolved)
     single_client = defs.resources["pipes_pubsub_single"]
@@ -328,10 +344,9 @@ def test_dg_lists_and_scaffolds_the_component(tmp_path: Path) -> None:
 
 
 def test_docs_attributes_table_matches_the_schema() -> None:
-    committed = (REPO / "docs" / "component.md").read_text()
-    assert attributes_table() in committed, (
-        "docs/component.md's attributes table is stale: regenerate it with "
-        "python -m dagster_gcf_pipes.orchestrator.component --markdown"
+    table = attributes_table()
+    assert table in (REPO / "docs" / "component.md").read_text(), (
+        f"docs/component.md's attributes table differs from the component's schema; replace it with:\n\n{table}"
     )
 
 
