@@ -13,20 +13,26 @@ attributed even when one instance serves several requests at once on the Functio
 plain ``threading.Thread`` does not inherit context variables: its writes go to the only session running,
 if exactly one is, else only to the function's log.
 
+The streams the proxies replaced keep capturing what is written to them directly, where Python lets us
+patch their ``write``: a stream someone else put in place and may put back while a session runs (the
+Functions Framework does with LOG_EXECUTION_ID=true, around every request), or one a logging handler
+holds. Logging handlers holding the original stream are also pointed at the proxies, so a library's log
+records reach Dagster's stderr. The library's own JSON log lines (``logs.py``) are never
+forwarded, nor is anything else written to the stream their handler holds without going through a
+proxy: they are in Cloud Logging already, and Dagster's own events carry what they say.
+
 Not captured: writes to the file descriptors themselves (C extensions, subprocesses, ``os.write(1, ...)``,
-``sys.stdout.buffer``), and a stream swapped in by someone else later (``contextlib.redirect_stdout``). The
-library's own JSON log lines (``logs.py``) are not forwarded: they are in Cloud Logging already, and
-Dagster's own events carry what they say. Logging handlers of other code that hold the original stream are
-pointed at the proxies when they are installed, so a library's log records reach Dagster's stderr too.
+``sys.stdout.buffer``), and text the handler sends elsewhere itself (``contextlib.redirect_stdout`` to a
+buffer of its own).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any, Literal, TextIO
 
@@ -55,6 +61,21 @@ def _owner() -> SessionOutput | None:
     return active[0] if len(active) == 1 else None
 
 
+def _write_and_capture(name: Stream, write: Callable[[str], int], text: str) -> int:
+    """``write(text)``, and hand ``text`` to the session that owns the writing code. When one capturing
+    writer wraps another (ours or someone's), the outermost one captures, once."""
+    passing = getattr(_local, "passing", False)
+    _local.passing = True
+    try:
+        written = write(text)
+    finally:
+        _local.passing = passing
+    owner = None if passing else _owner()
+    if owner is not None and text:
+        owner.add(name, text)
+    return written
+
+
 class _Tee:
     """A stand-in for ``sys.stdout``/``sys.stderr``: writes go to the original stream, and to the session
     that owns the writing code. Everything else (``fileno``, ``encoding``, ``buffer``...) is the original's."""
@@ -64,17 +85,7 @@ class _Tee:
         self._original = original
 
     def write(self, text: str) -> int:
-        # a proxy of someone else's may wrap this one, or this one theirs: the outermost captures, once
-        passing = getattr(_local, "passing", False)
-        _local.passing = True
-        try:
-            written = self._original.write(text)
-        finally:
-            _local.passing = passing
-        owner = None if passing else _owner()
-        if owner is not None and text:
-            owner.add(self._name, text)
-        return written
+        return _write_and_capture(self._name, self._original.write, text)
 
     def writelines(self, lines: Iterable[str]) -> None:
         for line in lines:
@@ -93,23 +104,50 @@ def _install() -> None:
         for name in STREAMS:
             current = getattr(sys, name)
             if not isinstance(current, _Tee):
-                tee = _Tee(name, current)
-                setattr(sys, name, tee)
-                _repoint_handlers(current, tee)
+                setattr(sys, name, _Tee(name, current))
+                _capture_writes_of(name, current)
+                _repoint_handlers(current, getattr(sys, name))
+
+
+def _capture_writes_of(name: Stream, stream: TextIO) -> None:
+    """Make a replaced stream capture its own writes too, where it lets us (the interpreter's own streams do
+    not): whoever swapped it in may swap it back while a session runs. The Functions Framework does, with
+    LOG_EXECUTION_ID=true: one JSON wrapper per stream made at start-up, put in place around each request
+    (``contextlib.redirect_stdout``), so a request that starts while another session prints brings it back."""
+    if getattr(stream.write, "_pipes_capturing", False) or stream in _structured_log_streams():
+        return
+    original_write = stream.write
+
+    def write(text: str) -> int:
+        return _write_and_capture(name, original_write, text)
+
+    write._pipes_capturing = True  # type: ignore[attr-defined]
+    with contextlib.suppress(AttributeError, TypeError):
+        stream.write = write  # type: ignore[method-assign]
+
+
+def _stream_handlers() -> Iterator[logging.StreamHandler]:
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", ()):
+            if isinstance(handler, logging.StreamHandler):
+                yield handler
+
+
+def _structured_log_streams() -> list[Any]:
+    """The streams the library's JSON log lines go to: never captured, those lines stay out of Dagster."""
+    return [h.stream for h in _stream_handlers() if isinstance(h.formatter, CloudLoggingFormatter)]
 
 
 def _repoint_handlers(original: TextIO, tee: _Tee) -> None:
     """Logging handlers created before the proxies hold the original stream; point them at the proxy,
-    except the library's own JSON handlers (their structured lines stay out of Dagster's stdout)."""
-    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
-    for logger in loggers:
-        for handler in getattr(logger, "handlers", ()):
-            if (
-                type(handler) is logging.StreamHandler
-                and handler.stream is original
-                and not isinstance(handler.formatter, CloudLoggingFormatter)
-            ):
-                handler.setStream(tee)  # type: ignore[arg-type]
+    except the library's own JSON handlers."""
+    for handler in _stream_handlers():
+        if (
+            type(handler) is logging.StreamHandler
+            and handler.stream is original
+            and not isinstance(handler.formatter, CloudLoggingFormatter)
+        ):
+            handler.setStream(tee)  # type: ignore[arg-type]
 
 
 class SessionOutput:
@@ -191,7 +229,7 @@ def _chunks(text: str, size: int) -> Iterator[str]:
         start = end
 
 
-@contextmanager
+@contextlib.contextmanager
 def capture_output(pipes: PipesContext, interval: float = 0.1, max_chars: int = 64_000) -> Iterator[None]:
     """Forward what the code in this block (and its threads, see the module docstring) writes to
     ``sys.stdout``/``sys.stderr`` to the Dagster step of ``pipes``, as well as to the original streams.

@@ -52,6 +52,7 @@ def print_lines(payload: dict[str, Any]) -> None:
         for i in range(printed, printed + 50):
             print_pair(tag, i)
         printed += 50
+        time.sleep(0.01)
     for i in range(printed, printed + int(payload["prints"])):
         print_pair(tag, i)
         if peer and i % 20 == 0:

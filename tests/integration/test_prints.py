@@ -11,16 +11,19 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from dagster import AssetExecutionContext, DagsterEventType, DagsterInstance, asset, materialize
 from dagster._core.instance.ref import InstanceRef
 
-from dagster_gcf_pipes.local.local_stack import LocalStack
+from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
 from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
 from tests.conftest import TEST_TOPIC
+from tests.faults.test_process_faults import wait_for_object
 from tests.integration.helpers import make_client
 
 
@@ -31,12 +34,14 @@ class StepOutput:
     stderr: str
 
 
-def start_run(home: Path, payload: dict[str, Any] | list[dict[str, Any]]) -> subprocess.Popen[str]:
+def start_run(
+    home: Path, payload: dict[str, Any] | list[dict[str, Any]], trigger_topic: str = TEST_TOPIC
+) -> subprocess.Popen[str]:
     """A Dagster run of one asset calling the test function with ``payload``, in a process of its own."""
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.integration.test_prints", json.dumps(payload)],
+        [sys.executable, "-m", "tests.integration.test_prints", json.dumps(payload), trigger_topic],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -104,6 +109,38 @@ def test_two_concurrent_sessions_on_one_process_each_print_into_their_own_step(s
         assert other not in step.stdout and other not in step.stderr
 
 
+@pytest.fixture
+def execution_id_function(stack: LocalStack) -> Iterator[str]:
+    """The test function on a server of its own with the Functions Framework's execution-id logging on
+    (LOG_EXECUTION_ID=true): around each request it swaps sys.stdout/sys.stderr for its JSON wrappers."""
+    topic = f"prints-execution-id-{uuid.uuid4().hex[:8]}"
+    stack.add_function(LocalFunction("tests/functions/main.py", "main", topic, env={"LOG_EXECUTION_ID": "true"}))
+    yield topic
+    stack.servers.pop(f"function-{topic}").stop()
+
+
+@pytest.mark.parametrize("execution_id_logging", [False, True], ids=["plain", "execution-id-logging"])
+def test_a_session_starting_while_another_prints_loses_none_of_its_lines(
+    stack: LocalStack, tmp_path: Path, request: pytest.FixtureRequest, execution_id_logging: bool
+):
+    """One session prints without a pause while a second one starts on the same process, then both print on."""
+    topic = request.getfixturevalue("execution_id_function") if execution_id_logging else TEST_TOPIC
+    first, second = f"first-{uuid.uuid4().hex[:8]}", f"second-{uuid.uuid4().hex[:8]}"
+    first_run = start_run(tmp_path / first, {"scenario": "print", "tag": first, "token": first, "print_until": second,
+                                             "prints": 200}, topic)
+    wait_for_object(stack.project, f"started/{first}")
+    second_run = start_run(tmp_path / second, {"scenario": "print", "tag": second, "token": second, "prints": 200}, topic)
+    steps = {first: step_output(tmp_path / first, first_run), second: step_output(tmp_path / second, second_run)}
+
+    for tag, other in ((first, second), (second, first)):
+        step = steps[tag]
+        assert step.success, step
+        for stream, text in (("out", step.stdout), ("err", step.stderr)):
+            lines = tagged(text, tag, stream)
+            assert len(lines) >= 200 and lines == expected_lines(tag, stream, len(lines))  # none missing
+        assert other not in step.stdout and other not in step.stderr
+
+
 def test_fan_out_shards_prints_carry_their_shard(stack: LocalStack, tmp_path: Path):
     tags = [f"s{shard}-{uuid.uuid4().hex[:8]}" for shard in range(2)]
     step = run_prints(tmp_path / "home", [{"scenario": "print", "tag": tag, "prints": 100} for tag in tags])
@@ -117,7 +154,7 @@ def test_fan_out_shards_prints_carry_their_shard(stack: LocalStack, tmp_path: Pa
         assert prefix + f"{tag} err 99" in step.stderr.splitlines()
 
 
-def _materialize(payload: dict[str, Any] | list[dict[str, Any]]) -> None:
+def _materialize(payload: dict[str, Any] | list[dict[str, Any]], trigger_topic: str) -> None:
     """The run process: one asset, the test function (a fan-out for a list of payloads), the instance in
     ``$DAGSTER_HOME``."""
 
@@ -128,8 +165,8 @@ def _materialize(payload: dict[str, Any] | list[dict[str, Any]]) -> None:
         return pipes_pubsub.run(context=context, payload=payload).get_materialize_result()
 
     with DagsterInstance.get() as instance:
-        materialize([prints_asset], resources={"pipes_pubsub": make_client()}, instance=instance, raise_on_error=False)
+        materialize([prints_asset], resources={"pipes_pubsub": make_client(trigger_topic=trigger_topic)}, instance=instance, raise_on_error=False)
 
 
 if __name__ == "__main__":
-    _materialize(json.loads(sys.argv[1]))
+    _materialize(json.loads(sys.argv[1]), sys.argv[2])
