@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import sys
+import threading
 import time
 import uuid
 from typing import Any
@@ -39,7 +40,8 @@ def wait_for_mark(kind: str, token: str, timeout: float = 60.0) -> None:
 
 def print_lines(payload: dict[str, Any]) -> None:
     """The prints scenario: ``prints`` lines tagged ``tag`` to stdout and to stderr, a library's warning
-    through logging (to stderr), a line of the library's own JSON log, and a last line without its newline.
+    through logging (to stderr), a line of the library's own JSON log, a line from a thread it starts, and
+    a last line without its newline.
     With ``peer`` (the token of another session), printing starts once both have started and the session
     ends once both have printed, so the two print while both are running on this one process. With
     ``print_until`` (another session's token), lines go out without a pause until that session started,
@@ -57,6 +59,9 @@ def print_lines(payload: dict[str, Any]) -> None:
         print_pair(tag, i)
         if peer and i % 20 == 0:
             time.sleep(0.01)  # let the peer's lines interleave with these
+    printer = threading.Thread(target=print, args=(f"{tag} from a thread",))  # context variables stay behind
+    printer.start()
+    printer.join()
     logging.getLogger("some.library").warning(f"{tag} library warning")  # logging's last resort: sys.stderr
     CHATTY_LIBRARY.warning(f"{tag} handler made at import")
     logging.getLogger("dagster_pipes_gcp.tests").info(f"{tag} structured line")
@@ -103,6 +108,7 @@ def main(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -> None:
             raise RuntimeError("boom from the function") from exc
     for i in range(int(payload.get("log_lines", 0))):
         pipes.log.info(f"line {i}")
+        time.sleep(float(payload.get("line_interval", 0)))  # numbered lines spread over time, for the re-attach tests
     if payload.get("sleep"):
         time.sleep(float(payload["sleep"]))
     if payload.get("interval_token"):  # when this invocation ran, for the fan-out concurrency test
@@ -117,6 +123,8 @@ def main(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -> None:
             "extras_sha256": {"raw_value": sha256_json(pipes.extras), "type": "text"},
         }
     )
+    if token:
+        mark("finished", token)  # the handler is done; `closed` follows
 
 
 main_http = main.http  # the same handler behind an HTTP trigger (invocation="http")

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import pytest
 from dagster import AssetExecutionContext, DagsterEventType, DagsterInstance, asset, materialize
 from dagster._core.instance.ref import InstanceRef
 
-from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
+from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack, ManagedProcess
 from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
 from tests.conftest import TEST_TOPIC
 from tests.faults.test_process_faults import wait_for_object
@@ -60,8 +60,10 @@ def step_output(home: Path, process: subprocess.Popen[str]) -> StepOutput:
     return StepOutput(success, (data.stdout or b"").decode(), (data.stderr or b"").decode())
 
 
-def run_prints(home: Path, payload: dict[str, Any] | list[dict[str, Any]]) -> StepOutput:
-    return step_output(home, start_run(home, payload))
+def run_prints(
+    home: Path, payload: dict[str, Any] | list[dict[str, Any]], trigger_topic: str = TEST_TOPIC
+) -> StepOutput:
+    return step_output(home, start_run(home, payload, trigger_topic))
 
 
 def expected_lines(tag: str, stream: str, count: int) -> list[str]:
@@ -72,9 +74,25 @@ def tagged(text: str, tag: str, stream: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(f"{tag} {stream} ")]
 
 
-def test_prints_reach_the_step_stdout_and_stderr_and_the_function_log(stack: LocalStack, tmp_path: Path):
+@pytest.fixture
+def own_function(stack: LocalStack) -> Iterator[Callable[..., tuple[str, ManagedProcess]]]:
+    """Serves the test function on a server of the test's own (no other test's session runs there):
+    ``own_function(**env)`` gives its trigger topic and server."""
+    topics: list[str] = []
+
+    def start(**env: str) -> tuple[str, ManagedProcess]:
+        topics.append(f"prints-{uuid.uuid4().hex[:8]}")
+        return topics[-1], stack.add_function(LocalFunction("tests/functions/main.py", "main", topics[-1], env=env))
+
+    yield start
+    for topic in topics:
+        stack.servers.pop(f"function-{topic}").stop()
+
+
+def test_prints_reach_the_step_stdout_and_stderr_and_the_function_log(tmp_path: Path, own_function):
     tag = f"solo-{uuid.uuid4().hex[:8]}"
-    step = run_prints(tmp_path / "home", {"scenario": "print", "tag": tag, "prints": 300})
+    topic, server = own_function()
+    step = run_prints(tmp_path / "home", {"scenario": "print", "tag": tag, "prints": 300}, topic)
 
     assert step.success, step
     assert tagged(step.stdout, tag, "out") == expected_lines(tag, "out", 300)
@@ -82,9 +100,10 @@ def test_prints_reach_the_step_stdout_and_stderr_and_the_function_log(stack: Loc
     assert f"{tag} library warning" in step.stderr.splitlines()  # logging's last-resort handler: sys.stderr
     assert f"{tag} handler made at import" in step.stderr.splitlines()  # a handler holding the original stderr
     assert f"{tag} last line without newline" in step.stdout  # the rest, sent as the session ended
+    assert f"{tag} from a thread" in step.stdout.splitlines()  # the only session running owns it
     assert f"{tag} structured line" not in step.stdout + step.stderr  # the library's JSON lines stay out
 
-    function_log = stack.function_server(TEST_TOPIC).log_path.read_text().splitlines()
+    function_log = server.log_path.read_text().splitlines()
     assert [line for line in function_log if line.startswith(f"{tag} out ")] == expected_lines(tag, "out", 300)
     assert [line for line in function_log if line.startswith(f"{tag} err ")] == expected_lines(tag, "err", 300)
     (structured,) = [json.loads(line) for line in function_log if f"{tag} structured line" in line]
@@ -109,22 +128,14 @@ def test_two_concurrent_sessions_on_one_process_each_print_into_their_own_step(s
         assert other not in step.stdout and other not in step.stderr
 
 
-@pytest.fixture
-def execution_id_function(stack: LocalStack) -> Iterator[str]:
-    """The test function on a server of its own with the Functions Framework's execution-id logging on
-    (LOG_EXECUTION_ID=true): around each request it swaps sys.stdout/sys.stderr for its JSON wrappers."""
-    topic = f"prints-execution-id-{uuid.uuid4().hex[:8]}"
-    stack.add_function(LocalFunction("tests/functions/main.py", "main", topic, env={"LOG_EXECUTION_ID": "true"}))
-    yield topic
-    stack.servers.pop(f"function-{topic}").stop()
-
-
 @pytest.mark.parametrize("execution_id_logging", [False, True], ids=["plain", "execution-id-logging"])
 def test_a_session_starting_while_another_prints_loses_none_of_its_lines(
-    stack: LocalStack, tmp_path: Path, request: pytest.FixtureRequest, execution_id_logging: bool
+    stack: LocalStack, tmp_path: Path, own_function, execution_id_logging: bool
 ):
-    """One session prints without a pause while a second one starts on the same process, then both print on."""
-    topic = request.getfixturevalue("execution_id_function") if execution_id_logging else TEST_TOPIC
+    """One session prints without a pause while a second one starts on the same process, then both print on.
+    The Functions Framework's execution-id logging (LOG_EXECUTION_ID=true) swaps sys.stdout/sys.stderr for
+    its JSON wrappers around each request."""
+    topic = own_function(LOG_EXECUTION_ID="true")[0] if execution_id_logging else TEST_TOPIC
     first, second = f"first-{uuid.uuid4().hex[:8]}", f"second-{uuid.uuid4().hex[:8]}"
     first_run = start_run(tmp_path / first, {"scenario": "print", "tag": first, "token": first, "print_until": second,
                                              "prints": 200}, topic)
