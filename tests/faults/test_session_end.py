@@ -16,8 +16,11 @@ import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1, storage
 
+from dagster_gcf_pipes.function import session as session_module
+from dagster_gcf_pipes.function.lease import claim_lease
 from dagster_gcf_pipes.function.session import SessionOutcome, run_session
 from dagster_gcf_pipes.orchestrator import client as client_module
+from dagster_gcf_pipes.orchestrator.session_end import end_lease
 from dagster_gcf_pipes.shared.claim_check import GCSBlobStore
 from dagster_gcf_pipes.shared.layout import lease_key
 from dagster_gcf_pipes.shared.lease import ENDED, HELD, LeaseRecord, read_lease, write_lease
@@ -27,6 +30,7 @@ from tests.faults.cancel_run import interrupt_run
 from tests.faults.scripted import ScriptedFunction, opened
 from tests.faults.test_process_faults import lake_object_exists
 from tests.functions.main import main as scenario_function
+from tests.integration.function_harness import FunctionHarness
 from tests.integration.helpers import make_client, run_asset, session_objects, session_subscriptions
 
 
@@ -273,3 +277,25 @@ def test_tombstones_are_swept_once_their_start_window_has_passed(stack):
         assert left == {"fresh", "running", outcome.metadata["pipes_session_id"]}
     finally:
         GCSBlobStore(bucket.client, PAYLOAD_BUCKET).delete_prefix(f"{prefix}/")
+
+
+def test_a_session_ended_between_the_claim_and_the_handler_never_calls_the_handler(stack, monkeypatch: pytest.MonkeyPatch):
+    """The orchestrator ends the session (a terminated run) just after this delivery claimed it: the check
+    before the handler sees it, the handler is never called, and `closed` says why."""
+    token = uuid.uuid4().hex
+    h = FunctionHarness(stack.project, {"token": token})
+
+    def claim_then_end(gcs, bucket, key, invocation_id, lease_seconds):
+        claim = claim_lease(gcs, bucket, key, invocation_id, lease_seconds)
+        end_lease(gcs, bucket, "harness", h.session_id, start_window=60.0, reason="the Dagster run was terminated")
+        return claim
+
+    monkeypatch.setattr(session_module, "claim_lease", claim_then_end)
+    try:
+        outcome = scenario_function(h.cloud_event())
+        closed = h.read_until_closed()[-1]
+    finally:
+        h.close()
+    assert not outcome.ran and "the Dagster run was terminated" in str(outcome.error)
+    assert handler_runs(stack.project, token) == 0
+    assert "SessionCancelled" in closed["params"]["exception"]["message"]
