@@ -42,10 +42,10 @@ def ecdf(axis: Any, values: Sequence[float], label: str, **style: Any) -> None:
 
 
 def log_scale(axis: Any, which: str) -> None:
-    """A log axis ticked at 1, 2 and 5 of each decade, with plain numbers (0.05, 2, 100) as labels."""
+    """A log axis ticked at 1, 2, 3 and 5 of each decade, with plain numbers (0.05, 2, 100) as labels."""
     getattr(axis, f"set_{which}scale")("log")
     scale = getattr(axis, f"{which}axis")
-    scale.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    scale.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
     scale.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
     scale.set_minor_formatter(ticker.NullFormatter())
 

@@ -119,11 +119,11 @@ def plan(count: int, rng: random.Random) -> list[Session]:
 
 
 def summarize(exc: BaseException) -> str:
-    """``Class: first line`` with ids and numbers blanked, so that failures of one kind group together."""
-    first = (str(exc).strip().splitlines() or [""])[0]
+    """``Class: first sentence`` with ids and numbers blanked, so that failures of one kind group together."""
+    first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]
     for pattern, blank in VARYING:
         first = pattern.sub(blank, first)
-    return f"{type(exc).__name__}: {first[:140]}"
+    return f"{type(exc).__name__}: {first[:200]}"
 
 
 def record_failure(session: Session, exc: BaseException) -> None:
@@ -239,7 +239,7 @@ class Injector(threading.Thread):
         self.stack, self.taps, self.sessions, self.rng = stack, taps, sessions, rng
         self.schedule, self.started = collections.deque(schedule), started
         self.windows: list[Window] = []
-        self.fired: collections.Counter = collections.Counter()
+        self.fired: collections.Counter = collections.Counter(s for session in sessions for s in session.planned if s == SLOW)
         self.errors: list[str] = []
         self.stopping = threading.Event()
         self.publisher = publisher_client()
@@ -360,8 +360,8 @@ def leftovers(project: str) -> dict[str, Any]:
     """Per-session subscriptions and session objects still there (ended leases are tombstones, kept on
     purpose and swept later: counted apart), and the handler runs per token."""
     with pubsub_v1.SubscriberClient() as subscriber:
-        subscriptions = [s.name for s in subscriber.list_subscriptions(request={"project": f"projects/{project}"})
-                         if "/dagster-pipes-" in s.name]
+        every = [s.name for s in subscriber.list_subscriptions(request={"project": f"projects/{project}"})]
+    subscriptions = [name for name in every if "/dagster-pipes-" in name]
     gcs = storage.Client(project=project)
     objects, tombstones = [], 0
     for blob in gcs.list_blobs(BUCKET, prefix=f"{PREFIX}/"):
@@ -370,7 +370,8 @@ def leftovers(project: str) -> dict[str, Any]:
         else:
             objects.append(blob.name)
     runs = collections.Counter(b.name.split("/")[1] for b in gcs.list_blobs(MARKER_BUCKET, prefix=f"{MARKER_PREFIX}/"))
-    return {"subscriptions": subscriptions, "objects": objects, "tombstones": tombstones, "runs": runs}
+    return {"every_subscription": every, "subscriptions": subscriptions, "objects": objects, "tombstones": tombstones,
+            "runs": runs}
 
 
 def percentiles(values: Sequence[float]) -> str:
@@ -433,6 +434,8 @@ def report(sessions: Sequence[Session], injector: Injector, left: dict[str, Any]
     for kind in (REDELIVERY, DUPLICATES, SLOW, KILL, PAUSE):
         hit = [s.seconds for s in sessions if s.outcome == "succeeded" and kind in s.faults]
         print(f"| hit by {kind} | {len(hit)} | {percentiles(hit)} |")
+    print(f"\nsubscriptions left in the emulator: {', '.join(left['every_subscription']) or 'none'}; "
+          f"{left['tombstones']} ended leases (tombstones, swept later by design)")
     for what, names in (("leaked subscription", left["subscriptions"]), ("leaked object", left["objects"])):
         for name in names[:20]:
             print(f"{what}: {name}")
