@@ -11,13 +11,16 @@ import os
 from google.cloud import pubsub_v1, storage
 
 from dagster_gcf_pipes.shared.claim_check import GCSBlobStore
+from dagster_gcf_pipes.shared.tracing import publisher_options
 
 
 @functools.lru_cache(maxsize=1)
 def publisher() -> pubsub_v1.PublisherClient:
     # The writer batches Pipes messages itself and waits for each publish: the client's own batching
     # would only add latency.
-    return pubsub_v1.PublisherClient(batch_settings=pubsub_v1.types.BatchSettings(max_messages=1))
+    return pubsub_v1.PublisherClient(
+        batch_settings=pubsub_v1.types.BatchSettings(max_messages=1), publisher_options=publisher_options()
+    )
 
 
 @functools.lru_cache(maxsize=1)

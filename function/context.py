@@ -6,9 +6,12 @@ from __future__ import annotations
 import sys
 import threading
 import traceback
+from contextlib import AbstractContextManager
+from typing import Any
 
 from dagster_pipes import PipesContext, PipesContextLoader, PipesException, PipesMessageWriter, PipesParamsLoader
 
+from dagster_gcf_pipes.function import tracing
 from dagster_gcf_pipes.function.cancellation import Cancellation
 
 
@@ -43,6 +46,14 @@ class CloudFunctionPipesContext(PipesContext):
         """Stop here (with ``SessionCancelled``, reported through ``closed``) if the session was cancelled."""
         if self.is_cancelled:
             raise SessionCancelled(f"the session was cancelled: {self._cancellation.reason}")
+
+    def span(self, name: str, **attributes: Any) -> AbstractContextManager[Any]:
+        """A span of your own work in the session's trace (``with pipes.span("load", rows=n) as span:``), a
+        child of the span current in your code (the handler's, or another ``pipes.span``). Yields the
+        OpenTelemetry span, or None when tracing is off (then it costs nothing). Plain OpenTelemetry works
+        too: the handler runs with the session's span current, so ``trace.get_tracer(__name__)`` spans nest
+        under it the same way."""
+        return tracing.user_span(name, attributes)
 
     def close(self, exc: PipesException | None = None) -> None:
         # the deadline closes the session from the watcher's thread while the handler may be closing it too

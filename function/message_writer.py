@@ -29,6 +29,7 @@ from dagster_gcf_pipes.shared.layout import reply_key
 from dagster_gcf_pipes.shared.protocol import Reply, ReplyChannelParams
 from dagster_gcf_pipes.shared.pubsub import publish
 from dagster_gcf_pipes.shared.signing import sign
+from dagster_gcf_pipes.shared.tracing import carried
 
 _log = logging.getLogger("dagster_pipes_gcp.function")
 
@@ -122,7 +123,8 @@ class PubSubMessageWriterChannel(PipesMessageWriterChannel):
 
     @contextmanager
     def flushing(self) -> Iterator[None]:
-        thread = threading.Thread(target=self._flush_loop, name="pipes-pubsub-writer", daemon=True)
+        # publishes in the trace of whoever opened the channel (the handler's span), when tracing is on
+        thread = threading.Thread(target=carried(self._flush_loop), name="pipes-pubsub-writer", daemon=True)
         thread.start()
         try:
             yield

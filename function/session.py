@@ -30,6 +30,7 @@ from dagster_gcf_pipes.function.lease import Claim, claim_lease, why_stop
 from dagster_gcf_pipes.function.logs import current_trace
 from dagster_gcf_pipes.function.message_writer import PubSubMessageWriter
 from dagster_gcf_pipes.function.stdio import capture_output
+from dagster_gcf_pipes.function.tracing import handler_span, invocation_span
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck
 from dagster_gcf_pipes.shared.layout import lease_key
 from dagster_gcf_pipes.shared.protocol import REPLY_CHANNEL_GCS, ProtocolError, ReplyChannelParams, Trigger
@@ -93,12 +94,15 @@ def run_session(
     whose failure Dagster already knows about. A trigger that cannot run (malformed, late, a duplicate) is
     logged and returned too: redelivering it could never help. ``trace_id`` is the request's trace, if any:
     the session's log lines carry it and Dagster records it. ``publish_time`` is the trigger message's
-    ``publishTime`` (epoch seconds, Pub/Sub's server clock), which the start window counts from."""
-    token = current_trace.set(f"projects/{clients.storage_client().project}/traces/{trace_id}" if trace_id else None)
-    try:
-        return _run_session(handler, data, attributes, message_id, trace_id, publish_time)
-    finally:
-        current_trace.reset(token)
+    ``publishTime`` (epoch seconds, Pub/Sub's server clock), which the start window counts from. With
+    tracing on, the session's trace is the trigger's (``function/tracing.py``), and its id replaces ``trace_id``."""
+    with invocation_span(attributes, message_id) as traced_id:
+        trace_id = traced_id or trace_id
+        token = current_trace.set(f"projects/{clients.storage_client().project}/traces/{trace_id}" if trace_id else None)
+        try:
+            return _run_session(handler, data, attributes, message_id, trace_id, publish_time)
+        finally:
+            current_trace.reset(token)
 
 
 def _run_session(
@@ -143,6 +147,7 @@ def _run_session(
     handler_started = False
     try:
         with (
+            handler_span(trigger.session_id),  # the session's replies and the user's spans nest under it
             CloudFunctionPipesContext(params_loader, PipesInlineOrGCSContextLoader(gcs), writer, cancellation) as pipes,
             watch_session(
                 functools.partial(why_stop, gcs, settings.bucket, key, invocation_id),

@@ -52,6 +52,7 @@ from dagster_gcf_pipes.orchestrator.http_invocation import HttpInvocation, http_
 from dagster_gcf_pipes.orchestrator.message_reader import PipesPubSubMessageReader
 from dagster_gcf_pipes.orchestrator.reply_subscription import ReplyDemux
 from dagster_gcf_pipes.orchestrator.session_end import end_lease, end_session
+from dagster_gcf_pipes.orchestrator.tracing import trace_metadata, traced_fan_out, traced_session, url_template_problems
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore, validate_threshold
 from dagster_gcf_pipes.shared.layout import chunks_prefix, context_key, session_prefix, trigger_key
 from dagster_gcf_pipes.shared.lease import read_lease
@@ -67,6 +68,7 @@ from dagster_gcf_pipes.shared.protocol import (
 )
 from dagster_gcf_pipes.shared.pubsub import publish, publisher_client, subscriber_client
 from dagster_gcf_pipes.shared.retry import TRANSIENT_ERRORS, transient_retry
+from dagster_gcf_pipes.shared.tracing import carried
 
 #: the lease outlives the function's timeout by this much, so it never expires under a running attempt
 LEASE_MARGIN_SECONDS = 60.0
@@ -259,6 +261,11 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         default=30.0,
         description="Seconds to keep retrying while GCP is unreachable: the checks of topics and bucket, and the HTTP POST.",
     )
+    trace_url_template: str | None = Field(
+        default=None,
+        description="A link to a session's trace, recorded as pipes_trace_url: {trace_id} and {project} are filled in, "
+        "e.g. https://console.cloud.google.com/traces/list?tid={trace_id}&project={project} (Cloud Trace).",
+    )
 
     def _validated(self, payload: Mapping[str, Any]) -> str:
         """Check configuration and input before anything is published; return the project."""
@@ -280,7 +287,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 f"heartbeat_timeout={self.heartbeat_timeout:g} must be at least twice heartbeat_interval="
                 f"{self.heartbeat_interval:g}, or a healthy but quiet function is taken for dead"
             )
-        return problems + self._mode_problems()
+        return problems + self._mode_problems() + url_template_problems(self.trace_url_template)
 
     def _mode_problems(self) -> list[str]:
         problems = []
@@ -366,6 +373,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         project = self._validated(payload)
         return self._run_session(context, self._resolve(project), payload, extras)
 
+    @traced_fan_out
     def run_many(
         self,
         *,
@@ -397,8 +405,11 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         interrupted = threading.Event()
         with self._fan_out_replies(resolved, context.log) as demux:
             return run_fan_out(
-                lambda shard, payload: self._run_session(
-                    context, resolved, payload, extras, log_prefix=f"[shard {shard}] ", interrupted=interrupted, demux=demux
+                carried(  # the fan-out's trace, when tracing is on
+                    lambda shard, payload: self._run_session(
+                        context, resolved, payload, extras, log_prefix=f"[shard {shard}] ", interrupted=interrupted,
+                        demux=demux,
+                    )
                 ),
                 payloads,
                 max_concurrency=max_concurrency,
@@ -460,6 +471,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         """The Cloud Functions API client (Application Default Credentials)."""
         return functions_v2.FunctionServiceClient()
 
+    @traced_session
     def _run_session(
         self,
         context: OpExecutionContext | AssetExecutionContext,
@@ -542,7 +554,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 "pipes_session_id": session_id,
                 **sent.metadata,
                 "pipes_invocation_id": reader.invocation_id or "",
-                **({"pipes_trace_id": reader.trace_id} if reader.trace_id else {}),
+                **trace_metadata(reader.trace_id, self.trace_url_template, resolved.project),
                 "pipes_session_seconds": round(time.monotonic() - started, 3),
             },
         )

@@ -32,6 +32,7 @@ from dagster_gcf_pipes.orchestrator.errors import ReplyStreamError
 from dagster_gcf_pipes.orchestrator.reassembly import ReassemblyError, SessionReassembler
 from dagster_gcf_pipes.orchestrator.reply_subscription import ReplyDemux, ReplySubscription
 from dagster_gcf_pipes.orchestrator.session_wait import SessionWaiter
+from dagster_gcf_pipes.orchestrator.tracing import hand_off
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck
 from dagster_gcf_pipes.shared.layout import lease_key, session_prefix
 from dagster_gcf_pipes.shared.protocol import (
@@ -44,6 +45,7 @@ from dagster_gcf_pipes.shared.protocol import (
 )
 from dagster_gcf_pipes.shared.pubsub import forget_stream, stream_trouble, undeliverable_hint
 from dagster_gcf_pipes.shared.signing import is_authentic
+from dagster_gcf_pipes.shared.tracing import current_context
 
 #: a lease object is a few hundred bytes; anything much larger is not one
 _MAX_LEASE_BYTES = 4096
@@ -114,6 +116,7 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         self._handler: PipesMessageHandler | None = None
         self._subscription: ReplySubscription | None = None
         self._failure: BaseException | None = None
+        self._trace_parent = current_context()  # the session's span (built in it), when tracing is on
 
     # ---------------------------------------------------------------- PipesMessageReader
     @contextmanager
@@ -149,7 +152,8 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
     # ---------------------------------------------------------------- the streaming-pull callback
     def _on_message(self, message: pubsub_v1.subscriber.message.Message) -> None:
         try:
-            self._take(message)
+            with hand_off(self._trace_parent, message.attributes, message.message_id):
+                self._take(message)
         except ReassemblyError as exc:
             with self._cond:
                 self._failure = exc

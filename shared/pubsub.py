@@ -30,6 +30,7 @@ from google.pubsub_v1.services.publisher.transports import PublisherGrpcTranspor
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
 from dagster_gcf_pipes.shared.retry import transient_retry
+from dagster_gcf_pipes.shared.tracing import publisher_options
 
 #: what the client library sets on production channels (google/pubsub_v1/services/*/transports/grpc.py)
 PRODUCTION_CHANNEL_OPTIONS = (
@@ -49,6 +50,7 @@ def _emulator_channel() -> tuple[str, grpc.Channel] | None:
 
 def publisher_client(**kwargs: Any) -> pubsub_v1.PublisherClient:
     """A ``PublisherClient`` (``kwargs`` as its own) whose emulator channel has no size limits."""
+    kwargs.setdefault("publisher_options", publisher_options())
     emulator = _emulator_channel()
     if emulator is not None:
         host, channel = emulator

@@ -20,10 +20,12 @@ SECRET_ENV_VAR = "DAGSTER_PIPES_SIGNING_SECRET"
 
 #: attributes that are not covered: the signature itself and the claim-check encoding (transport detail)
 _UNSIGNED = {Attr.SIGNATURE, Attr.BODY}
+#: nor what the client library adds after signing (its trace context, when tracing is on)
+_UNSIGNED_PREFIX = "googclient_"
 
 
 def _canonical(body: bytes, attributes: Mapping[str, str]) -> bytes:
-    signed = {k: v for k, v in attributes.items() if k not in _UNSIGNED}
+    signed = {k: v for k, v in attributes.items() if k not in _UNSIGNED and not k.startswith(_UNSIGNED_PREFIX)}
     return json.dumps(signed, sort_keys=True, separators=(",", ":")).encode() + b"\n" + body
 
 

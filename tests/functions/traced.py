@@ -1,0 +1,20 @@
+"""The tracing test's function: the user's work in a span of the Pipes context and in a plain OpenTelemetry
+span, a log line, a materialization."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry import trace
+
+from dagster_gcf_pipes.function.context import CloudFunctionPipesContext
+from dagster_gcf_pipes.function.entrypoint import pipes_function
+
+
+@pipes_function
+def main(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -> None:
+    with pipes.span("load rows", rows=payload["rows"]) as span:
+        assert span is not None, "tracing is on: pipes.span yields the span"
+        with trace.get_tracer(__name__).start_as_current_span("plain otel work"):
+            pipes.log.info("traced work done")
+    pipes.report_asset_materialization(metadata={"rows": payload["rows"]})
