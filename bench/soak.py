@@ -6,10 +6,13 @@ Each session is one ``materialize`` of one asset that calls ``PipesPubSubClient.
 fan-out of a few shards) on ``bench/soak_function.py``, which logs numbered lines. Faults:
 
 - **redelivery** (targeted): the session's trigger, captured by a tap subscription on the trigger topic, is
-  published again while the function runs or after the session ended: the lease must absorb it;
+  published again while the function runs: the lease must absorb it;
+- **late redelivery** (targeted): the same, 0-2 s after the session ended: its tombstone must refuse it
+  (it cannot slow the session, so it does not count as a fault in the latencies);
 - **duplicate replies** (targeted): reply messages of the session, captured by a tap subscription on the
   reply topic, are published again in reverse order, one of them twice;
 - **slow** (targeted): the function sleeps a few seconds between its lines (heartbeats keep it alive);
+- **large** (not a fault): a trigger payload and a reply above the inline threshold (both through GCS);
 - **kill** (global): the function server is SIGKILLed, then restarted on its port;
 - **pause** (global): the Pub/Sub emulator is stopped with SIGSTOP for a few seconds, then SIGCONT.
 
@@ -49,8 +52,9 @@ from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
 from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
 from dagster_gcf_pipes.orchestrator.errors import PipesPubSubError
 from dagster_gcf_pipes.orchestrator.fanout import FanOutError
+from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore
 from dagster_gcf_pipes.shared.lease import read_lease
-from dagster_gcf_pipes.shared.protocol import Attr, Trigger
+from dagster_gcf_pipes.shared.protocol import Attr, ProtocolError, Trigger
 from dagster_gcf_pipes.shared.pubsub import publisher_client, subscriber_client
 
 TOPIC = "soak-trigger"
@@ -68,6 +72,13 @@ VARYING = ((re.compile(r"\d{4}-\d\d-\d\dT[\d:.]+(?:[+-]\d\d:\d\d|Z)?"), "TIME"),
            (re.compile(r"\d+(?:\.\d+)?"), "N"))
 
 REDELIVERY, DUPLICATES, SLOW, KILL, PAUSE = "redelivery", "duplicate replies", "slow", "kill", "pause"
+LATE = "late redelivery"
+#: a large session's trigger payload and reply: above the client's default inline threshold (1 MB)
+LARGE_BYTES = 1_200_000
+#: the levels of a server's log lines that the soak reports
+COMPLAINTS = ("WARNING", "ERROR", "CRITICAL")
+#: a plain log line's level: the dispatcher's ``DATE TIME LEVEL message``, gunicorn's ``[LEVEL] message``
+PLAIN_LEVEL = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) (.*)$|\[(WARNING|ERROR|CRITICAL)\] (.*)$")
 
 
 @dataclass
@@ -79,6 +90,7 @@ class Session:
     lines: int
     sleep: float
     planned: list[str]  # targeted faults
+    large: bool = False
     faults: set[str] = field(default_factory=set)  # every fault that hit it (targeted and global)
     started: float = 0.0
     ended: float = 0.0
@@ -92,7 +104,8 @@ class Session:
         return f"s{self.index}-{shard}"
 
     def payloads(self) -> list[dict[str, Any]]:
-        return [{"token": self.token(s), "lines": self.lines, "sleep": self.sleep} for s in range(self.shards)]
+        large = {"blob": "p" * LARGE_BYTES, "reply_bytes": LARGE_BYTES} if self.large else {}
+        return [{"token": self.token(s), "lines": self.lines, "sleep": self.sleep, **large} for s in range(self.shards)]
 
     @property
     def seconds(self) -> float:
@@ -103,10 +116,10 @@ class Session:
 
 
 def plan(count: int, rng: random.Random) -> list[Session]:
-    """The sessions: one in ten a fan-out of 3 to 6 shards; targeted faults drawn per session."""
+    """The sessions: one in ten a fan-out of 3 to 6 shards, one in ten large; targeted faults drawn per session."""
     sessions = []
     for index in range(count):
-        planned = [fault for fault, p in ((REDELIVERY, 0.2), (DUPLICATES, 0.2), (SLOW, 0.1)) if rng.random() < p]
+        planned = [fault for fault, p in ((REDELIVERY, 0.2), (DUPLICATES, 0.2), (SLOW, 0.1), (LATE, 0.15)) if rng.random() < p]
         sessions.append(Session(
             index=index,
             shards=rng.randint(3, 6) if rng.random() < 0.1 else 1,
@@ -114,16 +127,21 @@ def plan(count: int, rng: random.Random) -> list[Session]:
             sleep=rng.uniform(3.0, 8.0) if SLOW in planned else 0.0,
             planned=planned,
             faults={SLOW} if SLOW in planned else set(),
+            large=rng.random() < 0.1,
         ))
     return sessions
 
 
-def summarize(exc: BaseException) -> str:
-    """``Class: first sentence`` with ids and numbers blanked, so that failures of one kind group together."""
-    first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]
+def blanked(text: str) -> str:
+    """The first sentence of ``text`` with timestamps, ids and numbers blanked, so that one kind groups together."""
+    first = (text.strip().splitlines() or [""])[0].split(". ")[0]
     for pattern, blank in VARYING:
         first = pattern.sub(blank, first)
-    return f"{type(exc).__name__}: {first[:200]}"
+    return first[:200]
+
+
+def summarize(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {blanked(str(exc))}"
 
 
 def record_failure(session: Session, exc: BaseException) -> None:
@@ -183,6 +201,7 @@ class Taps:
     def __init__(self, project: str) -> None:
         self.project = project
         self.subscriber = subscriber_client()
+        self.claim_check = ClaimCheck(GCSBlobStore(storage.Client(project=project), BUCKET))
         self.triggers: dict[str, tuple[bytes, dict[str, str]]] = {}
         self.session_of_token: dict[str, str] = {}
         self.replies: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=16))
@@ -197,7 +216,10 @@ class Taps:
     def _on_trigger(self, message: Any) -> None:
         message.ack()
         attributes = dict(message.attributes)
-        trigger = Trigger.decode(message.data, attributes)
+        try:  # a large trigger's body is a claim-check object, there until its session ends
+            trigger = Trigger.decode(self.claim_check.unwrap(message.data, attributes), attributes)
+        except ProtocolError:
+            return  # ended already: nothing to redeliver while it runs
         with self.lock:
             self.triggers[trigger.session_id] = (message.data, attributes)
             self.session_of_token[str(trigger.payload["token"])] = trigger.session_id
@@ -244,6 +266,7 @@ class Injector(threading.Thread):
         self.stopping = threading.Event()
         self.publisher = publisher_client()
         self.due: dict[tuple[int, str], float] = {}
+        self.late_done: set[int] = set()
 
     def run(self) -> None:
         while not self.stopping.wait(0.1):
@@ -253,32 +276,50 @@ class Injector(threading.Thread):
                 for session in self.sessions:
                     if session.started and session.outcome == "pending":
                         self._targeted(session)
+                    elif (due := self.late_due(session)) is not None and time.monotonic() >= due:
+                        self.late_done.add(session.index)
+                        self.fired[LATE] += self._redeliver(session)
             except Exception as exc:  # noqa: BLE001 - a broken injector is reported, the soak goes on
                 self.errors.append(f"{type(exc).__name__}: {exc}")
 
+    def late_due(self, session: Session) -> float | None:
+        """When the session's late redelivery is due, if it has one still to fire (its session ended)."""
+        if LATE not in session.planned or session.index in self.late_done or session.outcome in ("pending", "hung"):
+            return None
+        return self.due.setdefault((session.index, LATE), session.ended + self.rng.uniform(0.0, 2.0))
+
+    def late_pending(self) -> bool:
+        return any(LATE in s.planned and s.index not in self.late_done and s.outcome != "hung" for s in self.sessions)
+
+    def _redeliver(self, session: Session) -> bool:
+        """Publish one of the session's triggers again (a random shard's); False if none was seen."""
+        session_id = self.taps.session_id(session.token(self.rng.randrange(session.shards)))
+        if session_id is None:
+            return False
+        data, attributes = self.taps.triggers[session_id]
+        self.publisher.publish(f"projects/{self.stack.project}/topics/{TOPIC}", data, **attributes).result(30)
+        return True
+
     def _targeted(self, session: Session) -> None:
         for fault in session.planned:
-            if fault == SLOW or fault in session.faults:
-                continue
-            session_id = self.taps.session_id(session.token(self.rng.randrange(session.shards)))
-            if session_id is None:
+            if fault in (SLOW, LATE) or fault in session.faults:
                 continue
             due = self.due.setdefault((session.index, fault), time.monotonic() + self.rng.uniform(0.0, 1.5))
-            if time.monotonic() < due:
-                continue
-            if fault == REDELIVERY:
-                data, attributes = self.taps.triggers[session_id]
-                self.publisher.publish(f"projects/{self.stack.project}/topics/{TOPIC}", data, **attributes).result(30)
-            else:
-                with self.taps.lock:
-                    replies = list(self.taps.replies[session_id])
-                if not replies:
-                    continue
-                picked = self.rng.sample(replies, min(4, len(replies)))
-                for data, attributes in [picked[0], *reversed(picked)]:
-                    self.publisher.publish(f"projects/{self.stack.project}/topics/{REPLY_TOPIC}", data, **attributes).result(30)
-            session.faults.add(fault)
-            self.fired[fault] += 1
+            if time.monotonic() >= due and (self._redeliver(session) if fault == REDELIVERY else self._duplicate(session)):
+                session.faults.add(fault)
+                self.fired[fault] += 1
+
+    def _duplicate(self, session: Session) -> bool:
+        """Publish up to 4 of a shard's replies again, in reverse order, the first one twice; False if none yet."""
+        session_id = self.taps.session_id(session.token(self.rng.randrange(session.shards)))
+        with self.taps.lock:
+            replies = list(self.taps.replies.get(session_id or "", ()))
+        if not replies:
+            return False
+        picked = self.rng.sample(replies, min(4, len(replies)))
+        for data, attributes in [picked[0], *reversed(picked)]:
+            self.publisher.publish(f"projects/{self.stack.project}/topics/{REPLY_TOPIC}", data, **attributes).result(30)
+        return True
 
     def _global(self, kind: str) -> None:
         start = time.monotonic()
@@ -374,6 +415,32 @@ def leftovers(project: str) -> dict[str, Any]:
             "runs": runs}
 
 
+def log_level(line: str) -> tuple[str, str]:
+    """(level, message) of a server's log line: the function's JSON lines, the dispatcher's and gunicorn's."""
+    if line.startswith("{"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return "", line
+        return str(record.get("severity", "")), str(record.get("message", ""))
+    match = PLAIN_LEVEL.search(line)
+    if match is None:
+        return ("ERROR", line) if line.startswith("Traceback") else ("", line)
+    return match[1] or match[3], match[2] or match[4]
+
+
+def complaints(stack: LocalStack) -> collections.Counter:
+    """The function's and the dispatcher's log lines at WARNING and above, by server, level and blanked text."""
+    found: collections.Counter = collections.Counter()
+    for name, server in stack.servers.items():
+        if name.startswith(("function-", "dispatcher-")):
+            for line in server.log_path.read_text(errors="replace").splitlines():
+                level, message = log_level(line)
+                if level in COMPLAINTS:
+                    found[f"{name} {level}: {blanked(message)}"] += 1
+    return found
+
+
 def percentiles(values: Sequence[float]) -> str:
     if not values:
         return "- / - / -"
@@ -409,12 +476,14 @@ def report(sessions: Sequence[Session], injector: Injector, left: dict[str, Any]
         "hung": outcomes["hung"], **line_counts(sessions), "handler_ran_twice": len(twice),
         "leaked_subscriptions": len(left["subscriptions"]), "leaked_objects": len(left["objects"]),
         "lease_tombstones": left["tombstones"], "faults_fired": dict(injector.fired),
+        "large_sessions": sum(s.large for s in sessions), "server_complaints": dict(left["complaints"]),
         "injector_errors": injector.errors, "wall_seconds": round(wall, 1),
     }
     faulted = [s.seconds for s in sessions if s.outcome == "succeeded" and s.faults]
     calm = [s.seconds for s in sessions if s.outcome == "succeeded" and not s.faults]
     fired = ", ".join(f"{k} {v}" for k, v in sorted(injector.fired.items()))
-    print(f"\nchaos soak: {len(sessions)} sessions ({counts['fan_outs']} fan-outs, {counts['shards']} function sessions) "
+    print(f"\nchaos soak: {len(sessions)} sessions ({counts['fan_outs']} fan-outs, {counts['shards']} function sessions, "
+          f"{counts['large_sessions']} large) "
           f"at {args.concurrency} concurrent, {os.cpu_count()} cores, {wall:.0f} s; faults fired: {fired}")
     print("\n| count | value |\n|---|---:|")
     rows = [("sessions succeeded", counts["succeeded"]), ("failed with a clear error", counts["failed_clear"]),
@@ -436,6 +505,9 @@ def report(sessions: Sequence[Session], injector: Injector, left: dict[str, Any]
         print(f"| hit by {kind} | {len(hit)} | {percentiles(hit)} |")
     print(f"\nsubscriptions left in the emulator: {', '.join(left['every_subscription']) or 'none'}; "
           f"{left['tombstones']} ended leases (tombstones, swept later by design)")
+    print("\n| server log line at WARNING or above (server level: first sentence) | lines |\n|---|---:|")
+    for complaint, n in left["complaints"].most_common():
+        print(f"| {complaint} | {n} |")
     for what, names in (("leaked subscription", left["subscriptions"]), ("leaked object", left["objects"])):
         for name in names[:20]:
             print(f"{what}: {name}")
@@ -482,12 +554,15 @@ def main() -> None:
         clock = time.monotonic()
         run_all(client, sessions, args.concurrency, args.bound, started)
         wall = time.monotonic() - clock
+        deadline = time.monotonic() + 30.0
+        while injector.late_pending() and time.monotonic() < deadline:
+            time.sleep(0.2)
         injector.stopping.set()
         injector.join()
         injector.mark_global_faults()
         time.sleep(3.0)  # late deliveries of redelivered triggers find their tombstones
         taps.close()
-        left = leftovers(stack.project)
+        left = {**leftovers(stack.project), "complaints": complaints(stack)}
     counts = report(sessions, injector, left, wall, args)
     results = args.results or results_dir(args.quick) / "soak.json"
     results.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """The chaos soak's function (``bench/soak.py``), served by the Functions Framework: numbered log lines, so
-the soak can count what Dagster recorded, an optional sleep spread over them (a slow function), and one
+the soak can count what Dagster recorded, an optional sleep spread over them (a slow function), an optional
+reply of ``reply_bytes`` (above the inline threshold: a claim-check object), and one
 marker object per run of the handler, so the soak can count how often each session ran (the lease must keep
 it to one). Only the function side is imported here."""
 
@@ -31,4 +32,7 @@ def main(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -> None:
         pipes.log.info(log_line(i, lines))
         if sleep:
             time.sleep(sleep / lines)
-    pipes.report_asset_materialization(metadata={"lines": {"raw_value": lines, "type": "int"}})
+    metadata = {"lines": {"raw_value": lines, "type": "int"}}
+    if payload.get("reply_bytes"):  # a reply too large for a Pub/Sub message: it travels through GCS
+        metadata["blob"] = {"raw_value": "r" * int(payload["reply_bytes"]), "type": "text"}
+    pipes.report_asset_materialization(metadata=metadata)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.soak import DUPLICATES, KILL, PAUSE, REDELIVERY
+from bench.soak import DUPLICATES, KILL, LATE, PAUSE, REDELIVERY
 from tests import REPO_ROOT
 
 
@@ -30,4 +30,4 @@ def test_quick_soak_loses_duplicates_hangs_and_leaks_nothing(tmp_path: Path) -> 
     assert counts["leaked_subscriptions"] == counts["leaked_objects"] == 0, report
     assert counts["injector_errors"] == [], report
     assert counts["fan_outs"] > 0, report
-    assert all(counts["faults_fired"].get(kind, 0) > 0 for kind in (REDELIVERY, DUPLICATES, KILL, PAUSE)), report
+    assert all(counts["faults_fired"].get(kind, 0) > 0 for kind in (REDELIVERY, LATE, DUPLICATES, KILL, PAUSE)), report
