@@ -22,6 +22,7 @@ from dagster_gcf_pipes.orchestrator.tracing import CLOUD_TRACE_URL_TEMPLATE
 from dagster_gcf_pipes.shared.signing import SECRET_ENV_VAR
 from tests.conftest import REPLY_TOPIC
 from tests.integration.helpers import make_client, run_asset
+from tests.modes.test_fanout import run_fan_out_asset
 
 
 #: replies are signed too: the trace context the client library adds to a reply is not covered by the signature
@@ -60,13 +61,16 @@ def read_spans(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def wait_for_span(path: Path, name: str, timeout: float = 30.0) -> list[dict[str, Any]]:
-    """The function exports its spans before it answers the delivery, which may be after the step ended."""
+def wait_for_trace(path: Path, trace_id: str, invocations: int = 1, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The function's spans of a trace, once it has ``invocations`` invocation spans: a function exports its
+    spans before it answers the delivery, which may be after the step ended."""
     deadline = time.monotonic() + timeout
-    while not any(s["name"] == name for s in read_spans(path)):
-        assert time.monotonic() < deadline, f"no {name!r} span in {path} within {timeout:g}s: {read_spans(path)}"
+    while True:
+        spans = [s for s in read_spans(path) if s["trace_id"] == trace_id]
+        if sum(s["name"] == "pipes invocation" for s in spans) >= invocations:
+            return spans
+        assert time.monotonic() < deadline, f"{invocations} invocation(s) of trace {trace_id} not in {path} within {timeout:g}s"
         time.sleep(0.1)
-    return read_spans(path)
 
 
 def only(spans: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -96,7 +100,7 @@ def test_one_trace_covers_step_publish_invocation_handler_replies_and_hand_off(
     assert f"[pipes] trace {trace_id}" in "\n".join(outcome.log_messages)
 
     orchestrator = [s for s in read_spans(orchestrator_spans) if s["trace_id"] == trace_id]
-    function = [s for s in wait_for_span(function_spans, "pipes invocation") if s["trace_id"] == trace_id]
+    function = wait_for_trace(function_spans, trace_id)
     by_id = {s["span_id"]: s for s in orchestrator + function}
 
     def parent(span: dict[str, Any]) -> str:
@@ -131,6 +135,41 @@ def test_one_trace_covers_step_publish_invocation_handler_replies_and_hand_off(
     log_trace = f'"logging.googleapis.com/trace": "projects/{stack.project}/traces/{trace_id}"'
     starts = [line for line in server.log_path.read_text().splitlines() if f"session {session_id}: invocation" in line]
     assert starts and all(log_trace in line for line in starts), starts
+
+
+def test_a_fan_out_is_one_trace_with_a_session_span_per_shard(
+    stack: LocalStack, traced_function, orchestrator_spans: Path, monkeypatch: pytest.MonkeyPatch
+):
+    topic, _, function_spans = traced_function
+    for key, value in tracing_env(orchestrator_spans, "dagster").items():
+        monkeypatch.setenv(key, value)
+
+    client = make_client(trigger_topic=topic, signing_secret=SECRET)
+    result, _, _ = run_fan_out_asset(client, [{"rows": 1}, {"rows": 2}], max_concurrency=2)
+    assert result.success
+    trace.get_tracer_provider().force_flush()
+
+    ours = [s for s in read_spans(orchestrator_spans) if s["attributes"].get("dagster.run_id") == result.run_id]
+    fan_out = only(ours, "dagster step fan_out_asset fan-out")
+    shards = sorted((s for s in ours if s["name"] != fan_out["name"]), key=lambda s: s["name"])
+    assert [s["name"] for s in shards] == [f"dagster step fan_out_asset [shard {i}]" for i in (0, 1)]
+    assert {s["trace_id"] for s in shards} == {fan_out["trace_id"]}
+    assert all(s["parent_span_id"] == fan_out["span_id"] for s in shards)
+
+    # each shard's trigger publish under its session's span, and its invocation under that publish
+    spans = {s["span_id"]: s for s in read_spans(orchestrator_spans) + wait_for_trace(function_spans, fan_out["trace_id"], 2)}
+    users = [s for s in spans.values() if s["name"] == "load rows" and s["trace_id"] == fan_out["trace_id"]]
+    chains = []
+    for user in users:
+        chain = [user]
+        while chain[-1]["parent_span_id"] in spans:
+            chain.append(spans[chain[-1]["parent_span_id"]])
+        chains.append((user["attributes"]["rows"], [s["name"] for s in chain]))
+    assert sorted(chains) == [
+        (rows, ["load rows", "pipes handler", "pipes invocation", f"{topic} create", f"dagster step fan_out_asset [shard {rows - 1}]",
+                "dagster step fan_out_asset fan-out"])
+        for rows in (1, 2)
+    ]
 
 
 OFF_PROBE = """
