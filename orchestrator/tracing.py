@@ -39,10 +39,12 @@ def url_template_problems(template: str | None) -> list[str]:
         return [f"trace_url_template={template!r} is not a format string: {exc}"]
     unknown = fields - _URL_FIELDS
     if unknown or "trace_id" not in fields:
-        return [
-            f"trace_url_template={template!r} must name {{trace_id}} (and may name {{project}}), not "
-            f"{', '.join(sorted(unknown)) or 'neither'}; e.g. {CLOUD_TRACE_URL_TEMPLATE}"
-        ]
+        named = ", ".join(sorted(unknown)) or "neither"
+        problem = (
+            f"trace_url_template={template!r} must name {{trace_id}} (and may name {{project}}), not {named}; "
+            f"e.g. {CLOUD_TRACE_URL_TEMPLATE}"
+        )
+        return [problem]
     return []
 
 

@@ -14,6 +14,7 @@ environment, and the ``file`` exporter. Imported only once tracing is on (``shar
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -28,13 +29,14 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 #: the ``file`` exporter's path: one JSON object a line per finished span, appended
 FILE_ENV_VAR = "DAGSTER_GCF_PIPES_TRACE_FILE"
 
-_OTLP_BY_PROTOCOL = {"grpc": "otlp_proto_grpc", "http/protobuf": "otlp_proto_http", "http/json": "otlp_proto_http"}
+_OTLP_BY_PROTOCOL = {"grpc": "otlp_proto_grpc", "http/protobuf": "otlp_proto_http"}
 _INSTALL_HINTS = {
     "otlp_proto_grpc": "pip install 'dagster-gcf-pipes[tracing]'",
     "otlp_proto_http": "pip install 'dagster-gcf-pipes[tracing]'",
     "gcp_trace": "pip install opentelemetry-exporter-gcp-trace",
 }
 
+_log = logging.getLogger("dagster_pipes_gcp.tracing")
 _lock = threading.Lock()
 _configured = False
 
@@ -93,24 +95,35 @@ def ensure_provider(default_service_name: str) -> None:
 
 
 def span_exporters() -> list[SpanExporter]:
-    """The exporters ``OTEL_TRACES_EXPORTER`` names (comma-separated; ``otlp`` when unset)."""
+    """The exporters ``OTEL_TRACES_EXPORTER`` names (comma-separated; ``otlp`` when unset). One that cannot be
+    made is logged as an error and left out: a tracing misconfiguration never fails a step or a function."""
     names = [n.strip() for n in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if n.strip()]
-    return [_exporter(name) for name in names if name != "none"]
+    exporters = []
+    for name in names:
+        if name == "none":
+            continue
+        try:
+            exporters.append(_exporter(name))
+        except Exception as exc:  # noqa: BLE001 - a missing package, a bad setting: reported, spans dropped
+            _log.error("tracing is on but its spans are not exported to %r: %s", name, exc)
+    return exporters
 
 
 def _exporter(name: str) -> SpanExporter:
     if name == "file":
         path = os.environ.get(FILE_ENV_VAR)
         if not path:
-            raise RuntimeError(f"OTEL_TRACES_EXPORTER names `file`: set {FILE_ENV_VAR} to the file to write spans to")
+            raise ValueError(f"set {FILE_ENV_VAR} to the file to append spans to")
         return FileSpanExporter(path)
     if name == "otlp":
-        protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        name = _OTLP_BY_PROTOCOL.get((protocol or "grpc").strip(), "otlp_proto_grpc")
+        protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip()
+        if protocol not in _OTLP_BY_PROTOCOL:
+            raise ValueError(f"OTLP protocol {protocol!r} is not supported: use grpc or http/protobuf")
+        name = _OTLP_BY_PROTOCOL[protocol]
     found = entry_points(group="opentelemetry_traces_exporter", name=name)
     if not found:
         hint = _INSTALL_HINTS.get(name, "install the package that provides it, or fix OTEL_TRACES_EXPORTER")
-        raise RuntimeError(f"tracing is on but the span exporter {name!r} (OTEL_TRACES_EXPORTER) is not installed: {hint}")
+        raise ValueError(f"no span exporter {name!r} is installed: {hint}")
     return next(iter(found)).load()()
 
 

@@ -13,7 +13,8 @@ from dagster_gcf_pipes.function.entrypoint import pipes_function
 
 @pipes_function
 def main(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -> None:
-    with pipes.span("load rows", rows=payload["rows"]):
-        with trace.get_tracer(__name__).start_as_current_span("plain otel work"):
-            pipes.log.info("traced work done")
+    # plain OpenTelemetry nests the same way (the handler runs with the session's span current): "plain otel
+    # work" is a child of "load rows"
+    with pipes.span("load rows", rows=payload["rows"]), trace.get_tracer(__name__).start_as_current_span("plain otel work"):
+        pipes.log.info("traced work done")
     pipes.report_asset_materialization(metadata={"rows": payload["rows"]})

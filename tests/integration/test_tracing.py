@@ -24,7 +24,6 @@ from tests.conftest import REPLY_TOPIC
 from tests.integration.helpers import make_client, run_asset
 from tests.modes.test_fanout import run_fan_out_asset
 
-
 #: replies are signed too: the trace context the client library adds to a reply is not covered by the signature
 SECRET = "tracing-test-secret"
 
@@ -214,3 +213,24 @@ def test_trace_url_template_is_checked_before_anything_is_published(template: st
     else:
         (found,) = problems
         assert "trace_url_template" in found and problem in found, found
+
+
+MISCONFIGURED_PROBE = """
+import logging
+logging.basicConfig()
+from dagster_gcf_pipes.function import tracing as function_tracing
+
+with function_tracing.invocation_span({}, "m") as trace_id, function_tracing.handler_span("s"):
+    assert trace_id is not None  # traced, though nothing is exported
+"""
+
+
+def test_an_exporter_that_cannot_be_made_is_logged_and_the_session_still_runs(tmp_path: Path):
+    env = {**os.environ, "DAGSTER_GCF_PIPES_TRACING": "1", "OTEL_TRACES_EXPORTER": "bogus,file"}
+    env.pop("DAGSTER_GCF_PIPES_TRACE_FILE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", MISCONFIGURED_PROBE], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "no span exporter 'bogus' is installed" in done.stderr
+    assert "set DAGSTER_GCF_PIPES_TRACE_FILE" in done.stderr
