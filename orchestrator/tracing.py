@@ -63,15 +63,17 @@ def trace_metadata(reported_trace_id: str | None, template: str | None, project:
 
 
 @contextlib.contextmanager
-def _step_span(context: Any, name: str, client: Any, project: str, log_prefix: str = "") -> Iterator[None]:
+def _step_span(context: Any, name: str, client: Any, project: str, *, log: bool) -> Iterator[None]:
+    """The span; ``log``: say the trace (and its link) in the step's log, once per step (not per shard)."""
     from opentelemetry import trace
 
     step = context.op_execution_context.get_step_execution_context().step.key
     attributes = {"dagster.run_id": context.run_id, "dagster.step_key": step}
     with tracing.tracer(_SERVICE_NAME).start_as_current_span(f"dagster step {step}{name}", attributes=attributes) as span:
-        trace_id = trace.format_trace_id(span.get_span_context().trace_id)
-        url = trace_url(client.trace_url_template, trace_id, project)
-        context.log.info(f"{log_prefix}[pipes] trace {trace_id}" + (f": {url}" if url else ""))
+        if log:
+            trace_id = trace.format_trace_id(span.get_span_context().trace_id)
+            url = trace_url(client.trace_url_template, trace_id, project)
+            context.log.info(f"[pipes] trace {trace_id}" + (f": {url}" if url else ""))
         yield
 
 
@@ -85,7 +87,7 @@ def traced_session(run_session: F) -> F:
             return run_session(client, context, resolved, *args, **kwargs)
         log_prefix = kwargs.get("log_prefix", "")
         suffix = f" {log_prefix.strip()}" if log_prefix else ""
-        with _step_span(context, suffix, client, resolved.project, log_prefix):
+        with _step_span(context, suffix, client, resolved.project, log=not log_prefix):
             return run_session(client, context, resolved, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -100,7 +102,7 @@ def traced_fan_out(run_many: F) -> F:
         if not tracing.enabled():
             return run_many(client, *args, **kwargs)
         project = client.project or os.environ.get("GOOGLE_CLOUD_PROJECT") or ""  # for the link only
-        with _step_span(kwargs["context"], " fan-out", client, project):
+        with _step_span(kwargs["context"], " fan-out", client, project, log=True):
             return run_many(client, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

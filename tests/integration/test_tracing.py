@@ -144,7 +144,7 @@ def test_a_fan_out_is_one_trace_with_a_session_span_per_shard(
         monkeypatch.setenv(key, value)
 
     client = make_client(trigger_topic=topic, signing_secret=SECRET)
-    result, _, _ = run_fan_out_asset(client, [{"rows": 1}, {"rows": 2}], max_concurrency=2)
+    result, logs, _ = run_fan_out_asset(client, [{"rows": 1}, {"rows": 2}], max_concurrency=2)
     assert result.success
     trace.get_tracer_provider().force_flush()
 
@@ -154,6 +154,7 @@ def test_a_fan_out_is_one_trace_with_a_session_span_per_shard(
     assert [s["name"] for s in shards] == [f"dagster step fan_out_asset [shard {i}]" for i in (0, 1)]
     assert {s["trace_id"] for s in shards} == {fan_out["trace_id"]}
     assert all(s["parent_span_id"] == fan_out["span_id"] for s in shards)
+    assert [line for line in logs if "[pipes] trace" in line] == [f"[pipes] trace {fan_out['trace_id']}"]  # once a step
 
     # each shard's trigger publish under its session's span, and its invocation under that publish
     spans = {s["span_id"]: s for s in read_spans(orchestrator_spans) + wait_for_trace(function_spans, fan_out["trace_id"], 2)}
