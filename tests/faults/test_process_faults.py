@@ -118,10 +118,11 @@ def test_pubsub_unreachable_past_the_budget_fails_with_a_clear_error(stack):
     assert seconds_to_failure < 2.0 + 25.0, seconds_to_failure
     assert any("its expiration policy removes it" in m for m in outcome.log_messages)
     with pubsub_v1.SubscriberClient() as subscriber:
-        for leftover in session_subscriptions(stack.project):
-            subscription = subscriber.get_subscription(request={"subscription": leftover})
-            assert subscription.expiration_policy.ttl.total_seconds() == 24 * 3600
+        leftovers = session_subscriptions(stack.project)
+        ttls = [subscriber.get_subscription(request={"subscription": s}).expiration_policy.ttl.total_seconds() for s in leftovers]
+        for leftover in leftovers:  # before asserting: a leftover would fail every later test's leak check
             subscriber.delete_subscription(request={"subscription": leftover})
+    assert ttls == [24 * 3600] * len(leftovers)
 
 
 def test_terminated_run_cancels_the_function_which_sees_it_and_stops(stack):
