@@ -14,11 +14,15 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Mapping
 
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
+from dagster_gcf_pipes.shared.claim_check import CLAIM, parse_gs_url
+from dagster_gcf_pipes.shared.layout import lease_key, trigger_key
 from dagster_gcf_pipes.shared.lease import HELD, LeaseRecord, read_lease, write_lease
+from dagster_gcf_pipes.shared.protocol import Attr, ProtocolError, require_session_id
 from dagster_gcf_pipes.shared.retry import transient_retry
 
 _log = logging.getLogger("dagster_pipes_gcp.function")
@@ -79,3 +83,22 @@ def why_stop(client: storage.Client, bucket: str, key: str, invocation_id: str) 
     if lease.invocation_id != invocation_id:
         return f"invocation {lease.invocation_id} took the session over"
     return None
+
+
+def ended_session_of_claim(client: storage.Client, data: bytes, attributes: Mapping[str, str]) -> tuple[str, str] | None:
+    """``(session id, reason)`` when ``data`` is a claim-checked trigger's pointer and its session has ended:
+    a late delivery whose body was deleted with the session. The lease lies beside the body
+    (``gs://B/PREFIX/SESSION/trigger.json`` → ``gs://B/PREFIX/leases/SESSION``); None for anything else."""
+    if attributes.get(Attr.BODY) != CLAIM:
+        return None
+    try:
+        session_id = require_session_id(attributes)
+        bucket, key = parse_gs_url(data.decode("utf-8"))
+    except (ProtocolError, UnicodeDecodeError):
+        return None
+    prefix = key.removesuffix(trigger_key("", session_id)).rstrip("/")
+    if trigger_key(prefix, session_id) != key:
+        return None
+    held = client.bucket(bucket).get_blob(lease_key(prefix, session_id))
+    lease = read_lease(held) if held is not None else None
+    return (session_id, lease.reason) if lease is not None and lease.ended else None

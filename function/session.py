@@ -26,7 +26,7 @@ from dagster_gcf_pipes.function.cancellation import Cancellation, deadline_margi
 from dagster_gcf_pipes.function.context import CloudFunctionPipesContext, SessionCancelled
 from dagster_gcf_pipes.function.context_loader import PipesInlineOrGCSContextLoader
 from dagster_gcf_pipes.function.gcs_chunk_writer import GCSChunkMessageWriter
-from dagster_gcf_pipes.function.lease import Claim, claim_lease, why_stop
+from dagster_gcf_pipes.function.lease import Claim, claim_lease, ended_session_of_claim, why_stop
 from dagster_gcf_pipes.function.logs import current_trace
 from dagster_gcf_pipes.function.message_writer import PubSubMessageWriter
 from dagster_gcf_pipes.function.stdio import capture_output
@@ -34,6 +34,7 @@ from dagster_gcf_pipes.function.tracing import handler_span, invocation_span
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck
 from dagster_gcf_pipes.shared.layout import lease_key
 from dagster_gcf_pipes.shared.protocol import REPLY_CHANNEL_GCS, ProtocolError, ReplyChannelParams, Trigger
+from dagster_gcf_pipes.shared.retry import TRANSIENT_ERRORS
 from dagster_gcf_pipes.shared.signing import SECRET_ENV_VAR
 
 Handler = Callable[[CloudFunctionPipesContext, dict[str, Any]], Any]
@@ -53,6 +54,14 @@ def decode_trigger(data: bytes, attributes: Mapping[str, str]) -> Trigger:
     # Only reads: a claim-check pointer names its own bucket, so the store needs no default one.
     body = ClaimCheck(clients.blob_store(bucket="")).unwrap(data, attributes)
     return Trigger.decode(body, attributes)
+
+
+def _ended_session(data: bytes, attributes: Mapping[str, str]) -> tuple[str, str] | None:
+    try:
+        return ended_session_of_claim(clients.storage_client(), data, attributes)
+    except TRANSIENT_ERRORS as exc:  # cannot tell: report the undecodable trigger as it is
+        _log.warning("could not read the session lease of an undecodable trigger: %s", exc)
+        return None
 
 
 def _refusal(
@@ -120,6 +129,11 @@ def _run_session(
         params_loader = PipesMappingParamsLoader(trigger.bootstrap)
         settings = ReplyChannelParams.from_params(params_loader.load_messages_params())
     except (ProtocolError, ValueError, zlib.error) as exc:
+        ended = _ended_session(data, attributes) if isinstance(exc, ProtocolError) else None
+        if ended is not None:  # its claim-checked body went with the session: a late delivery, not a bad one
+            _log.info("dropping trigger message %s: session %s already ended (%s): this delivery is late and does "
+                      "not run", message_id or "?", *ended)
+            return SessionOutcome(ended[0], invocation_id, ran=False)
         _log.error("dropping trigger message %s: %s", message_id or "?", exc)
         return SessionOutcome(None, invocation_id, ran=False, error=exc)
 
