@@ -29,6 +29,7 @@ from typing import Any
 from dagster import DagsterExecutionInterruptedError, MaterializeResult, MetadataValue, PipesClientCompletedInvocation
 
 from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError, PipesPubSubError, RunInterrupted
+from dagster_gcf_pipes.orchestrator.fanout_progress import FanOutProgress, shard_statistics, shard_table
 
 RunShard = Callable[[int, Mapping[str, Any]], PipesClientCompletedInvocation]
 
@@ -94,10 +95,13 @@ class FanOutResult:
     seconds: float
 
     def get_materialize_result(self, **kwargs: Any) -> MaterializeResult:
-        """One materialization for the step: shard count, wall time, and each shard's metadata."""
+        """One materialization for the step: shard count, wall time, the shards' duration percentiles and
+        retries, a per-shard table (duration, attempts, outcome), and each shard's metadata."""
         metadata = {
             "pipes_shard_count": len(self.outcomes),
             "pipes_fanout_seconds": round(self.seconds, 3),
+            **shard_statistics(self.outcomes),
+            "pipes_shard_table": MetadataValue.md(shard_table(self.outcomes)),
             "pipes_shards": MetadataValue.json([o.summary() for o in self.outcomes]),
             **kwargs.pop("metadata", {}),
         }
@@ -119,8 +123,10 @@ def run_fan_out(
     sessions, shards not yet started never start, and the interruption is re-raised once they are done.
     """
     started = time.monotonic()
+    progress = FanOutProgress(len(payloads), log)
 
     def attempt_all(shard: int, payload: Mapping[str, Any]) -> ShardOutcome:
+        progress.shard_started()
         shard_started = time.monotonic()
         for attempt in range(1, shard_retries + 2):
             if interrupted.is_set():
@@ -143,12 +149,12 @@ def run_fan_out(
             while pending:
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in done:
-                    outcome = future.result()
-                    status = "succeeded" if outcome.ok else f"failed: {type(outcome.error).__name__}"
-                    log.info(f"[shard {outcome.shard}] {status} after {outcome.seconds:.1f}s ({len(futures) - len(pending)}/{len(futures)} done)")
+                    progress.shard_ended(future.result())
+                progress.maybe_log()
         except (KeyboardInterrupt, DagsterExecutionInterruptedError):
             interrupted.set()
             raise
+    progress.maybe_log(final=True)
     outcomes = [f.result() for f in futures]
     if any(not o.ok for o in outcomes):
         raise FanOutError(outcomes)

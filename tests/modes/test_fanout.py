@@ -97,6 +97,12 @@ def test_aggregate_materialization_and_retry_as_new_session(stack: Any) -> None:
     assert [s["attempts"] for s in shards] == [1, 2, 1]
     assert len({s["pipes_session_id"] for s in shards}) == 3
     assert any("[shard 1] attempt 1 failed (CloudFunctionError); retrying as a new session" in line for line in logs)
+    # the per-shard table and statistics, and the last progress line
+    assert metadata["pipes_shard_retries"] == 1
+    assert metadata["pipes_shard_seconds_max"] >= metadata["pipes_shard_seconds_p50"] > 0
+    assert metadata["pipes_shard_table"].splitlines()[2:] == [
+        f"| {s['shard']} | {s['seconds']:.3f} | {s['attempts']} | ok |" for s in shards]
+    assert any(line.startswith("[fan-out] 3/3 done (0 failed)") for line in logs)
 
 
 def test_bad_shard_payload_fails_before_anything_is_published(stack: Any) -> None:
