@@ -2,7 +2,8 @@
 
     python -m bench.fanout [--shards 1 20 100] [--concurrency 20]
 
-Prints one table: shards, concurrency, wall time, ratio to one shard, orchestrator peak RSS and threads.
+Prints one table: shards, concurrency, wall time, ratio to one shard, the orchestrator's CPU per shard, peak
+RSS and threads.
 """
 
 
@@ -68,13 +69,16 @@ def main() -> None:
         fan_out_seconds(client, 1, 1)  # warm up imports and the function instance
         rows = []
         for shards in args.shards:
+            cpu = time.process_time()
             seconds, threads, rss_mb = fan_out_seconds(client, shards, min(args.concurrency, shards))
-            rows.append((shards, min(args.concurrency, shards), seconds, threads, rss_mb))
+            cpu_ms = 1000 * (time.process_time() - cpu) / shards
+            rows.append((shards, min(args.concurrency, shards), seconds, cpu_ms, threads, rss_mb))
     base = rows[0][2] if rows and rows[0][0] == 1 else None
-    print(f"\n| shards | concurrency | wall s | × one shard | peak threads | peak RSS MB |\n|---:|---:|---:|---:|---:|---:|")
-    for shards, concurrency, seconds, threads, rss_mb in rows:
+    print("\n| shards | concurrency | wall s | × one shard | orchestrator CPU ms per shard | peak threads | peak RSS MB |"
+          "\n|---:|---:|---:|---:|---:|---:|---:|")
+    for shards, concurrency, seconds, cpu_ms, threads, rss_mb in rows:
         ratio = f"{seconds / base:.2f}" if base else "-"
-        print(f"| {shards} | {concurrency} | {seconds:.2f} | {ratio} | {threads} | {rss_mb:.0f} |")
+        print(f"| {shards} | {concurrency} | {seconds:.2f} | {ratio} | {cpu_ms:.1f} | {threads} | {rss_mb:.0f} |")
 
 
 if __name__ == "__main__":
