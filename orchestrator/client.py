@@ -12,7 +12,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -39,6 +39,8 @@ from dagster_gcf_pipes.orchestrator.context_injectors import PipesPubSubContextI
 from dagster_gcf_pipes.orchestrator.detached_registry import DetachedRegistry, PendingSession, registry_prefix
 from dagster_gcf_pipes.orchestrator.errors import (
     CloudFunctionError,
+    FunctionHeartbeatTimeout,
+    FunctionStartupTimeout,
     FunctionTotalTimeout,
     GCPUnreachableError,
     PipesPubSubConfigError,
@@ -50,7 +52,19 @@ from dagster_gcf_pipes.orchestrator.functions_api import derived_timeouts, resol
 from dagster_gcf_pipes.orchestrator.gcs_chunk_reader import PipesGCSChunkMessageReader
 from dagster_gcf_pipes.orchestrator.http_invocation import HttpInvocation, http_session
 from dagster_gcf_pipes.orchestrator.message_reader import PipesPubSubMessageReader
-from dagster_gcf_pipes.orchestrator.reply_subscription import ReplyDemux
+from dagster_gcf_pipes.orchestrator.reattach import (
+    EarlierSession,
+    ReplayFilter,
+    SessionJournal,
+    SessionKey,
+    SessionRecord,
+    find_earlier_sessions,
+    partition_key,
+    payload_digest,
+    probe,
+    step_key,
+)
+from dagster_gcf_pipes.orchestrator.reply_subscription import ReplyDemux, SubscriptionGone, delete_subscription
 from dagster_gcf_pipes.orchestrator.session_end import end_lease, end_session
 from dagster_gcf_pipes.orchestrator.tracing import trace_metadata, traced_fan_out, traced_session, url_template_problems
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore, validate_threshold
@@ -170,6 +184,23 @@ class _SentTrigger:
 
 
 @dataclass(frozen=True)
+class SessionRun:
+    """What one session of a ``run``/``run_many`` call is run with."""
+
+    context: OpExecutionContext | AssetExecutionContext
+    resolved: _Resolved
+    extras: PipesExtras | None
+    log_prefix: str
+    interrupted: threading.Event | None
+    demux: ReplyDemux | None
+    journal: SessionJournal | None  # None: re-attach is off
+
+
+class SessionDead(Exception):
+    """A re-attached session shows no sign of life, or its subscription is gone: a new session is started."""
+
+
+@dataclass(frozen=True)
 class DetachedSession:
     """What ``run_detached`` started: record it as the step's metadata."""
 
@@ -256,6 +287,12 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         "(startup_timeout is for attached sessions, where a step waits). Eventarc retries a failed delivery with "
         "backoff from ~10 s to 600 s: keep this above the function outages to ride out. The completion sensor "
         "reports a session that has not closed by then plus function_timeout as expired.",
+    )
+    reattach: bool = Field(
+        default=True,
+        description="A step run again after its orchestrator died (re-execution, retry, resumed run) re-attaches to "
+        "the sessions the earlier attempt left instead of triggering the function again; needs reply_channel='pubsub'. "
+        "Reply subscriptions then keep acknowledged replies for a day.",
     )
     preflight_timeout: float = Field(
         default=30.0,
@@ -371,7 +408,10 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         """Run one function session; ``payload`` reaches the handler as its second argument."""
         payload = {} if payload is None else payload
         project = self._validated(payload)
-        return self._run_session(context, self._resolve(project), payload, extras)
+        resolved = self._resolve(project)
+        earlier = self._earlier_sessions(context, resolved)
+        key = SessionKey(self._function_of(resolved), partition_key(context), payload_digest(payload))
+        return self._run_session(context, resolved, payload, extras, earlier=earlier.get(key))
 
     @traced_fan_out
     def run_many(
@@ -403,14 +443,24 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             raise PipesPubSubConfigError("; ".join(problems))
         resolved = self._resolve(resolve_project(self.project))
         interrupted = threading.Event()
-        with self._fan_out_replies(resolved, context.log) as demux:
+        function, partition = self._function_of(resolved), partition_key(context)
+        earlier = {
+            key.shard: found for key, found in self._earlier_sessions(context, resolved).items()
+            if key.shard >= 0 and key.function == function and key.partition_key == partition
+        }
+        with self._fan_out_replies(context, resolved, earlier) as demux:
+
+            def run_shard(shard: int, payload: Mapping[str, Any]) -> PipesClientCompletedInvocation:
+                found = earlier.pop(shard, None)  # only a shard's first attempt in this step re-attaches
+                if found is not None and found.record.payload_sha256 != payload_digest(payload):
+                    found = None  # the shard's payload changed: the earlier session is not this one's
+                return self._run_session(
+                    context, resolved, payload, extras, log_prefix=f"[shard {shard}] ", interrupted=interrupted,
+                    demux=demux, shard=shard, earlier=found,
+                )
+
             return run_fan_out(
-                carried(  # the fan-out's trace, when tracing is on
-                    lambda shard, payload: self._run_session(
-                        context, resolved, payload, extras, log_prefix=f"[shard {shard}] ", interrupted=interrupted,
-                        demux=demux,
-                    )
-                ),
+                carried(run_shard),  # the fan-out's trace, when tracing is on
                 payloads,
                 max_concurrency=max_concurrency,
                 shard_retries=shard_retries,
@@ -419,15 +469,55 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             )
 
     @contextmanager
-    def _fan_out_replies(self, resolved: _Resolved, log: Any) -> Iterator[ReplyDemux | None]:
-        """On the Pub/Sub channel, one subscription and stream for all of a fan-out's shards."""
+    def _fan_out_replies(
+        self, context: OpExecutionContext | AssetExecutionContext, resolved: _Resolved, earlier: dict[int, EarlierSession]
+    ) -> Iterator[ReplyDemux | None]:
+        """On the Pub/Sub channel, one subscription and stream for all of a fan-out's shards: the earlier
+        attempt's group, re-opened, when its shards re-attach (``earlier``, from which the shards of other
+        groups are removed), else a new one."""
         if resolved.reply_channel != REPLY_CHANNEL_PUBSUB:
             yield None
             return
+        journal = SessionJournal(context) if self._reattaching(resolved) else None
+        group = max(earlier.values(), key=lambda e: e.record.triggered_at).record.group if earlier else ""
+        for shard in [shard for shard, found in earlier.items() if found.record.group != group]:
+            self._abandon(SessionRun(context, resolved, None, "", None, None, journal), earlier.pop(shard).record)
         with subscriber_client() as subscriber:
-            with ReplyDemux(subscriber, topic=resolved.reply_topic, group=secrets.token_hex(8), log=log) as demux:
-                log.info(f"[pipes] fan-out: every shard's replies arrive through {demux.subscription_path}")
+            demux = self._open_group(context, subscriber, resolved, group, earlier)
+            try:
+                context.log.info(f"[pipes] fan-out: every shard's replies arrive through {demux.subscription_path}")
                 yield demux
+            finally:
+                demux.__exit__(None, None, None)
+                if journal is not None:
+                    for session_id in demux.sessions:  # kept until now: a later attempt may have replayed them
+                        end_session(resolved.gcs, self.bucket, self.prefix, session_id, start_window=self.startup_timeout,
+                                    reason="its fan-out ended; the orchestrator stopped listening")
+                    journal.released(demux.subscription_paths, demux.sessions)
+
+    def _open_group(
+        self, context: OpExecutionContext | AssetExecutionContext, subscriber: pubsub_v1.SubscriberClient,
+        resolved: _Resolved, group: str, earlier: dict[int, EarlierSession],
+    ) -> ReplyDemux:
+        """The group of the earlier attempt, replaying its subscriptions from the start, if they are still there;
+        else a new group."""
+        retain = self._reattaching(resolved)
+        if group:
+            expect = [found.record.session_id for found in earlier.values()]
+            replay_from = max(earlier.values(), key=lambda e: len(e.record.subscriptions)).record.subscriptions
+            demux = ReplyDemux(subscriber, topic=resolved.reply_topic, group=group, log=context.log, retain=retain,
+                               replay_from=replay_from, expect=expect)
+            try:
+                return demux.__enter__()
+            except SubscriptionGone as exc:
+                context.log.warning(f"[pipes] fan-out: not re-attaching to the {len(earlier)} shard(s) of the earlier "
+                                    f"attempt: {exc}; they run as new sessions")
+                journal = SessionJournal(context)
+                for found in earlier.values():
+                    self._abandon(SessionRun(context, resolved, None, "", None, demux, journal), found.record)
+                earlier.clear()
+        demux = ReplyDemux(subscriber, topic=resolved.reply_topic, group=secrets.token_hex(8), log=context.log, retain=retain)
+        return demux.__enter__()
 
     def _resolve(self, project: str, *, detached: bool = False) -> _Resolved:
         """Resolve the function (if named), derive its timeouts, and check that every topic and the bucket exist."""
@@ -482,8 +572,65 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         log_prefix: str = "",
         interrupted: threading.Event | None = None,
         demux: ReplyDemux | None = None,
+        shard: int = -1,
+        earlier: EarlierSession | None = None,
     ) -> PipesClientCompletedInvocation:
-        session_id = new_session_id(demux.group if demux else "")
+        """One session: the earlier attempt's, re-attached, if it is still there; else a new one."""
+        journal = SessionJournal(context) if self._reattaching(resolved) else None
+        run = SessionRun(context, resolved, extras, log_prefix, interrupted, demux, journal)
+        if earlier is not None:
+            assert journal is not None
+            invocation = self._reattach(run, earlier)
+            if invocation is not None:
+                return invocation
+        key = SessionKey(self._function_of(resolved), partition_key(context), payload_digest(payload), shard)
+        return self._session(run, new_session_id(demux.group if demux else ""), payload=payload, key=key)
+
+    def _reattach(self, run: SessionRun, earlier: EarlierSession) -> PipesClientCompletedInvocation | None:
+        """Read the earlier attempt's session instead of starting one; None when it is gone or dead (logged,
+        and cleaned up: this attempt is the one that finishes it)."""
+        record, log = earlier.record, run.context.log
+        with nullcontext(None) if run.demux is not None else subscriber_client() as subscriber:
+            found = probe(subscriber, run.resolved.gcs, bucket=self.bucket, prefix=self.prefix, record=record,
+                          start_window=self.startup_timeout)
+        if not found.attach:
+            log.warning(f"{run.log_prefix}[pipes] not re-attaching to session {record.session_id} of run "
+                        f"{record.run_id}: {found.state}; starting a new session")
+            self._abandon(run, record)
+            return None
+        log.info(f"{run.log_prefix}[pipes] re-attaching to session {record.session_id} of run {record.run_id} "
+                 f"({found.state}): no new trigger; its replies are read again from the start, and the "
+                 f"{len(earlier.recorded)} line(s) the step wrote since are checked so none is written twice")
+        try:
+            return self._session(run, record.session_id, attach=earlier)
+        except SessionDead as dead:
+            log.warning(f"{run.log_prefix}[pipes] session {record.session_id} of run {record.run_id} is dead: "
+                        f"{dead}; it is ended, and a new session starts")
+            return None
+
+    def _abandon(self, run: SessionRun, record: SessionRecord) -> None:
+        """Finish an earlier attempt's session that will not be read: end it, delete its objects, and (unless
+        it shares a fan-out group's) its subscription."""
+        end_session(run.resolved.gcs, self.bucket, self.prefix, record.session_id, start_window=self.startup_timeout,
+                    reason="abandoned by a later attempt of its step")
+        if run.demux is None:
+            with subscriber_client() as subscriber:
+                for subscription in record.subscriptions:
+                    delete_subscription(subscriber, subscription, run.context.log)
+            assert run.journal is not None
+            run.journal.released(record.subscriptions, [record.session_id])
+
+    def _session(
+        self,
+        run: SessionRun,
+        session_id: str,
+        *,
+        payload: Mapping[str, Any] | None = None,
+        key: SessionKey | None = None,
+        attach: EarlierSession | None = None,
+    ) -> PipesClientCompletedInvocation:
+        """Run a new session (``payload``, ``key``), or read the earlier attempt's one (``attach``), to its end."""
+        context, resolved, demux, journal, log_prefix = run.context, run.resolved, run.demux, run.journal, run.log_prefix
         blob_store = GCSBlobStore(resolved.gcs, self.bucket)
         claim_check = ClaimCheck(blob_store, self.inline_threshold_bytes)
         channel_params = self._session_params(resolved, session_id)
@@ -499,6 +646,11 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 signing_secret=self.signing_secret,
                 log_prefix=log_prefix,
                 demux=demux,
+                retain=journal is not None,
+                replay=ReplayFilter(attach.recorded) if attach is not None else None,
+                replay_from=attach.record.subscriptions if attach is not None and demux is None else (),
+                known_invocation=attach.record.invocation_id or None if attach is not None else None,
+                on_owner=(lambda invocation: journal.opened(session_id, invocation)) if journal is not None else None,
             )
         else:
             reader = PipesGCSChunkMessageReader(
@@ -507,14 +659,32 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         injector = PipesPubSubContextInjector(
             blob_store=blob_store, key=context_key(self.prefix, session_id), inline_threshold=self.inline_threshold_bytes
         )
+        if journal is not None:
+            # before the subscription exists and the trigger is published (a crash leaves nothing unrecorded), and
+            # before any replayed line is written
+            if attach is not None:
+                journal.session(replace(attach.record, subscriptions=tuple(reader.subscription_paths)), reattached=True)
+            else:
+                assert key is not None
+                journal.session(self._record(run, reader, session_id, key), reattached=False)
         started = time.monotonic()
         ended_because = "the session closed"
         try:
-            with open_pipes_session(context=context, context_injector=injector, message_reader=reader, extras=extras) as session:
-                triggered_at = time.monotonic()
-                sent = self._send_trigger(resolved, claim_check, session_id, payload, session.get_bootstrap_env_vars())
-                context.log.info(f"{log_prefix}[pipes] session {session_id}: trigger sent to {sent.sent_to}")
-                cap_at = triggered_at + self._session_cap(resolved)
+            with open_pipes_session(context=context, context_injector=injector, message_reader=reader, extras=run.extras) as session:
+                if attach is None:
+                    assert payload is not None
+                    triggered_at = time.monotonic()
+                    sent = self._send_trigger(resolved, claim_check, session_id, payload, session.get_bootstrap_env_vars())
+                    context.log.info(f"{log_prefix}[pipes] session {session_id}: trigger sent to {sent.sent_to}")
+                    if journal is not None and "pipes_trigger_message_id" in sent.metadata:
+                        journal.triggered(session_id, sent.metadata["pipes_trigger_message_id"])
+                    cap_at = triggered_at + self._session_cap(resolved)
+                else:
+                    record = attach.record
+                    sent = _SentTrigger(record.function, {"pipes_trigger_message_id": record.trigger_message_id})
+                    triggered_at = time.monotonic()  # startup and heartbeats count from re-attaching
+                    since_trigger = time.time() - record.triggered_at
+                    cap_at = triggered_at + max(self._session_cap(resolved) - since_trigger, self.startup_timeout)
                 try:
                     reader.wait_for_close(
                         triggered_at=triggered_at,
@@ -523,25 +693,38 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                         startup_timeout=self.startup_timeout,
                         heartbeat_timeout=resolved.heartbeat_timeout,
                         total_timeout=self._total_timeout(resolved),
-                        stop=lambda: self._stop_waiting(session_id, sent, interrupted, cap_at, resolved),
+                        stop=lambda: self._stop_waiting(session_id, sent, run.interrupted, cap_at, resolved),
                     )
                 except (KeyboardInterrupt, DagsterExecutionInterruptedError, RunInterrupted):
                     ended_because = "the Dagster run was terminated"
                     self._cancel(context, reader, resolved.gcs, sent.sent_to, ended_because)
                     raise
+                except (FunctionStartupTimeout, FunctionHeartbeatTimeout) as exc:
+                    if attach is None:
+                        raise
+                    raise SessionDead(f"{type(exc).__name__}: {exc}") from exc
             # the GCS channel's last chunks are read as the session above closes
             if not reader.closed:
                 raise PipesPubSubError(
                     f"session {session_id}: the function at {sent.sent_to} answered, but its `closed` message never "
                     f"arrived in gs://{self.bucket}/{channel_params.key_prefix}/; check the function's logs"
                 )
+        except SubscriptionGone as exc:
+            ended_because = f"{ended_because}; its reply subscription is gone"
+            raise SessionDead(str(exc)) from exc
         except Exception as exc:
             ended_because = f"{ended_because}; {type(exc).__name__}"
             raise
         finally:
-            # durable: a late or duplicate delivery of the trigger finds the session ended and does not run
-            end_session(resolved.gcs, self.bucket, self.prefix, session_id, start_window=self.startup_timeout,
-                        reason=f"{ended_because}; the orchestrator stopped listening")
+            reason = f"{ended_because}; the orchestrator stopped listening"
+            if demux is not None and journal is not None:
+                # a fan-out group's replies are kept until the group ends: a later attempt may replay them
+                end_lease(resolved.gcs, self.bucket, self.prefix, session_id, start_window=self.startup_timeout, reason=reason)
+            else:
+                # durable: a late or duplicate delivery of the trigger finds the session ended and does not run
+                end_session(resolved.gcs, self.bucket, self.prefix, session_id, start_window=self.startup_timeout, reason=reason)
+            if journal is not None and demux is None and isinstance(reader, PipesPubSubMessageReader):
+                journal.released(reader.subscription_paths, [session_id])
             if subscriber is not None:
                 subscriber.close()
 
@@ -555,9 +738,44 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 **sent.metadata,
                 "pipes_invocation_id": reader.invocation_id or "",
                 **trace_metadata(reader.trace_id, self.trace_url_template, resolved.project),
+                **({"pipes_reattached_from_run": attach.record.run_id} if attach is not None else {}),
                 "pipes_session_seconds": round(time.monotonic() - started, 3),
             },
         )
+
+    def _record(self, run: SessionRun, reader: Any, session_id: str, key: SessionKey) -> SessionRecord:
+        return SessionRecord(
+            session_id=session_id,
+            subscriptions=tuple(reader.subscription_paths),
+            function=key.function,
+            partition_key=key.partition_key,
+            payload_sha256=key.payload_sha256,
+            shard=key.shard,
+            group=run.demux.group if run.demux is not None else "",
+            triggered_at=time.time(),
+        )
+
+    def _function_of(self, resolved: _Resolved) -> str:
+        return resolved.trigger_topic or self.function_url or ""
+
+    def _reattaching(self, resolved: _Resolved) -> bool:
+        return self.reattach and resolved.reply_channel == REPLY_CHANNEL_PUBSUB
+
+    def _earlier_sessions(self, context: OpExecutionContext | AssetExecutionContext, resolved: _Resolved) -> dict[SessionKey, EarlierSession]:
+        """The sessions earlier attempts of this step left unfinished, with a log line saying whether re-attach is on."""
+        if not self.reattach:
+            context.log.info("[pipes] reattach is off: this step starts new sessions, whatever an earlier attempt of "
+                             "it left running")
+            return {}
+        if resolved.reply_channel != REPLY_CHANNEL_PUBSUB:
+            context.log.info("[pipes] reattach is on but needs reply_channel='pubsub': this step starts new sessions")
+            return {}
+        chain, found = find_earlier_sessions(context)
+        context.log.info(
+            f"[pipes] reattach is on: {len(found)} unfinished session(s) left by earlier attempts of step "
+            f"{step_key(context)} in run(s) {', '.join(chain)}"
+        )
+        return found
 
     def _total_timeout(self, resolved: _Resolved) -> float | None:
         """The configured (or derived) total timeout, unless the session cap comes first (its error says why)."""

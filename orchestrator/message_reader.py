@@ -12,6 +12,12 @@ session's own folder and up to ``MAX_CLAIM_BYTES``; an ``opened`` only makes its
 owner if that invocation holds the session lease in GCS, which only the function that claimed the trigger
 can have written; and a message the stream can never deliver (larger than the channel accepts) ends the
 session with an error that says so, instead of stalling it until a timeout blames the function.
+
+A reader re-attached to a session an earlier attempt of the step started (``orchestrator/reattach.py``)
+re-opens its subscription from the start and hands Dagster every message again, except the lines
+``replay`` says the earlier attempts already wrote: those are counted as handled without being written.
+The owner the earlier attempts recorded (``known_invocation``) is accepted without reading the lease,
+which may be a tombstone swept by then.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import json
 import logging
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
@@ -30,7 +36,8 @@ from google.cloud import pubsub_v1
 
 from dagster_gcf_pipes.orchestrator.errors import ReplyStreamError
 from dagster_gcf_pipes.orchestrator.reassembly import ReassemblyError, SessionReassembler
-from dagster_gcf_pipes.orchestrator.reply_subscription import ReplyDemux, ReplySubscription
+from dagster_gcf_pipes.orchestrator.reattach import CLOSED_WITH_EXCEPTION_LINE, OPENED_LINE, ReplayFilter
+from dagster_gcf_pipes.orchestrator.reply_subscription import ReplyDemux, ReplySubscription, subscription_name
 from dagster_gcf_pipes.orchestrator.session_wait import SessionWaiter
 from dagster_gcf_pipes.orchestrator.tracing import hand_off
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck
@@ -90,6 +97,34 @@ def with_log_prefix(pipes_message: Mapping[str, Any], prefix: str) -> Mapping[st
     return {**pipes_message, "params": {**params, "text": prefixed}}
 
 
+def dagster_line(pipes_message: Mapping[str, Any]) -> str | None:
+    """The text of the line Dagster's handler writes into the event log for this message, if it writes one."""
+    method, params = pipes_message.get("method"), pipes_message.get("params") or {}
+    if method == "opened":
+        return OPENED_LINE
+    if method == "log" and isinstance(params, Mapping):
+        return str(params.get("message"))
+    if method == "closed" and isinstance(params, Mapping) and params.get("exception"):
+        return CLOSED_WITH_EXCEPTION_LINE
+    return None
+
+
+def _count_as_handled(handler: PipesMessageHandler, pipes_message: Mapping[str, Any], reader: PipesMessageReader) -> bool:
+    """Account for a message whose line an earlier attempt already wrote, without writing it again: a log
+    line needs nothing; ``opened`` and ``closed`` are counted as Dagster's handler counts them (its
+    counters are private: if they ever change, the message is handed on and its line written again)."""
+    method = pipes_message.get("method")
+    if method == "log":
+        return True
+    counter = {"opened": "_opened_count", "closed": "_closed_count"}.get(str(method))
+    if counter is None or not isinstance(getattr(handler, counter, None), int):
+        return False
+    setattr(handler, counter, getattr(handler, counter) + 1)
+    if method == "opened":
+        reader.on_opened(pipes_message.get("params") or {})  # type: ignore[arg-type]
+    return True
+
+
 class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
     def __init__(
         self,
@@ -101,8 +136,17 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         signing_secret: str | None = None,
         log_prefix: str = "",
         demux: ReplyDemux | None = None,
+        retain: bool = False,
+        replay: ReplayFilter | None = None,
+        replay_from: Sequence[str] = (),
+        known_invocation: str | None = None,
+        on_owner: Callable[[str], None] | None = None,
     ):
-        """Reads through a subscription of its own (``subscriber``) or, in a fan-out group, through ``demux``."""
+        """Reads through a subscription of its own (``subscriber``) or, in a fan-out group, through ``demux``.
+
+        ``retain``: the subscription keeps acknowledged replies. ``replay``: re-attached to an existing
+        session, whose earlier subscriptions (``replay_from``) are read again from the start. ``on_owner(invocation_id)`` is called when
+        an invocation's ``opened`` is accepted, before it is handed on."""
         self._subscriber = subscriber
         self._demux = demux
         self._claim_check = claim_check
@@ -117,6 +161,12 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         self._subscription: ReplySubscription | None = None
         self._failure: BaseException | None = None
         self._trace_parent = current_context()  # the session's span (built in it), when tracing is on
+        self._retain = retain
+        self._replay = replay
+        self._replay_from = list(replay_from)
+        self._name = subscription_name(self.session_id, reattaching=bool(replay_from))
+        self._known_invocation = known_invocation
+        self._on_owner = on_owner
 
     # ---------------------------------------------------------------- PipesMessageReader
     @contextmanager
@@ -129,10 +179,12 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
             source = ReplySubscription(
                 self._subscriber,
                 topic=self._channel_params.topic,
-                name=f"dagster-pipes-{self.session_id}",
+                name=self._name,
                 filter=subscription_filter(self.session_id),
                 on_message=self._on_message,
                 log=self._log,
+                retain=self._retain,
+                replay_from=self._replay_from,
             )
         with source as subscription:
             self._subscription = subscription
@@ -141,6 +193,21 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
             finally:
                 if self._demux is None:
                     forget_stream(subscription.path)
+
+    @property
+    def subscription_path(self) -> str:
+        """The subscription the replies come through (the fan-out group's, in a group)."""
+        if self._demux is not None:
+            return self._demux.subscription_path
+        assert self._subscriber is not None
+        return self._subscriber.subscription_path(self._channel_params.topic.split("/")[1], self._name)
+
+    @property
+    def subscription_paths(self) -> list[str]:
+        """Every subscription this session's replies are kept in: what a later attempt replays."""
+        if self._demux is not None:
+            return self._demux.subscription_paths
+        return [*self._replay_from, self.subscription_path]
 
     def no_messages_debug_text(self) -> str:
         return (
@@ -172,7 +239,7 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         reply = decode_reply(
             message.data, attributes, self._claim_check, self._signing_secret, bucket=params.bucket, prefix=params.prefix
         )
-        if reply.seq == 0 and not self.opened and not self._holds_lease(reply.invocation_id):
+        if reply.seq == 0 and not self.opened and not self._may_open(reply.invocation_id):
             raise ProtocolError(
                 f"'opened' of invocation {reply.invocation_id}, which does not hold the session lease "
                 f"gs://{params.bucket}/{lease_key(params.prefix, self.session_id)}: not from the function that "
@@ -181,9 +248,16 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         with self._cond:
             if self._reassembler.counts_as_alive(reply):
                 self._heard_from_function()
-            for pipes_message in self._reassembler.offer(reply):
+            was_opened = self.opened
+            released = self._reassembler.offer(reply)
+            if self.opened and not was_opened and self._on_owner is not None and reply.invocation_id != self._known_invocation:
+                self._on_owner(reply.invocation_id)
+            for pipes_message in released:
                 self._hand_to_dagster(pipes_message)
             self._cond.notify_all()
+
+    def _may_open(self, invocation_id: str) -> bool:
+        return invocation_id == self._known_invocation or self._holds_lease(invocation_id)
 
     def _holds_lease(self, invocation_id: str) -> bool:
         """Whether the session lease names ``invocation_id``: a function claims it before sending ``opened``,
@@ -199,6 +273,10 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
     def _hand_to_dagster(self, pipes_message: Mapping[str, Any]) -> None:
         assert self._handler is not None
         pipes_message = with_log_prefix(pipes_message, self._log_prefix)
+        line = dagster_line(pipes_message)
+        replayed = self._replay is not None and line is not None and self._replay.already_recorded(line)
+        if replayed and _count_as_handled(self._handler, pipes_message, self):
+            return
         try:
             self._handler.handle_message(pipes_message)  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - as dagster's own readers do: report and go on

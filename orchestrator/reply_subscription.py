@@ -8,30 +8,45 @@ its sessions' ids share a prefix (``new_session_id(group)``), the subscription's
 and ``ReplyDemux`` hands each message to its session's reader. One stream then serves every shard, instead
 of one subscription, stream and thread pool per shard.
 
+With re-attach on (``retain``), the subscription keeps acknowledged messages for ``RETAINED_SECONDS`` and
+expires after ``RETAINED_TTL_SECONDS`` unused, so a later attempt of the step can receive every reply of its
+sessions again (``orchestrator/reattach.py``): that attempt creates a subscription of its own (for what is
+published from then on) and seeks the earlier attempts' subscriptions (``replay_from``) back to their start
+(everything published before); together they hold every reply, and the reader drops what comes twice. A
+retained subscription is read by **synchronous pull**, never by streaming pull: the Pub/Sub emulator goes on
+assigning a subscription's messages to the streaming pull of a process that was killed, so after the kill
+neither a new stream nor a pull on that subscription receives them (measured: nothing in 80 s, seek or not;
+a seek followed 1.5 s later by a pull: nothing). A killed synchronous pull holds at most the messages of its
+one request, which the seek hands back. A re-attaching fan-out group holds the replies of the shards it
+``expect``s until their readers are routed, instead of dropping them as strays.
+
 Two things production Pub/Sub does that the emulator never shows are handled here:
 
 - a retried ``CreateSubscription`` whose first attempt landed answers ``ALREADY_EXISTS``: the name carries 128
   random bits (or 64 for a fan-out group), so nobody else can hold it and that answer means success;
 - ``StreamingPull`` on a subscription created moments ago can answer ``NOT_FOUND`` for a short while
   (googleapis/java-pubsub#81, googleapis/google-cloud-go#9723), and google-cloud-pubsub ends the stream for
-  good on ``NotFound``: the stream is re-opened, with backoff, for ``NEW_SUBSCRIPTION_GRACE_SECONDS`` after
-  creation. The subscription already exists then, so replies published meanwhile wait in it.
+  good on ``NotFound``: the stream is re-opened (a synchronous pull retried), with backoff, for
+  ``NEW_SUBSCRIPTION_GRACE_SECONDS`` after creation. The subscription already exists then, so replies published meanwhile wait in it.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError
+from dagster_gcf_pipes.orchestrator.pull import MAX_PER_REQUEST, ack
 from dagster_gcf_pipes.shared.protocol import Attr
 from dagster_gcf_pipes.shared.retry import transient_retry
 
@@ -41,6 +56,14 @@ CLEANUP_BUDGET_SECONDS = 10.0
 
 #: Pub/Sub's minimum expiration TTL: an idle per-session subscription disappears a day after its last use.
 SUBSCRIPTION_TTL_SECONDS = 24 * 3600
+
+#: With re-attach on: how long a subscription keeps its replies, acknowledged or not (an orchestrator that
+#: dies can be re-executed within this), and how long an unused one lives (at least the retention).
+RETAINED_SECONDS = 24 * 3600
+RETAINED_TTL_SECONDS = 2 * 24 * 3600
+
+#: With re-attach on, a synchronous pull waits this long for replies before the next one
+PULL_WAIT_SECONDS = 0.5
 
 #: How long after creating a subscription a NOT_FOUND from StreamingPull is taken for the service not having
 #: caught up yet (and the stream re-opened) rather than for a subscription that is gone.
@@ -64,6 +87,45 @@ def _create_subscription(subscriber: pubsub_v1.SubscriberClient, request: Mappin
         pass  # an earlier attempt of this call created it: the name is ours alone (see the module docstring)
 
 
+@transient_retry()
+def _seek_to_start(subscriber: pubsub_v1.SubscriberClient, path: str) -> None:
+    """Mark every retained message of the subscription unacknowledged: it is all delivered again. A time
+    before the retention window is allowed: only what is retained comes back."""
+    subscriber.seek(request={"subscription": path, "time": Timestamp(seconds=0)}, retry=None, timeout=CREATE_TIMEOUT_SECONDS)
+
+
+def delete_subscription(subscriber: pubsub_v1.SubscriberClient, path: str, log: logging.Logger | Any, *, retained: bool = True) -> None:
+    """Delete a reply subscription, within ``CLEANUP_BUDGET_SECONDS``; if Pub/Sub cannot be reached, leave it to
+    its expiration policy with a warning."""
+    try:
+        _delete_subscription(subscriber, path)
+    except gexc.GoogleAPIError as exc:
+        ttl = RETAINED_TTL_SECONDS if retained else SUBSCRIPTION_TTL_SECONDS
+        log.warning(f"[pipes] could not delete {path} ({exc}); its expiration policy removes it after {ttl // 3600} h unused")
+
+
+def subscription_name(owner: str, *, reattaching: bool) -> str:
+    """``dagster-pipes-OWNER`` (a session id, or ``group-GROUP``); a re-attaching attempt's own one is
+    suffixed, since the earlier attempt's still exists."""
+    return f"dagster-pipes-{owner}" + (f"-{secrets.token_hex(4)}" if reattaching else "")
+
+
+class _PulledMessage:
+    """A synchronously pulled message, shaped as the streaming pull hands them over; the pull loop acks it."""
+
+    def __init__(self, received: Any):
+        self.message_id = received.message.message_id
+        self.data = received.message.data
+        self.attributes = received.message.attributes
+
+    def ack(self) -> None:
+        """Acknowledged with its batch, once handed on."""
+
+
+class SubscriptionGone(Exception):
+    """The subscription to re-open no longer exists (deleted, or expired)."""
+
+
 @transient_retry(max_seconds=CLEANUP_BUDGET_SECONDS)
 def _delete_subscription(subscriber: pubsub_v1.SubscriberClient, path: str) -> None:
     try:
@@ -72,8 +134,24 @@ def _delete_subscription(subscriber: pubsub_v1.SubscriberClient, path: str) -> N
         pass
 
 
+@transient_retry()
+def _pull_once(subscriber: pubsub_v1.SubscriberClient, path: str) -> list[Any]:
+    try:
+        response = subscriber.pull(
+            request={"subscription": path, "max_messages": MAX_PER_REQUEST}, timeout=PULL_WAIT_SECONDS, retry=None
+        )
+    except gexc.DeadlineExceeded:
+        return []  # nothing arrived meanwhile
+    return list(response.received_messages)
+
+
 class ReplySubscription:
-    """A context manager: the subscription exists and is streamed into ``on_message`` inside the block."""
+    """A context manager: the subscription exists and is streamed into ``on_message`` inside the block, and
+    is deleted when the block ends.
+
+    ``retain``: it keeps acknowledged replies (re-attach). ``replay_from``: the subscriptions of the earlier
+    attempts of the step, sought back to their start and pulled into ``on_message`` too, then deleted with it
+    (``SubscriptionGone`` if one is not there any more)."""
 
     def __init__(
         self,
@@ -85,10 +163,14 @@ class ReplySubscription:
         on_message: OnMessage,
         log: logging.Logger | Any,
         ack_deadline_seconds: int = 60,
+        retain: bool = False,
+        replay_from: Sequence[str] = (),
     ):
         self._subscriber = subscriber
         self._topic = topic
         self.path = subscriber.subscription_path(topic.split("/")[1], name)
+        self._retain = retain
+        self._replay_from = list(replay_from)
         self._filter = filter
         self._on_message = on_message
         self._log = log
@@ -99,12 +181,23 @@ class ReplySubscription:
         self._reopens = 0
         self._reopen: threading.Timer | None = None
         self._closing = False
+        self._puller: threading.Thread | None = None
+        self._pull_error: BaseException | None = None
 
     def __enter__(self) -> ReplySubscription:
         self._create()
         self._created_at = time.monotonic()
         try:
-            self._open_stream()
+            for path in self._replay_from:  # after ours exists: whatever ours misses, these hold
+                try:
+                    _seek_to_start(self._subscriber, path)
+                except gexc.NotFound as exc:
+                    raise SubscriptionGone(f"{path} is gone (deleted, or expired): {exc.message}") from exc
+            if self._retain:
+                self._puller = threading.Thread(target=self._pull_loop, name="pipes-pull", daemon=True)
+                self._puller.start()
+            else:
+                self._open_stream()
         except BaseException:
             self._delete()
             raise
@@ -122,10 +215,43 @@ class ReplySubscription:
                 streaming.result(timeout=CLEANUP_BUDGET_SECONDS)
             except BaseException:  # noqa: BLE001 - the stream's end is not the step's outcome
                 pass
+        if self._puller is not None:
+            self._puller.join(timeout=CLEANUP_BUDGET_SECONDS)
         self._delete()
 
+    def _pull_loop(self) -> None:
+        """Synchronous pull of this subscription and the earlier attempts' until the block ends: each batch
+        is handed on, then acknowledged."""
+        try:
+            while not self._closing:
+                for path in self.paths:
+                    received = self._pull(path)
+                    for message in received:
+                        self._on_message(_PulledMessage(message))  # type: ignore[arg-type]
+                    ack(self._subscriber, path, [message.ack_id for message in received])
+        except BaseException as exc:  # noqa: BLE001 - reported by stopped()
+            self._pull_error = exc
+
+    def _pull(self, path: str) -> list[Any]:
+        """What is waiting, up to ``PULL_WAIT_SECONDS``; nothing while a NOT_FOUND may still be Pub/Sub catching up
+        with the subscription's creation (see the module docstring)."""
+        try:
+            return _pull_once(self._subscriber, path)
+        except gexc.NotFound:
+            if path == self.path and not self._past_grace():
+                time.sleep(REOPEN_FIRST_DELAY_SECONDS)
+                return []
+            raise
+
+    @property
+    def paths(self) -> list[str]:
+        """This subscription and those it replays (what a later attempt must replay)."""
+        return [*self._replay_from, self.path]
+
     def stopped(self) -> str | None:
-        """Why the stream stopped, if it did while it should be running (and is not about to be re-opened)."""
+        """Why reading stopped, if it did while it should be running (and is not about to be re-opened)."""
+        if self._pull_error is not None:
+            return f"reading {self.path} stopped: {self._pull_error!r}; check that Pub/Sub is reachable and the subscription exists"
         with self._lock:
             streaming, reopening = self._streaming, self._reopen is not None
         if self._closing or streaming is None or not streaming.done() or reopening:
@@ -186,8 +312,9 @@ class ReplySubscription:
             "topic": self._topic,
             "filter": self._filter,
             "ack_deadline_seconds": self._ack_deadline_seconds,
-            "expiration_policy": {"ttl": {"seconds": SUBSCRIPTION_TTL_SECONDS}},
-            "message_retention_duration": {"seconds": 600},
+            "expiration_policy": {"ttl": {"seconds": RETAINED_TTL_SECONDS if self._retain else SUBSCRIPTION_TTL_SECONDS}},
+            "message_retention_duration": {"seconds": RETAINED_SECONDS if self._retain else 600},
+            "retain_acked_messages": self._retain,
         }
         try:
             _create_subscription(self._subscriber, request)
@@ -204,35 +331,52 @@ class ReplySubscription:
             ) from exc
 
     def _delete(self) -> None:
-        try:
-            _delete_subscription(self._subscriber, self.path)
-        except gexc.GoogleAPIError as exc:
-            self._log.warning(
-                f"[pipes] could not delete {self.path} ({exc}); its expiration policy removes it "
-                f"after {SUBSCRIPTION_TTL_SECONDS // 3600} h unused"
-            )
+        for path in [self.path, *self._replay_from]:
+            delete_subscription(self._subscriber, path, self._log, retained=self._retain)
 
 
 class ReplyDemux:
     """One subscription for a fan-out group: each reply goes to the reader of its session; replies of no
-    running session (a late duplicate of a finished shard) are acked and dropped."""
+    running session (a late duplicate of a finished shard) are acked and dropped, except those of the
+    sessions in ``expect`` (a re-opened group's shards still to re-attach), which wait for their reader."""
 
-    def __init__(self, subscriber: pubsub_v1.SubscriberClient, *, topic: str, group: str, log: logging.Logger | Any):
+    def __init__(
+        self,
+        subscriber: pubsub_v1.SubscriberClient,
+        *,
+        topic: str,
+        group: str,
+        log: logging.Logger | Any,
+        retain: bool = False,
+        replay_from: Sequence[str] = (),
+        expect: Iterable[str] = (),
+    ):
+        """``replay_from``: the group's subscriptions of earlier attempts, whose shards (``expect``) re-attach."""
         self.group = group
+        #: every session routed through the group, in order (the group's teardown finishes them)
+        self.sessions: list[str] = []
         self._routes: dict[str, OnMessage] = {}
+        self._held: dict[str, list[pubsub_v1.subscriber.message.Message]] = {session: [] for session in expect}
         self._lock = threading.Lock()
         self._subscription = ReplySubscription(
             subscriber,
             topic=topic,
-            name=f"dagster-pipes-group-{group}",
+            name=subscription_name(f"group-{group}", reattaching=bool(replay_from)),
             filter=f'hasPrefix(attributes.{Attr.SESSION}, "{group}")',
             on_message=self._dispatch,
             log=log,
+            retain=retain,
+            replay_from=replay_from,
         )
 
     @property
     def subscription_path(self) -> str:
         return self._subscription.path
+
+    @property
+    def subscription_paths(self) -> list[str]:
+        """The group's subscription and those of the earlier attempts it replays."""
+        return self._subscription.paths
 
     def __enter__(self) -> ReplyDemux:
         self._subscription.__enter__()
@@ -245,6 +389,10 @@ class ReplyDemux:
     def route(self, session_id: str, on_message: OnMessage) -> Iterator[ReplySubscription]:
         with self._lock:
             self._routes[session_id] = on_message
+            self.sessions.append(session_id)
+            held = self._held.pop(session_id, [])
+        for message in held:
+            on_message(message)
         try:
             yield self._subscription
         finally:
@@ -252,9 +400,12 @@ class ReplyDemux:
                 del self._routes[session_id]
 
     def _dispatch(self, message: pubsub_v1.subscriber.message.Message) -> None:
+        session_id = message.attributes.get(Attr.SESSION, "")
         with self._lock:
-            on_message = self._routes.get(message.attributes.get(Attr.SESSION, ""))
+            on_message = self._routes.get(session_id)
+            if on_message is None and session_id in self._held:
+                self._held[session_id].append(message)
         if on_message is None:
-            message.ack()
+            message.ack()  # held or dropped: acked either way (retained: a later attempt can seek back to it)
         else:
             on_message(message)

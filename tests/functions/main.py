@@ -108,6 +108,7 @@ def main(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -> None:
             raise RuntimeError("boom from the function") from exc
     for i in range(int(payload.get("log_lines", 0))):
         pipes.log.info(f"line {i}")
+        time.sleep(float(payload.get("line_interval", 0)))  # numbered lines spread over time, for the re-attach tests
     if payload.get("sleep"):
         time.sleep(float(payload["sleep"]))
     if payload.get("interval_token"):  # when this invocation ran, for the fan-out concurrency test
@@ -122,6 +123,8 @@ def main(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -> None:
             "extras_sha256": {"raw_value": sha256_json(pipes.extras), "type": "text"},
         }
     )
+    if token:
+        mark("finished", token)  # the handler is done; `closed` follows
 
 
 main_http = main.http  # the same handler behind an HTTP trigger (invocation="http")

@@ -1,0 +1,312 @@
+"""Re-attaching a step to the session an earlier attempt of it started, instead of running the function again.
+
+A function outlives the process that triggered it. When that process dies (SIGKILL, OOM, node loss) and
+the step runs again (a re-execution from failure, a run retry, run monitoring resuming the run), the new
+attempt finds the earlier attempt's session and reads it instead of publishing a new trigger:
+
+- **record** (``SessionJournal``): each session is written into the step's event log as structured engine
+  events: ``session`` (id, reply subscription, function, partition key, shard, payload digest) after its
+  reply subscription exists and *before* its trigger is published, so no crash can leave a published
+  trigger unrecorded; ``triggered`` (the trigger's message id); ``opened`` (the invocation that owns it);
+  ``released`` once an attempt finished with it (its subscription deleted). A re-attaching attempt writes
+  ``session`` again before it reads anything.
+- **find** (``find_earlier_sessions``): the records of the same step key in this run (a resumed run, a step
+  retry) and up the ``parent_run_id`` chain (re-executions), oldest first. For each (function, partition,
+  shard, payload) the latest session recorded is the candidate, unless it was released.
+- **replay**: the session's reply subscription retains acknowledged messages, so the new attempt seeks it
+  back to its start and receives everything the function sent again. Materializations, checks and custom
+  messages are only written by Dagster when the step returns, so replaying them is what recovers them.
+  Log lines were written as they arrived: ``ReplayFilter`` leaves out exactly those the earlier attempts
+  wrote (below).
+- **decide** (``probe``): no subscription → start a new session; no lease → the function never claimed the
+  trigger: end the session in its lease (so the queued trigger can never start it) and start a new one;
+  otherwise re-attach. A re-attached session that shows no sign of life (no ``opened`` within
+  ``startup_timeout``, no reply within ``heartbeat_timeout`` after the replay) is dead: it is ended and a
+  new session starts, with the reason logged.
+
+Which lines the earlier attempts wrote: every line a session makes Dagster write (the function's log lines,
+Dagster's own line on ``opened``, its engine event on a ``closed`` with an exception) is written in the
+order the messages are handed, and only after the session's first record. So the lines recorded are a
+prefix of the replayed session's lines, found in order among the step's event log entries after that
+record; the first replayed line not found there, and every line after it, is new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from dagster import AssetExecutionContext, DagsterEventType, OpExecutionContext
+from dagster._core.events import DagsterEvent, EngineEventData
+from dagster._core.events.log import EventLogEntry
+from google.api_core import exceptions as gexc
+from google.cloud import pubsub_v1, storage
+
+from dagster_gcf_pipes.orchestrator.session_end import TOMBSTONE_MARGIN_SECONDS
+from dagster_gcf_pipes.shared.layout import lease_key
+from dagster_gcf_pipes.shared.lease import ENDED, LeaseRecord, read_lease, write_lease
+from dagster_gcf_pipes.shared.retry import transient_retry
+
+#: the metadata entry that marks this module's engine events; its value is the record's kind
+RECORD_KEY = "pipes_reattach_record"
+SESSION, TRIGGERED, OPENED, RELEASED = "session", "triggered", "opened", "released"
+
+#: what Dagster's PipesMessageHandler writes for an ``opened``, and for a ``closed`` with an exception
+OPENED_LINE = "[pipes] external process successfully opened dagster pipes."
+CLOSED_WITH_EXCEPTION_LINE = "[pipes] external process pipes closed with exception"
+
+#: how far up the parent_run_id chain to look (a re-execution of a re-execution of ...)
+MAX_ANCESTORS = 20
+
+Context = OpExecutionContext | AssetExecutionContext
+
+
+def step_context(context: Context) -> Any:
+    return getattr(context, "op_execution_context", context).get_step_execution_context()
+
+
+def step_key(context: Context) -> str:
+    return step_context(context).step.key
+
+
+def partition_key(context: Context) -> str:
+    return context.partition_key if context.has_partition_key else ""
+
+
+def payload_digest(payload: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SessionKey:
+    """What makes a later attempt's call the same call: a session is re-attached only to an identical one."""
+
+    function: str
+    partition_key: str
+    payload_sha256: str
+    shard: int = -1  # the shard index in a fan-out, -1 for run()
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    session_id: str
+    #: the reply subscriptions that hold its replies (a fan-out group's, shared by its shards): the first
+    #: attempt's, and one more for each attempt that re-attached
+    subscriptions: tuple[str, ...]
+    function: str  # the trigger topic, or the function's URL
+    partition_key: str
+    payload_sha256: str
+    shard: int
+    group: str  # the fan-out group's session-id prefix, or ""
+    triggered_at: float  # wall clock when the session was first recorded (just before its trigger)
+    run_id: str = ""  # the run that recorded it first
+    trigger_message_id: str = ""
+    invocation_id: str = ""  # the invocation that sent `opened`, once recorded
+
+    @property
+    def key(self) -> SessionKey:
+        return SessionKey(self.function, self.partition_key, self.payload_sha256, self.shard)
+
+    def metadata(self) -> dict[str, Any]:
+        values = {name: value for name, value in asdict(self).items() if name not in ("run_id", "invocation_id")}
+        return {f"pipes_{name}": value for name, value in {**values, "subscriptions": json.dumps(self.subscriptions)}.items()}
+
+    @classmethod
+    def from_metadata(cls, values: Mapping[str, Any], run_id: str) -> SessionRecord:
+        known = {f.name for f in fields(cls)}
+        kwargs = {name[len("pipes_"):]: value for name, value in values.items() if name[len("pipes_"):] in known}
+        return cls(**{**kwargs, "subscriptions": tuple(json.loads(kwargs["subscriptions"])), "run_id": run_id})
+
+
+@dataclass
+class EarlierSession:
+    """A session an earlier attempt of this step left unreleased, and the step's lines written since."""
+
+    record: SessionRecord
+    #: the text of every log line and engine event of the step since the session's first record, in order
+    recorded: list[str] = field(default_factory=list)
+
+
+class SessionJournal:
+    """Writes this step's session records into its event log (engine events, from any thread)."""
+
+    def __init__(self, context: Context):
+        self._context = context
+
+    def _write(self, kind: str, message: str, metadata: Mapping[str, Any]) -> None:
+        DagsterEvent.engine_event(
+            step_context(self._context), message, EngineEventData(metadata={RECORD_KEY: kind, **metadata})
+        )
+
+    def session(self, record: SessionRecord, *, reattached: bool) -> None:
+        what = "re-attaching to" if reattached else "recorded"
+        self._write(SESSION, f"[pipes] {what} session {record.session_id} (replies kept in {', '.join(record.subscriptions)})",
+                    record.metadata())
+
+    def triggered(self, session_id: str, message_id: str) -> None:
+        self._write(TRIGGERED, f"[pipes] session {session_id}: trigger message {message_id} published",
+                    {"pipes_session_id": session_id, "pipes_trigger_message_id": message_id})
+
+    def opened(self, session_id: str, invocation_id: str) -> None:
+        self._write(OPENED, f"[pipes] session {session_id}: opened by invocation {invocation_id}",
+                    {"pipes_session_id": session_id, "pipes_invocation_id": invocation_id})
+
+    def released(self, subscriptions: Sequence[str], session_ids: Iterable[str]) -> None:
+        ids = sorted(session_ids)
+        self._write(RELEASED, f"[pipes] released {len(ids)} session(s); deleted {', '.join(subscriptions)}",
+                    {"pipes_subscriptions": json.dumps(list(subscriptions)), "pipes_session_ids": json.dumps(ids)})
+
+
+def _run_chain(instance: Any, run_id: str) -> list[str]:
+    """This run and its ancestors (``parent_run_id``), oldest first."""
+    chain = [run_id]
+    run = instance.get_run_by_id(run_id)
+    while run is not None and run.parent_run_id and len(chain) <= MAX_ANCESTORS:
+        chain.append(run.parent_run_id)
+        run = instance.get_run_by_id(run.parent_run_id)
+    return chain[::-1]
+
+
+def _record_of(entry: EventLogEntry) -> tuple[str, Mapping[str, Any]] | None:
+    event = entry.dagster_event
+    if event is None or event.event_type != DagsterEventType.ENGINE_EVENT:
+        return None
+    metadata = getattr(event.event_specific_data, "metadata", None) or {}
+    kind = metadata.get(RECORD_KEY)
+    if kind is None:
+        return None
+    return kind.value, {name: value.value for name, value in metadata.items()}
+
+
+def _line_of(entry: EventLogEntry) -> str | None:
+    """The text of a line a session can make Dagster write: a log line, or an engine event's message."""
+    if entry.dagster_event is None:
+        return entry.user_message
+    if entry.dagster_event.event_type == DagsterEventType.ENGINE_EVENT:
+        return entry.dagster_event.message or ""
+    return None
+
+
+def find_earlier_sessions(context: Context) -> tuple[list[str], dict[SessionKey, EarlierSession]]:
+    """The runs searched (oldest first) and, per key, the latest session recorded for this step in them,
+    unless it was released. Recorded lines run from the session's first record to the end of the chain."""
+    instance, key = context.instance, step_key(context)
+    chain = _run_chain(instance, context.run_id)
+    records: dict[str, SessionRecord] = {}
+    first_seen: dict[str, int] = {}
+    latest: dict[SessionKey, str] = {}
+    released: set[str] = set()
+    lines: list[tuple[int, str]] = []
+    for run_id in chain:
+        for entry in instance.all_logs(run_id):
+            if entry.step_key != key:
+                continue
+            index = len(lines)
+            found = _record_of(entry)
+            if found is None:
+                line = _line_of(entry)
+                if line is not None:
+                    lines.append((index, line))
+                continue
+            kind, values = found
+            lines.append((index, ""))  # a record is no line of a session, but it orders them
+            session_id = str(values.get("pipes_session_id", ""))
+            if kind == SESSION:
+                record = SessionRecord.from_metadata(values, run_id)
+                earlier = records.get(session_id)
+                if earlier is not None:  # re-attached: keep what the first attempts learned
+                    record = _merge(record, earlier)
+                records[session_id] = record
+                first_seen.setdefault(session_id, index)
+                latest.pop(record.key, None)
+                latest[record.key] = session_id
+            elif kind == TRIGGERED and session_id in records:
+                records[session_id] = _merge(records[session_id], trigger_message_id=str(values["pipes_trigger_message_id"]))
+            elif kind == OPENED and session_id in records:
+                records[session_id] = _merge(records[session_id], invocation_id=str(values["pipes_invocation_id"]))
+            elif kind == RELEASED:
+                released.update(json.loads(str(values.get("pipes_session_ids", "[]"))))
+    found_sessions = {
+        session_key: EarlierSession(
+            records[session_id], [text for index, text in lines if index > first_seen[session_id] and text]
+        )
+        for session_key, session_id in latest.items()
+        if session_id not in released
+    }
+    return chain, found_sessions
+
+
+def _merge(record: SessionRecord, earlier: SessionRecord | None = None, **changes: str) -> SessionRecord:
+    if earlier is not None:
+        changes = {
+            "run_id": earlier.run_id,
+            "triggered_at": earlier.triggered_at,
+            "trigger_message_id": record.trigger_message_id or earlier.trigger_message_id,
+            "invocation_id": record.invocation_id or earlier.invocation_id,
+            **changes,
+        }
+    return SessionRecord(**{**asdict(record), **changes})
+
+
+class ReplayFilter:
+    """Decides, for each line a replayed session makes Dagster write, whether an earlier attempt already wrote
+    it: the lines written are a prefix of the session's lines, found in order among ``recorded`` (other
+    lines of the step may sit between them). Once one is not found, no later one was written either."""
+
+    def __init__(self, recorded: Sequence[str]):
+        self._recorded = list(recorded)
+        self._next = 0
+        self._caught_up = not self._recorded
+        self.skipped = 0
+
+    def already_recorded(self, line: str) -> bool:
+        if self._caught_up:
+            return False
+        try:
+            found = self._recorded.index(line, self._next)
+        except ValueError:
+            self._caught_up = True
+            return False
+        self._next = found + 1
+        self.skipped += 1
+        return True
+
+
+@dataclass(frozen=True)
+class Probe:
+    attach: bool
+    state: str  # what was found, for the log line
+
+
+@transient_retry()
+def probe(
+    subscriber: pubsub_v1.SubscriberClient | None, gcs: storage.Client, *, bucket: str, prefix: str,
+    record: SessionRecord, start_window: float,
+) -> Probe:
+    """Whether the earlier session can be re-attached, judged by its subscription (unless ``subscriber`` is
+    None: a fan-out group's, re-opened already) and its lease."""
+    for subscription in record.subscriptions if subscriber is not None else ():
+        try:
+            subscriber.get_subscription(request={"subscription": subscription}, retry=None, timeout=10)
+        except gexc.NotFound:
+            return Probe(False, f"its reply subscription {subscription} is gone (deleted, or expired)")
+    blob = gcs.bucket(bucket).blob(lease_key(prefix, record.session_id))
+    held = gcs.bucket(bucket).get_blob(blob.name)
+    if held is None:
+        ended = LeaseRecord(ENDED, reason="never started; ended by a later attempt of its step",
+                            keep_seconds=start_window + TOMBSTONE_MARGIN_SECONDS)
+        try:
+            write_lease(blob, ended, generation=0)
+        except gexc.PreconditionFailed:
+            return Probe(True, "its function claimed it just now")
+        return Probe(False, "its function had not started it; it is ended now, so its trigger can never start it")
+    lease = read_lease(held)
+    if lease.ended:
+        return Probe(True, f"its lease is ended ({lease.reason}): collecting what it sent")
+    if lease.expires_at < time.time():
+        return Probe(True, f"its lease of invocation {lease.invocation_id} expired: collecting what it sent")
+    return Probe(True, f"invocation {lease.invocation_id} holds its lease")

@@ -1,0 +1,66 @@
+"""A partitioned asset job that calls ``PipesPubSubClient`` (``run``, or ``run_many`` for a spec with
+``payloads``), run on a persistent Dagster instance: the orchestrator process the re-attach tests SIGKILL,
+and the re-execution from failure that follows it.
+
+    python -m tests.faults.reattach_job DAGSTER_HOME '{"client": {...}, "payload": {...}}'
+
+runs partition ``p1`` of the job in this process (the in-process executor: the step runs here, so killing
+this process kills the step).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from dagster import (
+    DagsterInstance,
+    Definitions,
+    JobDefinition,
+    JobExecutionResult,
+    ReexecutionOptions,
+    StaticPartitionsDefinition,
+    asset,
+    define_asset_job,
+    execute_job,
+    in_process_executor,
+)
+from dagster._core.definitions.reconstruct import build_reconstructable_job
+
+from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
+from tests.integration.helpers import make_client
+
+PARTITION = "p1"
+JOB_NAME = "reattach_job"
+
+
+def make_job(spec_json: str) -> JobDefinition:
+    spec: dict[str, Any] = json.loads(spec_json)
+
+    @asset(partitions_def=StaticPartitionsDefinition([PARTITION, "p2"]))
+    def reattached_asset(context, pipes_pubsub: PipesPubSubClient):  # no annotation: strings here (__future__)
+        if "payloads" in spec:
+            fan_out = pipes_pubsub.run_many(
+                context=context, payloads=spec["payloads"], max_concurrency=spec.get("max_concurrency", 10)
+            )
+            return fan_out.get_materialize_result()
+        return pipes_pubsub.run(context=context, payload=spec["payload"]).get_materialize_result()
+
+    job = define_asset_job(JOB_NAME, executor_def=in_process_executor)
+    defs = Definitions(assets=[reattached_asset], jobs=[job], resources={"pipes_pubsub": make_client(**spec["client"])})
+    return defs.resolve_job_def(JOB_NAME)
+
+
+def run(instance: DagsterInstance, spec: dict[str, Any], parent_run_id: str | None = None) -> JobExecutionResult:
+    """Run the job's partition, or re-execute ``parent_run_id`` from failure."""
+    job = build_reconstructable_job(__name__, "make_job", reconstructable_args=(json.dumps(spec),))
+    tags = {"dagster/partition": PARTITION}  # execute_job's re-execution does not copy the parent's tags; the UI does
+    if parent_run_id is None:
+        return execute_job(job, instance, tags=tags)
+    return execute_job(job, instance, tags=tags, reexecution_options=ReexecutionOptions.from_failure(parent_run_id, instance))
+
+
+if __name__ == "__main__":
+    with DagsterInstance.from_config(sys.argv[1]) as instance, run(instance, json.loads(sys.argv[2])) as result:
+        print(json.dumps({"run_id": result.run_id, "success": result.success}), flush=True)
