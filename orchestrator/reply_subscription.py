@@ -8,9 +8,8 @@ its sessions' ids share a prefix (``new_session_id(group)``), the subscription's
 and ``ReplyDemux`` hands each message to its session's reader. One stream then serves every shard, instead
 of one subscription, stream and thread pool per shard.
 
-With re-attach on (``retain``), the subscription keeps acknowledged messages for ``RETAINED_SECONDS`` and
-expires after ``RETAINED_TTL_SECONDS`` unused, so a later attempt of the step can receive every reply of its
-sessions again (``orchestrator/reattach.py``): that attempt creates a subscription of its own (for what is
+With re-attach on (``retain``), the subscription keeps acknowledged messages for ``RETAINED_SECONDS``, so a
+later attempt of the step can receive every reply of its sessions again (``orchestrator/reattach.py``): that attempt creates a subscription of its own (for what is
 published from then on) and seeks the earlier attempts' subscriptions (``replay_from``) back to their start
 (everything published before); together they hold every reply, and the reader drops what comes twice. A
 retained subscription is read by **synchronous pull**, never by streaming pull: the Pub/Sub emulator goes on
@@ -57,10 +56,10 @@ CLEANUP_BUDGET_SECONDS = 10.0
 #: Pub/Sub's minimum expiration TTL: an idle per-session subscription disappears a day after its last use.
 SUBSCRIPTION_TTL_SECONDS = 24 * 3600
 
-#: With re-attach on: how long a subscription keeps its replies, acknowledged or not (an orchestrator that
-#: dies can be re-executed within this), and how long an unused one lives (at least the retention).
-RETAINED_SECONDS = 24 * 3600
-RETAINED_TTL_SECONDS = 2 * 24 * 3600
+#: With re-attach on: how long a subscription keeps its replies, acknowledged or not, from their publication
+#: (a step whose orchestrator died is re-attached if re-executed within this). Pub/Sub wants it shorter than
+#: the expiration TTL, which stays at its minimum, SUBSCRIPTION_TTL_SECONDS.
+RETAINED_SECONDS = 20 * 3600
 
 #: With re-attach on, a synchronous pull waits this long for replies before the next one
 PULL_WAIT_SECONDS = 0.5
@@ -94,14 +93,16 @@ def _seek_to_start(subscriber: pubsub_v1.SubscriberClient, path: str) -> None:
     subscriber.seek(request={"subscription": path, "time": Timestamp(seconds=0)}, retry=None, timeout=CREATE_TIMEOUT_SECONDS)
 
 
-def delete_subscription(subscriber: pubsub_v1.SubscriberClient, path: str, log: logging.Logger | Any, *, retained: bool = True) -> None:
+def delete_subscription(subscriber: pubsub_v1.SubscriberClient, path: str, log: logging.Logger | Any) -> None:
     """Delete a reply subscription, within ``CLEANUP_BUDGET_SECONDS``; if Pub/Sub cannot be reached, leave it to
     its expiration policy with a warning."""
     try:
         _delete_subscription(subscriber, path)
     except gexc.GoogleAPIError as exc:
-        ttl = RETAINED_TTL_SECONDS if retained else SUBSCRIPTION_TTL_SECONDS
-        log.warning(f"[pipes] could not delete {path} ({exc}); its expiration policy removes it after {ttl // 3600} h unused")
+        log.warning(
+            f"[pipes] could not delete {path} ({exc}); its expiration policy removes it after "
+            f"{SUBSCRIPTION_TTL_SECONDS // 3600} h unused"
+        )
 
 
 def subscription_name(owner: str, *, reattaching: bool) -> str:
@@ -312,7 +313,7 @@ class ReplySubscription:
             "topic": self._topic,
             "filter": self._filter,
             "ack_deadline_seconds": self._ack_deadline_seconds,
-            "expiration_policy": {"ttl": {"seconds": RETAINED_TTL_SECONDS if self._retain else SUBSCRIPTION_TTL_SECONDS}},
+            "expiration_policy": {"ttl": {"seconds": SUBSCRIPTION_TTL_SECONDS}},
             "message_retention_duration": {"seconds": RETAINED_SECONDS if self._retain else 600},
             "retain_acked_messages": self._retain,
         }
@@ -332,7 +333,7 @@ class ReplySubscription:
 
     def _delete(self) -> None:
         for path in [self.path, *self._replay_from]:
-            delete_subscription(self._subscriber, path, self._log, retained=self._retain)
+            delete_subscription(self._subscriber, path, self._log)
 
 
 class ReplyDemux:

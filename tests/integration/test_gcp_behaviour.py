@@ -121,7 +121,7 @@ def created_subscriptions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, An
 def test_a_session_rides_out_not_found_from_a_just_created_subscription(stack: LocalStack, streams_not_found) -> None:
     budget = streams_not_found(3)
 
-    outcome = run_asset(make_client(), payload={"n": 31, "log_lines": 5})
+    outcome = run_asset(make_client(reattach=False), payload={"n": 31, "log_lines": 5})  # streams: re-attach off
 
     assert outcome.result.success, outcome.failure_message
     assert outcome.metadata["n"] == 31
@@ -134,7 +134,7 @@ def test_a_session_rides_out_not_found_from_a_just_created_subscription(stack: L
 def test_a_fan_out_group_rides_out_not_found_from_its_just_created_subscription(stack: LocalStack, streams_not_found) -> None:
     budget = streams_not_found(2)
 
-    result, _, outcomes = run_fan_out_asset(make_client(), [{"n": i} for i in range(4)], max_concurrency=4)
+    result, _, outcomes = run_fan_out_asset(make_client(reattach=False), [{"n": i} for i in range(4)], max_concurrency=4)
 
     assert result.success, step_failure(result)
     assert sorted(o.metadata["n"] for o in outcomes) == [0, 1, 2, 3]
@@ -148,7 +148,7 @@ def test_not_found_past_the_grace_period_fails_the_session_clearly(
     monkeypatch.setattr(reply_subscription, "NEW_SUBSCRIPTION_GRACE_SECONDS", 2.0)
     streams_not_found(float("inf"))
 
-    outcome = run_asset(make_client(startup_timeout=60.0), payload={"n": 1})
+    outcome = run_asset(make_client(startup_timeout=60.0, reattach=False), payload={"n": 1})
 
     assert not outcome.result.success
     failure = outcome.failure_message
