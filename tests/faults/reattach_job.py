@@ -24,6 +24,7 @@ from dagster import (
     asset,
     define_asset_job,
     execute_job,
+    fs_io_manager,
     in_process_executor,
 )
 from dagster._core.definitions.reconstruct import build_reconstructable_job
@@ -48,7 +49,9 @@ def make_job(spec_json: str) -> JobDefinition:
         return pipes_pubsub.run(context=context, payload=spec["payload"]).get_materialize_result()
 
     job = define_asset_job(JOB_NAME, executor_def=in_process_executor)
-    defs = Definitions(assets=[reattached_asset], jobs=[job], resources={"pipes_pubsub": make_client(**spec["client"])})
+    # an io manager that persists, or a run killed before its step started cannot be re-executed
+    resources = {"pipes_pubsub": make_client(**spec["client"]), "io_manager": fs_io_manager}
+    defs = Definitions(assets=[reattached_asset], jobs=[job], resources=resources)
     return defs.resolve_job_def(JOB_NAME)
 
 

@@ -4,9 +4,11 @@ instance. The re-execution re-attaches to the earlier session instead of trigger
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -49,11 +51,12 @@ class Orchestrator:
     process: subprocess.Popen
     instance: DagsterInstance
     spec: dict[str, Any]
+    output: Path
 
     def running(self) -> bool:
-        """Whether the orchestrator still runs; fails with its stderr if it exited."""
+        """Whether the orchestrator still runs; fails with the end of its output if it exited."""
         if self.process.poll() is not None:
-            raise AssertionError(f"the orchestrator exited: {self.process.communicate()[1][-4000:]}")
+            raise AssertionError(f"the orchestrator exited: {self.output.read_text()[-4000:]}")
         return True
 
     def run(self) -> Any:
@@ -67,9 +70,9 @@ class Orchestrator:
         return [e.user_message for e in self.instance.all_logs(run.run_id) if e.dagster_event is None and e.step_key]
 
     def kill(self) -> str:
-        """SIGKILL the orchestrator; mark its run failed as run monitoring would, unless it had ended."""
-        self.process.kill()
-        self.process.communicate()
+        """SIGKILL the orchestrator and its children (Dagster's compute-log tails); mark its run failed as run
+        monitoring would, unless it had ended."""
+        kill_group(self.process)
         run = self.run()
         assert run is not None, "the run had not started"
         run = self.instance.get_run_by_id(run.run_id)
@@ -86,16 +89,23 @@ class Orchestrator:
 def orchestrator(stack: LocalStack, home: Path, spec: dict[str, Any]) -> Iterator[Orchestrator]:
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **stack.environment, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.faults.reattach_job", str(home), json.dumps(spec)], cwd=REPO_ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    output = home / "orchestrator.log"
+    with output.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.faults.reattach_job", str(home), json.dumps(spec)], cwd=REPO_ROOT, env=env,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
         with DagsterInstance.from_config(str(home)) as instance:
-            yield Orchestrator(process, instance, spec)
+            yield Orchestrator(process, instance, spec, output)
     finally:
-        process.kill()
-        process.communicate()
+        kill_group(process)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def logs_of(instance: DagsterInstance, run_ids: list[str]) -> list[str]:
