@@ -109,9 +109,10 @@ class SessionWaiter:
         if blame:
             return f"no heartbeat arrived from the Cloud Function: {heard} {blame}"
         return (
-            f"the Cloud Function stopped sending heartbeats: {heard} It was probably killed (function timeout, out "
-            "of memory, instance shut down): check the function's logs for that invocation and its timeout and "
-            "memory settings."
+            f"the Cloud Function stopped sending heartbeats: {heard} Its process probably died (out of memory, a "
+            "crash, the instance shut down; a function past its timeout closes the session itself, and a stuck "
+            "one is stopped only with THREADED_TIMEOUT_ENABLED=true): check the function's logs for that "
+            "invocation and its memory settings."
         )
 
     def _blame(self, since: float, state: str, end: str = "") -> str:
