@@ -61,8 +61,10 @@ SUBSCRIPTION_TTL_SECONDS = 24 * 3600
 #: the expiration TTL, which stays at its minimum, SUBSCRIPTION_TTL_SECONDS.
 RETAINED_SECONDS = 20 * 3600
 
-#: With re-attach on, a synchronous pull waits this long for replies before the next one
+#: With re-attach on, a synchronous pull waits this long for replies before the next one; the subscription's
+#: ack deadline is Pub/Sub's minimum (every message is acknowledged as soon as it was handed on)
 PULL_WAIT_SECONDS = 0.5
+PULLED_ACK_DEADLINE_SECONDS = 10
 
 #: How long after creating a subscription a NOT_FOUND from StreamingPull is taken for the service not having
 #: caught up yet (and the stream re-opened) rather than for a subscription that is gone.
@@ -312,7 +314,9 @@ class ReplySubscription:
             "name": self.path,
             "topic": self._topic,
             "filter": self._filter,
-            "ack_deadline_seconds": self._ack_deadline_seconds,
+            # pulled: a pull the client gave up on (its deadline passed while Pub/Sub was unreachable or slow) may
+            # still be answered, into the void; those messages come back after the ack deadline, so keep it short
+            "ack_deadline_seconds": PULLED_ACK_DEADLINE_SECONDS if self._retain else self._ack_deadline_seconds,
             "expiration_policy": {"ttl": {"seconds": SUBSCRIPTION_TTL_SECONDS}},
             "message_retention_duration": {"seconds": RETAINED_SECONDS if self._retain else 600},
             "retain_acked_messages": self._retain,
