@@ -18,8 +18,10 @@ from dagster_gcf_pipes.orchestrator.errors import (
 from dagster_gcf_pipes.orchestrator.fanout import FanOutError, FanOutResult, ShardOutcome
 from dagster_gcf_pipes.orchestrator.message_reader import PipesPubSubMessageReader
 from dagster_gcf_pipes.orchestrator.sensors import GcsObjectEvent, PubSubEvent, gcs_object_event, pubsub_sensor
+from dagster_gcf_pipes.orchestrator.tracing import CLOUD_TRACE_URL_TEMPLATE
 
 __all__ = [
+    "CLOUD_TRACE_URL_TEMPLATE",
     "CloudFunctionComponent",
     "CloudFunctionError",
     "DetachedSession",
