@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
+from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack, LocalStackError, parse_function_spec
 
 _log = logging.getLogger("gcf_pipes.dev")
 
@@ -102,14 +102,11 @@ def plan_from_code_location(module: str | None, file: str | None) -> StackPlan:
 
 
 def parse_function(spec: str) -> tuple[Path, str]:
-    """``path/to/main.py:entry`` (entry defaults to ``main``) -> (source file, entry point)."""
-    path, _, target = spec.partition(":")
-    source = Path(path)
-    if source.is_dir():
-        source = source / "main.py"
-    if not source.is_file():
-        raise DevError(f"--function {spec}: {source} is not a file; pass path/to/main.py:entry_point")
-    return source.resolve(), target or "main"
+    """``--function path/to/main.py:entry``, relative to the current folder -> (source file, entry point)."""
+    try:
+        return parse_function_spec(spec, Path.cwd())
+    except LocalStackError as exc:
+        raise DevError(f"--function {exc}") from None
 
 
 def local_functions(specs: Sequence[str], topics: Sequence[str], plan: StackPlan) -> list[LocalFunction]:

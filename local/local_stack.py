@@ -245,6 +245,18 @@ class ManagedProcess:
         self.process = None
 
 
+def parse_function_spec(spec: str, base: Path) -> tuple[Path, str]:
+    """``path/to/main.py:entry`` (or a folder holding ``main.py``; entry defaults to ``main``), relative to
+    ``base`` -> (the source file, the entry point). The dev command and the pytest plugin name functions so."""
+    path, _, target = spec.partition(":")
+    source = (base / path).resolve()
+    if source.is_dir():
+        source = source / "main.py"
+    if not source.is_file():
+        raise LocalStackError(f"{spec}: {source} is not a file; name the function as path/to/main.py:entry_point")
+    return source, target or "main"
+
+
 @dataclass(frozen=True)
 class LocalFunction:
     """A function served by the Functions Framework: delivered its trigger topic's messages (a CloudEvent

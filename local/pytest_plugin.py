@@ -65,20 +65,18 @@ class _Functions:
         self.served: dict[tuple[str, str], LocalFunction] = {}
 
     def serve(self, spec: str) -> LocalFunction:
-        from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
+        from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack, LocalStackError, parse_function_spec
 
-        path, _, target = spec.partition(":")
-        source = (self.rootdir / path).resolve()
-        if source.is_dir():
-            source = source / "main.py"
-        if not source.is_file():
-            raise pytest.UsageError(f"{MARKER}: {source} is not a file; name the function as path/to/main.py:entry")
-        key = (str(source), target or "main")
+        try:
+            source, target = parse_function_spec(spec, self.rootdir)
+        except LocalStackError as exc:
+            raise pytest.UsageError(f"{MARKER}: {exc}") from None
+        key = (str(source), target)
         if key not in self.served:
             if self.stack is None:
                 self.stack = LocalStack(topics=[REPLY_TOPIC], buckets=[BUCKET]).__enter__()
             topic = "gcf-pipes-trigger-" + hashlib.sha256("/".join(key).encode()).hexdigest()[:12]
-            function = LocalFunction(source, key[1], topic)
+            function = LocalFunction(source, target, topic)
             self.stack.add_function(function)
             self.served[key] = function
         return self.served[key]
