@@ -26,7 +26,6 @@ under the system's temporary folder, logged at start) after the stack stops.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
@@ -113,22 +112,26 @@ def _logged(text: str) -> Callable[[ManagedProcess], bool]:
     return ready
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGKILL when this process dies (Linux only; else None).
+#: run as ``python -S -c _DIE_WITH_PARENT PARENT_PID ARGV...``: arm PR_SET_PDEATHSIG (SIGKILL), then exec ARGV,
+#: which keeps it. A launcher rather than a ``preexec_fn``: Python code run between fork and exec in a process
+#: with other threads (gRPC's) can deadlock the child, and the parent with it (seen once in a CI run).
+_DIE_WITH_PARENT = (
+    "import ctypes, os, sys\n"
+    f"ctypes.CDLL(None, use_errno=True).prctl({_PR_SET_PDEATHSIG}, {int(signal.SIGKILL)}, 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)  # the parent died before the signal was armed\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _die_with_parent(argv: Sequence[str]) -> list[str]:
+    """``argv`` started so that it gets SIGKILL when this process dies (Linux only; else ``argv`` as it is).
 
     The kernel ties the signal to the *thread* that forks, so it is set only when the stack is started from
     the main thread; the watchdog covers the other cases."""
     if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the signal was armed
-            os._exit(1)
-
-    return preexec
+        return list(argv)
+    return [sys.executable, "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 class Watchdog:
@@ -184,9 +187,8 @@ class ManagedProcess:
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         self.process = subprocess.Popen(
-            list(self.argv), stdout=log, stderr=subprocess.STDOUT, env=dict(self.env or os.environ),
-            # the preexec only calls prctl through an already loaded libc: no lock, import or allocation
-            start_new_session=True, preexec_fn=_die_with_parent(),  # noqa: PLW1509
+            _die_with_parent(self.argv), stdout=log, stderr=subprocess.STDOUT, env=dict(self.env or os.environ),
+            start_new_session=True,
         )
         log.close()
         if self.watchdog is not None:
