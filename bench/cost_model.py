@@ -90,21 +90,25 @@ def model(
     session_seconds: float = 60.0,
     heartbeat_interval: float = 10.0,
     group_size: int = 100,
+    reply_topics: int = 10,
     concurrency: Sequence[int] = CONCURRENCY,
 ) -> list[Row]:
     """Steady state with ``n`` sessions always running, each ``session_seconds`` long: ``n / session_seconds``
     sessions start every second. Every reply is delivered (and billed) once per subscription on the reply
     topic; its own subscription's delivery is assessed per request, the others' (dropped by their filter) at
-    the message's size. Two topologies: a subscription per session (``run``), and one per fan-out group of
-    ``group_size`` shards (``run_many``, ``ReplyDemux``)."""
+    the message's size. Three topologies: a subscription per session (``run``) on one reply topic; the same
+    spread over ``reply_topics`` topics (``reply_topics=[...]``: a reply meets only the subscriptions on its
+    own topic); and one subscription per fan-out group of ``group_size`` shards (``run_many``, ``ReplyDemux``)."""
     _, volume_bytes, assessed = volume.per_session(session_seconds, heartbeat_interval)
     rows = []
     for n in concurrency:
         starts_per_second = n / session_seconds
         published = starts_per_second * assessed
-        for topology, subscriptions in (
-            ("subscription per session", n),
-            (f"subscription per fan-out group of {group_size}", math.ceil(n / group_size)),
+        groups = math.ceil(n / group_size)
+        for topology, subscriptions, created_per_session in (
+            ("subscription per session", n, 1.0),
+            (f"subscription per session, {reply_topics} reply topics", math.ceil(n / reply_topics), 1.0),
+            (f"subscription per fan-out group of {group_size}", groups, groups / n),
         ):
             filtered_out = starts_per_second * volume_bytes * (subscriptions - 1)
             rows.append(
@@ -112,7 +116,7 @@ def model(
                     topology=topology,
                     concurrent_sessions=n,
                     subscriptions_on_topic=subscriptions,
-                    admin_ops_per_second=ADMIN_OPS_PER_SESSION * starts_per_second * subscriptions / n,
+                    admin_ops_per_second=ADMIN_OPS_PER_SESSION * starts_per_second * created_per_session,
                     published_bytes_per_second=published,
                     delivered_bytes_per_second=published + filtered_out,
                 )
@@ -193,7 +197,12 @@ def measured_volumes(sessions: int) -> dict[str, ReplyVolume]:
 
 
 def report(
-    volumes: Mapping[str, ReplyVolume], *, session_seconds: float = 60.0, heartbeat_interval: float = 10.0, group_size: int = 100
+    volumes: Mapping[str, ReplyVolume],
+    *,
+    session_seconds: float = 60.0,
+    heartbeat_interval: float = 10.0,
+    group_size: int = 100,
+    reply_topics: int = 10,
 ) -> str:
     """The model's tables, one per reply volume (``python -m bench`` can print ``report(measured_volumes(3))``)."""
     parts = []
@@ -204,7 +213,10 @@ def report(
             f"{heartbeat_interval:g} s ({volume.heartbeat_bytes:,.0f} B each) = {messages:.0f} messages, "
             f"{size:,.0f} B per {session_seconds:g} s session\n"
         )
-        rows = model(volume, session_seconds=session_seconds, heartbeat_interval=heartbeat_interval, group_size=group_size)
+        rows = model(
+            volume, session_seconds=session_seconds, heartbeat_interval=heartbeat_interval, group_size=group_size,
+            reply_topics=reply_topics,
+        )
         parts.append(table(rows))
     return "\n".join(parts)
 
@@ -215,6 +227,7 @@ def main() -> None:
     parser.add_argument("--session-seconds", type=float, default=60.0, help="how long a session runs (default 60)")
     parser.add_argument("--heartbeat-interval", type=float, default=10.0, help="the client's heartbeat_interval")
     parser.add_argument("--group-size", type=int, default=100, help="shards per fan-out step")
+    parser.add_argument("--reply-topics", type=int, default=10, help="topics in reply_topics=[...]")
     parser.add_argument("--sessions", type=int, default=3, help="sessions measured per volume")
     parser.add_argument("--batch-bytes", type=float, help="billable bytes of one session's batches (skip measuring)")
     parser.add_argument("--batches", type=float, default=1.0, help="with --batch-bytes: batches per session")
@@ -227,7 +240,8 @@ def main() -> None:
         volumes = measured_volumes(args.sessions)
     print(
         report(
-            volumes, session_seconds=args.session_seconds, heartbeat_interval=args.heartbeat_interval, group_size=args.group_size
+            volumes, session_seconds=args.session_seconds, heartbeat_interval=args.heartbeat_interval,
+            group_size=args.group_size, reply_topics=args.reply_topics,
         )
     )
 

@@ -95,7 +95,7 @@ def plan_from_code_location(module: str | None, file: str | None) -> StackPlan:
             plan.project = _value(client.project)
         if client.trigger_topic:
             plan.trigger_topics.append(_value(client.trigger_topic))
-        plan.topics |= {_value(t) for t in (client.reply_topic, client.detached_reply_topic) if t}
+        plan.topics |= {_value(t) for t in (client.reply_topic, client.detached_reply_topic, *(client.reply_topics or [])) if t}
         if client.bucket:
             plan.buckets.add(_value(client.bucket))
     return plan

@@ -7,6 +7,7 @@ session's GCS objects, and fails the step with the remote traceback if the funct
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import threading
@@ -168,10 +169,27 @@ class _Resolved:
     http: requests.Session | None
     trigger_topic: str  # projects/P/topics/T, or "" when invoked over HTTP
     reply_channel: str  # pubsub, or gcs; a detached session always replies over Pub/Sub
-    reply_topic: str  # projects/P/topics/T the sessions reply to, or "" on the GCS channel
+    reply_topics: tuple[str, ...]  # projects/P/topics/T the sessions reply to, one or more; () on the GCS channel
     function_timeout: float
     heartbeat_timeout: float
     total_timeout: float | None
+
+
+    def reply_topic_of(self, owner: str) -> str:
+        """The reply topic of ``owner`` (a session id, or a fan-out group): with several, the one its id hashes to."""
+        return shard_of(self.reply_topics, owner) if self.reply_topics else ""
+
+
+def _recorded_topic(resolved: _Resolved, record: SessionRecord) -> str:
+    """The reply topic an earlier attempt's session replies on (records written before reply_topics existed
+    do not name it: they had one)."""
+    return record.reply_topic or resolved.reply_topic_of(record.group or record.session_id)
+
+
+def shard_of(topics: Sequence[str], owner: str) -> str:
+    """One of ``topics``, picked by a stable hash of ``owner`` (the same in every process and Python version,
+    unlike ``hash()``): session ids are random, so sessions spread evenly over the topics."""
+    return topics[int.from_bytes(hashlib.sha256(owner.encode()).digest()[:8], "big") % len(topics)]
 
 
 @dataclass(frozen=True)
@@ -235,6 +253,12 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
     )
     reply_topic: str | None = Field(
         default=None, description="Topic the function publishes its Pipes messages to; for reply_channel='pubsub'."
+    )
+    reply_topics: list[str] | None = Field(
+        default=None,
+        description="Several reply topics instead of reply_topic: each session (a fan-out: each group) replies on the "
+        "one its id hashes to. Every reply is billed once per subscription open on its topic, so K topics divide "
+        "that factor by K: for many concurrent independent runs (docs/architecture.md, Cost and quotas).",
     )
     invocation: Literal["pubsub", "http"] = Field(
         default="pubsub", description="How the function is triggered: a Pub/Sub message, or an HTTP POST to function_url."
@@ -349,8 +373,8 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                     f"{self.function_timeout or DEFAULT_FUNCTION_TIMEOUT:g}: "
                     "a long session would fail while the function still runs; raise http_timeout"
                 )
-        if self.reply_channel == REPLY_CHANNEL_PUBSUB and not self.reply_topic:
-            problems.append("reply_topic is not set: name the topic the function publishes its replies to")
+        if self.reply_channel == REPLY_CHANNEL_PUBSUB:
+            problems += self._reply_topic_problems()
         if self.reply_channel == REPLY_CHANNEL_GCS:
             if self.chunk_interval <= 0:
                 problems.append(f"chunk_interval={self.chunk_interval:g} must be positive")
@@ -360,6 +384,20 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                     "signing_secret or use reply_channel='pubsub'"
                 )
         return problems
+
+    def _reply_topic_problems(self) -> list[str]:
+        if self.reply_topic and self.reply_topics:
+            return [
+                "reply_topic and reply_topics are both set: set reply_topic for one reply topic, or list every "
+                "topic (that one included) in reply_topics"
+            ]
+        if not (self.reply_topic or self.reply_topics):
+            return ["reply_topic is not set: name the topic the function publishes its replies to"]
+        topics = self.reply_topics or []
+        repeated = sorted({topic for topic in topics if topics.count(topic) > 1})
+        if repeated:
+            return [f"reply_topics lists {', '.join(repeated)} more than once: list each topic once"]
+        return []
 
     def _preflight(self, service: str, emulator_env_var: str, call: Any, *args: Any) -> Any:
         try:
@@ -384,9 +422,9 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         return exists
 
     def _check_resources(self, resolved: _Resolved, topics: Mapping[str, str]) -> None:
-        """``topics``: the path of each topic setting the call uses."""
+        """``topics``: each topic the call uses, and the setting that names it."""
         publisher, gcs = resolved.publisher, resolved.gcs
-        for setting, path in topics.items():
+        for path, setting in topics.items():
             if not self._exists("Pub/Sub", "PUBSUB_EMULATOR_HOST", _topic_exists, publisher, path):
                 raise PipesPubSubConfigError(
                     f"{setting}: topic {path} does not exist; create it (gcloud pubsub topics create "
@@ -505,7 +543,8 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         if group:
             expect = [found.record.session_id for found in earlier.values()]
             replay_from = max(earlier.values(), key=lambda e: len(e.record.subscriptions)).record.subscriptions
-            demux = ReplyDemux(subscriber, topic=resolved.reply_topic, group=group, log=context.log, retain=retain,
+            topic = _recorded_topic(resolved, next(iter(earlier.values())).record)
+            demux = ReplyDemux(subscriber, topic=topic, group=group, log=context.log, retain=retain,
                                replay_from=replay_from, expect=expect)
             try:
                 return demux.__enter__()
@@ -516,7 +555,8 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 for found in earlier.values():
                     self._abandon(SessionRun(context, resolved, None, "", None, demux, journal), found.record)
                 earlier.clear()
-        demux = ReplyDemux(subscriber, topic=resolved.reply_topic, group=secrets.token_hex(8), log=context.log, retain=retain)
+        group = secrets.token_hex(8)
+        demux = ReplyDemux(subscriber, topic=resolved.reply_topic_of(group), group=group, log=context.log, retain=retain)
         return demux.__enter__()
 
     def _resolve(self, project: str, *, detached: bool = False) -> _Resolved:
@@ -533,8 +573,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                     )
                 trigger_topic = deployed.trigger_topic
         reply_channel = REPLY_CHANNEL_PUBSUB if detached else self.reply_channel
-        reply_setting = "detached_reply_topic" if detached else "reply_topic"
-        reply_topic = topic_path(project, getattr(self, reply_setting) or "") if reply_channel == REPLY_CHANNEL_PUBSUB else ""
+        reply_topics = self._reply_topics(project, detached) if reply_channel == REPLY_CHANNEL_PUBSUB else {}
         derived = derived_timeouts(deployed) if deployed is not None else {}
         http = http_session(self.function_url, self.http_auth) if self.invocation == "http" and self.function_url else None
         resolved = _Resolved(
@@ -544,7 +583,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             http=http,
             trigger_topic=trigger_topic,
             reply_channel=reply_channel,
-            reply_topic=reply_topic,
+            reply_topics=tuple(reply_topics),
             function_timeout=self.function_timeout or derived.get("function_timeout", DEFAULT_FUNCTION_TIMEOUT),
             # a silence longer than the function's whole timeout cannot be a live function; never under 2 intervals
             heartbeat_timeout=max(
@@ -553,9 +592,17 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             ),
             total_timeout=self.total_timeout if self.total_timeout is not None else derived.get("total_timeout"),
         )
-        topics = {"trigger_topic": trigger_topic, reply_setting: reply_topic}
-        self._check_resources(resolved, {setting: path for setting, path in topics.items() if path})
+        topics = {trigger_topic: "trigger_topic", **reply_topics}
+        self._check_resources(resolved, {path: setting for path, setting in topics.items() if path})
         return resolved
+
+    def _reply_topics(self, project: str, detached: bool) -> dict[str, str]:
+        """The path of each reply topic, and the setting that names it."""
+        if detached:
+            return {topic_path(project, self.detached_reply_topic or ""): "detached_reply_topic"}
+        if self.reply_topics:
+            return {topic_path(project, topic): "reply_topics" for topic in self.reply_topics}
+        return {topic_path(project, self.reply_topic or ""): "reply_topic"}
 
     def _functions_client(self) -> functions_v2.FunctionServiceClient:
         """The Cloud Functions API client (Application Default Credentials)."""
@@ -633,7 +680,13 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         context, resolved, demux, journal, log_prefix = run.context, run.resolved, run.demux, run.journal, run.log_prefix
         blob_store = GCSBlobStore(resolved.gcs, self.bucket)
         claim_check = ClaimCheck(blob_store, self.inline_threshold_bytes)
-        channel_params = self._session_params(resolved, session_id)
+        if demux is not None:
+            reply_topic = demux.topic
+        elif attach is not None:
+            reply_topic = _recorded_topic(resolved, attach.record)
+        else:
+            reply_topic = resolved.reply_topic_of(session_id)
+        channel_params = self._session_params(resolved, session_id, reply_topic)
         pubsub_replies = resolved.reply_channel == REPLY_CHANNEL_PUBSUB
         subscriber = subscriber_client() if pubsub_replies and demux is None else None
         reader: PipesPubSubMessageReader | PipesGCSChunkMessageReader
@@ -666,7 +719,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 journal.session(replace(attach.record, subscriptions=tuple(reader.subscription_paths)), reattached=True)
             else:
                 assert key is not None
-                journal.session(self._record(run, reader, session_id, key), reattached=False)
+                journal.session(self._record(run, reader, session_id, key, reply_topic), reattached=False)
         started = time.monotonic()
         ended_because = "the session closed"
         try:
@@ -737,13 +790,14 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 "pipes_session_id": session_id,
                 **sent.metadata,
                 "pipes_invocation_id": reader.invocation_id or "",
+                **({"pipes_reply_topic": reply_topic} if reply_topic else {}),
                 **trace_metadata(reader.trace_id, self.trace_url_template, resolved.project),
                 **({"pipes_reattached_from_run": attach.record.run_id} if attach is not None else {}),
                 "pipes_session_seconds": round(time.monotonic() - started, 3),
             },
         )
 
-    def _record(self, run: SessionRun, reader: Any, session_id: str, key: SessionKey) -> SessionRecord:
+    def _record(self, run: SessionRun, reader: Any, session_id: str, key: SessionKey, reply_topic: str) -> SessionRecord:
         return SessionRecord(
             session_id=session_id,
             subscriptions=tuple(reader.subscription_paths),
@@ -752,6 +806,7 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
             payload_sha256=key.payload_sha256,
             shard=key.shard,
             group=run.demux.group if run.demux is not None else "",
+            reply_topic=reply_topic,
             triggered_at=time.time(),
         )
 
@@ -859,13 +914,14 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
                 # nobody waits for a detached session to start: its own, longer start window
                 DAGSTER_PIPES_MESSAGES_ENV_VAR: encode_env_var(
                     replace(
-                        self._session_params(resolved, session_id), start_window=self.detached_start_timeout
+                        self._session_params(resolved, session_id, resolved.reply_topic_of(session_id)),
+                        start_window=self.detached_start_timeout,
                     ).to_params()
                 ),
             }
         # registered before the trigger exists, so the completion sensor knows of every session that replies,
         # and reports the ones that never do
-        registry = DetachedRegistry(resolved.gcs, self.bucket, registry_prefix(self.prefix, resolved.reply_topic))
+        registry = DetachedRegistry(resolved.gcs, self.bucket, registry_prefix(self.prefix, resolved.reply_topic_of(session_id)))
         registry.register(PendingSession(
             session_id=session_id,
             registered_at=time.time(),
@@ -910,9 +966,9 @@ class PipesPubSubClient(ConfigurableResource, PipesClient):
         message_id = publish(resolved.publisher, resolved.trigger_topic, data, attributes)
         return _SentTrigger(resolved.trigger_topic, {"pipes_trigger_message_id": message_id})
 
-    def _session_params(self, resolved: _Resolved, session_id: str) -> ReplyChannelParams:
+    def _session_params(self, resolved: _Resolved, session_id: str, reply_topic: str) -> ReplyChannelParams:
         return ReplyChannelParams(
-            topic=resolved.reply_topic,
+            topic=reply_topic,
             session_id=session_id,
             bucket=self.bucket,
             prefix=self.prefix,

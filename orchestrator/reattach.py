@@ -104,6 +104,7 @@ class SessionRecord:
     group: str  # the fan-out group's session-id prefix, or ""
     triggered_at: float  # wall clock when the session was first recorded (just before its trigger)
     run_id: str = ""  # the run that recorded it first
+    reply_topic: str = ""  # projects/P/topics/T its replies are published to (one of reply_topics)
     trigger_message_id: str = ""
     invocation_id: str = ""  # the invocation that sent `opened`, once recorded
 

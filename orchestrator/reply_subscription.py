@@ -358,6 +358,7 @@ class ReplyDemux:
     ):
         """``replay_from``: the group's subscriptions of earlier attempts, whose shards (``expect``) re-attach."""
         self.group = group
+        self.topic = topic
         #: every session routed through the group, in order (the group's teardown finishes them)
         self.sessions: list[str] = []
         self._routes: dict[str, OnMessage] = {}

@@ -20,6 +20,7 @@ from tests.fakes.function_service import FakeFunctionService, running_fake
 EXAMPLE_TOPIC = "pipes-trigger"
 TEST_TOPIC = "test-trigger"
 REPLY_TOPIC = "pipes-replies"
+REPLY_SHARDS = ["pipes-replies-a", "pipes-replies-b", "pipes-replies-c"]  # reply_topics=[...]
 DETACHED_TOPIC = "pipes-detached-replies"  # the example definitions' detached replies ...
 DETACHED_SUBSCRIPTION = "pipes-detached-completions"  # ... and the durable subscription their sensor reads
 HTTP_TARGET = "main_http"  # the test function's HTTP entry point, at stack.function_urls[HTTP_TARGET]
@@ -37,7 +38,7 @@ def stack() -> Iterator[LocalStack]:
     ]
     with LocalStack(
         functions=functions,
-        topics=[REPLY_TOPIC, SCRIPTED_TOPIC, DETACHED_TOPIC],
+        topics=[REPLY_TOPIC, *REPLY_SHARDS, SCRIPTED_TOPIC, DETACHED_TOPIC],
         buckets=[PAYLOAD_BUCKET, LAKE_BUCKET],
         subscriptions={DETACHED_SUBSCRIPTION: DETACHED_TOPIC},
     ) as running:

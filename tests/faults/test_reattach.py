@@ -25,7 +25,7 @@ from google.cloud import storage
 
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
 from tests import REPO_ROOT
-from tests.conftest import LAKE_BUCKET
+from tests.conftest import LAKE_BUCKET, REPLY_SHARDS, REPLY_TOPIC
 from tests.faults import reattach_job
 from tests.faults.test_process_faults import own_function  # noqa: F401 - a fixture
 from tests.integration.helpers import make_client, run_asset, session_objects, session_subscriptions
@@ -155,6 +155,27 @@ def test_killed_mid_session_then_reexecuted_from_failure_runs_the_function_once(
         (materialized,) = materializations(orch.instance, child)
         assert materialized["pipes_reattached_from_run"] == parent
         assert logs_of(orch.instance, [parent, child]).count("[pipes] external process successfully opened dagster pipes.") == 1
+    assert_nothing_left(stack.project)
+
+
+def test_a_reattached_session_reads_the_reply_topic_it_was_recorded_with(stack, tmp_path):
+    """With reply_topics, a session replies on the topic its id hashes to; the re-execution reads that topic
+    (recorded with the session) even though the resource now lists other topics."""
+    token = uuid.uuid4().hex
+    client = {**FAST, "reply_topic": None, "reply_topics": REPLY_SHARDS}
+    spec = {"client": client, "payload": {"token": token, "log_lines": 30, "line_interval": 0.1}}
+    with orchestrator(stack, tmp_path / "home", spec) as orch:
+        wait_until(lambda: orch.running() and "line 5" in orch.step_lines(), "line 5 recorded")
+        parent = orch.kill()
+        orch.spec = {**spec, "client": {**client, "reply_topics": [REPLY_TOPIC, *reversed(REPLY_SHARDS)]}}
+        child, success = orch.reexecute(parent)
+
+        assert success, logs_of(orch.instance, [child])
+        assert lake_count(stack.project, f"runs/{token}/") == 1
+        assert_every_line_once(orch.instance, [parent, child], 30)
+        (materialized,) = materializations(orch.instance, child)
+        assert materialized["pipes_reattached_from_run"] == parent
+        assert materialized["pipes_reply_topic"].rsplit("/", 1)[-1] in REPLY_SHARDS
     assert_nothing_left(stack.project)
 
 

@@ -196,3 +196,18 @@ def test_the_projects_own_tests_use_the_same_fixture(gcf_pipes):
     [materialization] = result.asset_materializations_for_node("echoed")
     assert materialization.metadata["n"].value == 42
     assert os.environ["PUBSUB_EMULATOR_HOST"] == gcf_pipes.stack.environment["PUBSUB_EMULATOR_HOST"]
+
+
+def test_the_local_stack_creates_every_topic_of_reply_topics(tmp_path: Path):
+    from dagster_gcf_pipes.local.dev import plan_from_code_location
+
+    definitions = tmp_path / "sharded_defs.py"
+    definitions.write_text(textwrap.dedent("""
+        from dagster import Definitions
+        from dagster_gcf_pipes.orchestrator import PipesPubSubClient
+
+        defs = Definitions(resources={"pipes_pubsub": PipesPubSubClient(
+            trigger_topic="t", reply_topics=["replies-0", "replies-1", "replies-2"], bucket="b")})
+    """))
+    plan = plan_from_code_location(None, str(definitions))
+    assert plan.trigger_topics == ["t"] and plan.topics == {"replies-0", "replies-1", "replies-2"}

@@ -218,11 +218,12 @@ def test_a_missing_topic_is_not_cached(stack: LocalStack, counted_checks: dict[s
 def test_the_cost_model_bills_every_reply_once_per_subscription_on_the_topic() -> None:
     """The arithmetic behind "Cost and quotas" in docs/architecture.md (the figures come from bench.cost_model)."""
     no_heartbeats = 1e12
-    per_session, per_group = model(
+    per_session, sharded, per_group = model(
         ReplyVolume(batches=2, batch_bytes=5000, heartbeat_bytes=0),
         session_seconds=10,
         heartbeat_interval=no_heartbeats,
         group_size=100,
+        reply_topics=10,
         concurrency=[100],
     )
     published = 100 / 10 * 5000  # 10 sessions start a second, 5000 bytes each
@@ -230,6 +231,10 @@ def test_the_cost_model_bills_every_reply_once_per_subscription_on_the_topic() -
     assert per_session.published_bytes_per_second == pytest.approx(published)
     assert per_session.delivered_bytes_per_second == pytest.approx(100 * published)  # 1 own + 99 filtered out
     assert per_group.delivered_bytes_per_second == pytest.approx(published)
+    assert sharded.subscriptions_on_topic == 10  # 100 sessions over 10 topics
+    assert sharded.delivered_bytes_per_second == pytest.approx(10 * published)
+    assert sharded.admin_ops_per_second == per_session.admin_ops_per_second
+    assert per_group.admin_ops_per_second == pytest.approx(2 * 1 / 10)  # one group of 100 every 10 s
     assert per_session.admin_ops_per_second == pytest.approx(2 * 100 / 10)  # create + delete per session
 
 
