@@ -28,6 +28,7 @@ from tenacity import retry, retry_if_result, stop_after_delay, wait_fixed
 
 from dagster_gcf_pipes.orchestrator.component import CloudFunctionComponent, attributes_table
 from tests.conftest import PAYLOAD_BUCKET, REPLY_TOPIC, TEST_TOPIC
+from tests.integration.helpers import session_objects
 from tests.integration.test_round_trip import sha256_json
 
 TYPE = "dagster_gcf_pipes.orchestrator.CloudFunctionComponent"
@@ -235,11 +236,11 @@ def test_fan_out_over_the_runs_partition_range(defs: Definitions) -> None:
     assert [s["payload_sha256"] for s in shards] == [sha256_json({"part": p}) for p in ("p2", "p3", "p4")]
 
 
-@retry(stop=stop_after_delay(60), wait=wait_fixed(0.5), retry=retry_if_result(lambda events: not events))
-def recorded_events(sensor: SensorDefinition, client: Any, instance: DagsterInstance) -> list[Any]:
+@retry(stop=stop_after_delay(60), wait=wait_fixed(0.5), retry=retry_if_result(lambda result: result is None))
+def recording_tick(sensor: SensorDefinition, client: Any, instance: DagsterInstance) -> SensorResult | None:
     """Tick the sensor until it records what the (detached) function reported."""
     result = sensor(build_sensor_context(instance=instance, resources={"pipes_pubsub": client}))
-    return list(result.asset_events) if isinstance(result, SensorResult) else []
+    return result if isinstance(result, SensorResult) and result.asset_events else None
 
 
 def test_detached_job_and_its_completion_sensor_record_the_materialization(defs: Definitions) -> None:
@@ -249,7 +250,11 @@ def test_detached_job_and_its_completion_sensor_record_the_materialization(defs:
         run = defs.resolve_job_def("later_job").execute_in_process(instance=instance)
         assert run.success
         assert instance.get_latest_materialization_event(AssetKey(["component", "later"])) is None
-        (event,) = recorded_events(sensor, client, instance)
+        recorded = recording_tick(sensor, client, instance)
+        # the next tick, with the cursor the daemon saved, acks the replies and removes the session's objects
+        sensor(build_sensor_context(instance=instance, cursor=recorded.cursor, resources={"pipes_pubsub": client}))
+        (event,) = recorded.asset_events
+    assert session_objects(client.project or os.environ["GOOGLE_CLOUD_PROJECT"], prefix=f"{client.prefix}/") == []
     assert event.asset_key == AssetKey(["component", "later"])
     assert event.metadata["n"].value == 4
     assert event.metadata["payload_sha256"].value == sha256_json({"n": 4, "log_lines": 2})
