@@ -5,7 +5,8 @@ messages, which Dagster writes to the step's own stdout and stderr (its captured
 every write through to the stream they replaced (so the function's own log, Cloud Logging, still has it)
 and also hand it to the session that wrote it. A session's text is buffered per stream and sent as
 complete lines, many lines a message, every ``interval`` seconds (or at once when ``max_chars`` piled up);
-what is left is sent when the session ends, before ``closed``.
+what is left is sent when the session ends, before ``closed``. A proxy, once made, is never freed (one per
+stream it stands in for): a ``print()`` in another thread may still be writing through one just swapped out.
 
 Which session wrote a line: the one whose ``capture_output`` block the writing code runs in (a context
 variable, so the request thread, and asyncio tasks and ``asyncio.to_thread`` workers it starts, are
@@ -98,15 +99,32 @@ class _Tee:
         return getattr(self._original, name)
 
 
+#: every proxy put in place, one per stream it stands in for, kept for the life of the process (see ``_proxy``)
+_proxies: dict[tuple[Stream, int], _Tee] = {}
+
+
 def _install() -> None:
     """Put the proxies in place (once; again if something swapped them out since)."""
     with _lock:
         for name in STREAMS:
             current = getattr(sys, name)
             if not isinstance(current, _Tee):
-                setattr(sys, name, _Tee(name, current))
+                setattr(sys, name, _proxy(name, current))
                 _capture_writes_of(name, current)
                 _repoint_handlers(current, getattr(sys, name))
+
+
+def _proxy(name: Stream, stream: TextIO) -> _Tee:
+    """The proxy standing in for ``stream``: made once, never freed. CPython's ``print()`` holds ``sys.stdout``
+    by a borrowed reference while it writes (python/cpython#130163, still so in 3.11): when another thread
+    swaps the stream out (the Functions Framework does as each request ends, with LOG_EXECUTION_ID=true) and
+    that drops the last reference to the proxy a print writes through, the print goes on through freed memory
+    and the process dies (SIGSEGV). One proxy per stream also keeps their number bounded, however many
+    requests put the framework's wrapper back in place."""
+    key = (name, id(stream))  # the proxy holds ``stream``: its id is not reused while the entry lives
+    if key not in _proxies:
+        _proxies[key] = _Tee(name, stream)
+    return _proxies[key]
 
 
 def _capture_writes_of(name: Stream, stream: TextIO) -> None:

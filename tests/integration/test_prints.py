@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -135,7 +136,8 @@ def test_a_session_starting_while_another_prints_loses_none_of_its_lines(
     """One session prints without a pause while a second one starts on the same process, then both print on.
     The Functions Framework's execution-id logging (LOG_EXECUTION_ID=true) swaps sys.stdout/sys.stderr for
     its JSON wrappers around each request."""
-    topic = own_function(LOG_EXECUTION_ID="true")[0] if execution_id_logging else TEST_TOPIC
+    # faulthandler: a crash of the function's process leaves its report in the log (gunicorn only starts another)
+    topic, server = own_function(LOG_EXECUTION_ID="true", PYTHONFAULTHANDLER="1") if execution_id_logging else (TEST_TOPIC, None)
     first, second = f"first-{uuid.uuid4().hex[:8]}", f"second-{uuid.uuid4().hex[:8]}"
     first_run = start_run(tmp_path / first, {"scenario": "print", "tag": first, "token": first, "print_until": second,
                                              "prints": 200}, topic)
@@ -143,6 +145,8 @@ def test_a_session_starting_while_another_prints_loses_none_of_its_lines(
     second_run = start_run(tmp_path / second, {"scenario": "print", "tag": second, "token": second, "prints": 200}, topic)
     steps = {first: step_output(tmp_path / first, first_run), second: step_output(tmp_path / second, second_run)}
 
+    log = server.log_path.read_text(errors="replace") if server is not None else ""
+    assert "Fatal Python error" not in log, log[log.find("Fatal Python error"):][:6000]
     for tag, other in ((first, second), (second, first)):
         step = steps[tag]
         assert step.success, step
@@ -150,6 +154,97 @@ def test_a_session_starting_while_another_prints_loses_none_of_its_lines(
             lines = tagged(text, tag, stream)
             assert len(lines) >= 200 and lines == expected_lines(tag, stream, len(lines))  # none missing
         assert other not in step.stdout and other not in step.stderr
+
+
+def test_a_request_ending_while_another_prints_does_not_crash_the_process(tmp_path: Path):
+    """The Functions Framework's execution-id logging puts its wrapper in sys.stdout around each request, and
+    puts back what it found at the end. CPython's print() holds sys.stdout by a borrowed reference while it
+    writes (python/cpython#130163): if a request ends while another one is inside a print, and that swap
+    drops the last reference to the proxy the print writes through, the print goes on through freed memory and
+    the process dies (SIGSEGV, or a nonsensical AttributeError). The interleaving is made exact here (the
+    framework's own wrappers and redirects, one process, two threads); the last test of this kind on the
+    local stack met it now and then."""
+    probe = subprocess.run(
+        [sys.executable, "-m", "tests.integration.test_prints", "--swap-under-print", str(tmp_path)],
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"}, capture_output=True, text=True, timeout=120, check=False,
+    )
+
+    assert probe.returncode == 0, probe.stdout[-3000:] + probe.stderr[-5000:]
+    assert forwarded_lines(tmp_path / "first.jsonl") == ["first before", "first held", "first after"]
+    assert forwarded_lines(tmp_path / "second.jsonl") == ["second ends"]
+
+
+def forwarded_lines(messages: Path) -> list[str]:
+    """The stdout lines a session forwarded, from its Pipes messages file."""
+    sent = [json.loads(line) for line in messages.read_text().splitlines()]
+    text = "".join(m["params"]["text"] for m in sent if m["method"] == "log_external_stream" and m["params"]["stream"] == "stdout")
+    return text.splitlines()
+
+
+def _swap_under_print(folder: Path) -> None:
+    """The probe process of the test above: two requests through the framework's ``set_execution_context``
+    (one pair of redirects for every request, as the framework makes them), each a Pipes session capturing
+    its prints; the second ends while the first is held inside a print, by the stream under the framework's
+    wrapper."""
+    import flask
+    from dagster_pipes import (
+        PipesContext,
+        PipesDefaultContextLoader,
+        PipesDefaultMessageWriter,
+        PipesMappingParamsLoader,
+        encode_param,
+    )
+    from functions_framework.execution_id import set_execution_context
+
+    from dagster_gcf_pipes.function.stdio import capture_output
+
+    first_capturing, second_capturing, held, second_ended = (threading.Event() for _ in range(4))
+
+    class Console:
+        """The process's stdout: a write of the held line waits until the second request has ended."""
+
+        def write(self, text: str) -> int:
+            if "first held" in text:
+                held.set()
+                second_ended.wait(30)
+            return sys.__stdout__.write(text)
+
+        def flush(self) -> None:
+            sys.__stdout__.flush()
+
+    def handler(tag: str) -> None:
+        params = {"DAGSTER_PIPES_CONTEXT": encode_param({"data": {}}),
+                  "DAGSTER_PIPES_MESSAGES": encode_param({"path": str(folder / f"{tag}.jsonl")})}
+        pipes = PipesContext(PipesMappingParamsLoader(params), PipesDefaultContextLoader(), PipesDefaultMessageWriter())
+        with pipes, capture_output(pipes):
+            if tag == "first":
+                print("first before")
+                first_capturing.set()
+                second_capturing.wait(30)
+                print("first held")  # through the proxy the second request put in place
+                print("first after")
+            else:
+                second_capturing.set()
+                held.wait(30)
+                print("second ends")
+
+    sys.stdout = Console()  # what the framework's wrapper wraps: it is made with the stream of that moment
+    app = flask.Flask("probe")
+    view = set_execution_context(flask.request, enable_id_logging=True)(handler)
+
+    def request(tag: str) -> None:
+        with app.test_request_context():
+            view(tag)
+        if tag == "second":
+            second_ended.set()  # the framework has put back the stream it found when the request began
+
+    first = threading.Thread(target=request, args=("first",))
+    first.start()
+    first_capturing.wait(30)
+    second = threading.Thread(target=request, args=("second",))
+    second.start()
+    for thread in (first, second):
+        thread.join(60)
 
 
 def test_fan_out_shards_prints_carry_their_shard(stack: LocalStack, tmp_path: Path):
@@ -180,4 +275,7 @@ def _materialize(payload: dict[str, Any] | list[dict[str, Any]], trigger_topic: 
 
 
 if __name__ == "__main__":
-    _materialize(json.loads(sys.argv[1]), sys.argv[2])
+    if sys.argv[1] == "--swap-under-print":
+        _swap_under_print(Path(sys.argv[2]))
+    else:
+        _materialize(json.loads(sys.argv[1]), sys.argv[2])
