@@ -78,8 +78,9 @@ def _step_span(context: Any, name: str, client: Any, project: str, *, log: bool)
 
 
 def traced_session(run_session: F) -> F:
-    """Decorates ``PipesPubSubClient._run_session(context, resolved, ...)``: one span per session (a shard's
-    under its fan-out's), current while the trigger is published, so the whole session is one trace."""
+    """Decorates ``PipesPubSubClient._run_session(context, resolved, ...)`` (``SessionLifecycle.run_session``):
+    one span per session (a shard's under its fan-out's), current while the trigger is published, so the
+    whole session is one trace."""
 
     @functools.wraps(run_session)
     def wrapper(client: Any, context: Any, resolved: Any, *args: Any, **kwargs: Any) -> Any:

@@ -19,7 +19,7 @@ from google.cloud import pubsub_v1, storage
 from dagster_gcf_pipes.function import session as session_module
 from dagster_gcf_pipes.function.lease import claim_lease
 from dagster_gcf_pipes.function.session import SessionOutcome, run_session
-from dagster_gcf_pipes.orchestrator import client as client_module
+from dagster_gcf_pipes.orchestrator import session_lifecycle
 from dagster_gcf_pipes.orchestrator.session_end import end_lease
 from dagster_gcf_pipes.shared.claim_check import GCSBlobStore
 from dagster_gcf_pipes.shared.layout import lease_key
@@ -40,7 +40,7 @@ def test_an_orchestrator_clock_minutes_behind_does_not_make_triggers_late(stack,
     # The orchestrator's wall clock, 5 minutes slow (patched where the client reads it: gRPC's own deadlines
     # need the real clock in this process).
     skewed = SimpleNamespace(time=lambda: time.time() - 300, monotonic=time.monotonic, sleep=time.sleep)
-    monkeypatch.setattr(client_module, "time", skewed)
+    monkeypatch.setattr(session_lifecycle, "time", skewed)
     outcome = run_asset(make_client(startup_timeout=10.0), {"n": 7})
 
     assert outcome.result.success, outcome.failure_message

@@ -23,6 +23,7 @@ from google.cloud import pubsub_v1
 from bench.cost_model import ReplyVolume, model
 from dagster_gcf_pipes.local.local_stack import LocalStack
 from dagster_gcf_pipes.orchestrator import client as client_module
+from dagster_gcf_pipes.orchestrator import resolution, session_lifecycle
 from dagster_gcf_pipes.orchestrator import reply_subscription
 from tests.integration.helpers import make_client, run_asset, session_subscriptions
 from tests.modes.test_fanout import run_fan_out_asset, step_failure
@@ -65,7 +66,8 @@ class WrappedSubscriber:
 def wrap_subscribers(monkeypatch: pytest.MonkeyPatch, wrapper: type[WrappedSubscriber]) -> None:
     """Every subscriber client the orchestrator opens (a session's, a fan-out group's) comes wrapped."""
     real_factory = client_module.subscriber_client
-    monkeypatch.setattr(client_module, "subscriber_client", lambda: wrapper(real_factory()))
+    for module in (client_module, session_lifecycle):
+        monkeypatch.setattr(module, "subscriber_client", lambda: wrapper(real_factory()))
 
 
 @pytest.fixture
@@ -189,11 +191,11 @@ def counted_checks(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
 
         return wrapped
 
-    monkeypatch.setattr(client_module, "_topic_exists", counting("topic", client_module._topic_exists))
-    monkeypatch.setattr(client_module, "_bucket_exists", counting("bucket", client_module._bucket_exists))
-    client_module.clear_resource_cache()
+    monkeypatch.setattr(resolution, "_topic_exists", counting("topic", resolution._topic_exists))
+    monkeypatch.setattr(resolution, "_bucket_exists", counting("bucket", resolution._bucket_exists))
+    resolution.clear_resource_cache()
     yield counts
-    client_module.clear_resource_cache()
+    resolution.clear_resource_cache()
 
 
 def test_topic_and_bucket_checks_run_once_per_process(stack: LocalStack, counted_checks: dict[str, int]) -> None:

@@ -208,7 +208,7 @@ def test_tracing_off_creates_no_span_and_loads_no_sdk(tmp_path: Path):
     ],
 )
 def test_trace_url_template_is_checked_before_anything_is_published(template: str, problem: str | None):
-    problems = make_client(trace_url_template=template)._config_problems()
+    problems = make_client(trace_url_template=template).config_problems()
     if problem is None:
         assert problems == []
     else:
