@@ -161,9 +161,9 @@ def test_a_request_ending_while_another_prints_does_not_crash_the_process(tmp_pa
     puts back what it found at the end. CPython's print() holds sys.stdout by a borrowed reference while it
     writes (python/cpython#130163): if a request ends while another one is inside a print, and that swap
     drops the last reference to the proxy the print writes through, the print goes on through freed memory and
-    the process dies (SIGSEGV, or a nonsensical AttributeError). The interleaving is made exact here (the
-    framework's own wrappers and redirects, one process, two threads); the last test of this kind on the
-    local stack met it now and then."""
+    the process dies (SIGSEGV, or a nonsensical AttributeError). The test above meets it now and then on the
+    local stack; here the interleaving is exact: the framework's own wrappers and redirects, two requests on
+    two threads of one process."""
     probe = subprocess.run(
         [sys.executable, "-m", "tests.integration.test_prints", "--swap-under-print", str(tmp_path)],
         env={**os.environ, "PYTHONFAULTHANDLER": "1"}, capture_output=True, text=True, timeout=120, check=False,
