@@ -22,7 +22,6 @@ from dagster_gcf_pipes.shared.retry import transient_retry
 
 DEFAULT_FUNCTION_TIMEOUT = 60.0  # Cloud Functions' own default when service_config.timeout_seconds is unset
 DEFAULT_HEARTBEAT_TIMEOUT = 60.0
-TOTAL_TIMEOUT_MARGIN = 60.0  # startup (cold start, Pub/Sub delivery) plus draining the last replies
 MAX_ATTEMPTS = 5
 CALL_TIMEOUT = 10.0  # per GetFunction attempt, so a hung call becomes a retried DeadlineExceeded
 PUBSUB_EVENT_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
@@ -121,13 +120,10 @@ def derived_timeouts(function: DeployedFunction) -> dict[str, float]:
     At ``timeout_seconds`` the platform answers the caller with an error; a 2nd gen function is not killed
     ("the function instance might be throttled, but it continues operating until it exits on its own":
     https://cloud.google.com/functions/docs/configuring/timeout), so the function's session closes itself
-    just before it, and a session cannot legitimately outlive it by more than startup and the last replies
-    (``total_timeout``); a heartbeat gap longer than the function's whole timeout cannot be a live
-    function, so the heartbeat timeout is capped by it.
+    just before it, counted from when its delivery arrived; the client bounds every session at
+    startup_timeout + function_timeout + a margin from the trigger, which allows for a delivery that Eventarc
+    retried late. A heartbeat gap longer than the function's whole timeout cannot be a live function, so
+    the heartbeat timeout is capped by it.
     """
     timeout = function.timeout_seconds
-    return {
-        "function_timeout": timeout,
-        "total_timeout": timeout + TOTAL_TIMEOUT_MARGIN,
-        "heartbeat_timeout": min(DEFAULT_HEARTBEAT_TIMEOUT, timeout),
-    }
+    return {"function_timeout": timeout, "heartbeat_timeout": min(DEFAULT_HEARTBEAT_TIMEOUT, timeout)}

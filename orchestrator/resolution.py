@@ -90,7 +90,6 @@ class ResolvedCall:
     reply_topics: tuple[str, ...]  # projects/P/topics/T the sessions reply to, one or more; () on the GCS channel
     function_timeout: float
     heartbeat_timeout: float
-    total_timeout: float | None
 
 
     def reply_topic_of(self, owner: str) -> str:
@@ -141,7 +140,6 @@ def resolve_call(
             min(settings.heartbeat_timeout, derived.get("heartbeat_timeout", settings.heartbeat_timeout)),
             2 * settings.heartbeat_interval,
         ),
-        total_timeout=settings.total_timeout if settings.total_timeout is not None else derived.get("total_timeout"),
     )
     topics = {trigger_topic: "trigger_topic", **reply_topics}
     _check_resources(settings, resolved, {path: setting for path, setting in topics.items() if path})

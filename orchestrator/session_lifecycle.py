@@ -333,8 +333,8 @@ class SessionLifecycle:
         return self.settings.reattach and resolved.reply_channel == REPLY_CHANNEL_PUBSUB
 
     def _total_timeout(self, resolved: ResolvedCall) -> float | None:
-        """The configured (or derived) total timeout, unless the session cap comes first (its error says why)."""
-        total = resolved.total_timeout
+        """The configured total timeout, unless the session cap comes first (its error says why)."""
+        total = self.settings.total_timeout
         return total if total is not None and total <= self._session_cap(resolved) else None
 
     def _session_cap(self, resolved: ResolvedCall) -> float:

@@ -4,12 +4,15 @@ session itself runs on the local stack."""
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
-from google.cloud import functions_v2
+from google.cloud import functions_v2, pubsub_v1
 
 from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
 from tests.conftest import TEST_TOPIC
+from tests.faults.test_session_end import Queue
 from tests.fakes.function_service import FakeFunctionService
 from tests.integration.helpers import make_client, run_asset
 
@@ -74,3 +77,33 @@ def test_function_name_with_http_invocation_is_refused(stack, fake):
 
     assert not outcome.result.success
     assert "with invocation='http' set function_url instead" in outcome.failure_message
+
+
+def test_a_late_start_does_not_cut_short_a_session_that_closes_within_the_functions_timeout(stack, fake):
+    """Eventarc retries a failed delivery with backoff, so a function may start well after its trigger was
+    published, then run up to its whole timeout. Before: with function_name, total_timeout defaulted to the
+    function's timeout + 60 s counted from the trigger, and failed such a session while the function still
+    ran (this test fails so with total_timeout=11, the old default with its 60 s margin shrunk to 1 s). Now
+    the bound is startup_timeout + function_timeout + a margin."""
+    queue = Queue(stack.project)  # the deployed trigger: nothing consumes it until the test redelivers
+    deploy(fake, topic=queue.topic, timeout_seconds=10)
+
+    def redeliver_late() -> None:
+        deadline = time.monotonic() + 30
+        while queue.take() < 1 and time.monotonic() < deadline:
+            pass
+        time.sleep(6)  # a delivery retried with backoff
+        (message,) = queue.held
+        with pubsub_v1.PublisherClient() as publisher:
+            publisher.publish(f"projects/{stack.project}/topics/{TEST_TOPIC}", message.data, **message.attributes).result(30)
+
+    late = threading.Thread(target=redeliver_late, daemon=True)
+    late.start()
+    try:
+        outcome = run_asset(named_client(fake), payload={"n": 3, "sleep": 6})
+    finally:
+        late.join(timeout=40)
+        queue.close()
+
+    assert outcome.result.success, outcome.failure_message
+    assert outcome.metadata["n"] == 3 and outcome.metadata["pipes_session_seconds"] > 11

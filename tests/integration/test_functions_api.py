@@ -184,5 +184,5 @@ def test_derived_timeouts() -> None:
     def timeouts(seconds: float) -> dict[str, float]:
         return derived_timeouts(DeployedFunction(NAME, TOPIC, seconds, URL, "ACTIVE"))
 
-    assert timeouts(540.0) == {"function_timeout": 540.0, "total_timeout": 600.0, "heartbeat_timeout": 60.0}
-    assert timeouts(30.0) == {"function_timeout": 30.0, "total_timeout": 90.0, "heartbeat_timeout": 30.0}
+    assert timeouts(540.0) == {"function_timeout": 540.0, "heartbeat_timeout": 60.0}
+    assert timeouts(30.0) == {"function_timeout": 30.0, "heartbeat_timeout": 30.0}
