@@ -9,9 +9,12 @@ fed from its trigger topic as Eventarc feeds it, and create what the code locati
 resources name (trigger, reply and detached reply topics, the bucket; ``--topic``, ``--bucket`` and
 ``--subscription NAME=TOPIC`` add more, e.g. the durable subscription a completion sensor reads). When a
 function's source folder changes, its server is restarted at once and the reload is logged, so the next
-trigger runs the new code. ``dev`` then runs ``dagster dev`` on the code location with the emulator variables
-set; ``up`` prints the variables to export for running Dagster (or anything else) your own way. Ctrl-C or
-SIGTERM stops every process.
+trigger runs the new code. Once a second the stack is looked at: a function server that died (a native crash,
+the OOM killer) is reported with the end of its log and restarted, unless it dies again right after that
+restart (it then waits for the next edit of its folder); an emulator or a dispatcher that died ends the
+command with exit code 1, as nothing can be restarted under a running Dagster. ``dev`` then runs ``dagster
+dev`` on the code location with the emulator variables set; ``up`` prints the variables to export for running
+Dagster (or anything else) your own way. Ctrl-C or SIGTERM stops every process.
 """
 
 from __future__ import annotations
@@ -137,29 +140,145 @@ def build_stack(args: argparse.Namespace) -> LocalStack:
                       workdir=Path(args.logs) if args.logs else None)
 
 
+#: how often the stack is looked at for a server that died
+WATCH_SECONDS = 1.0
+#: a function server that dies again this soon after it was restarted for dying is crash-looping: it stays down
+#: until the next edit of its folder
+CRASH_LOOP_SECONDS = 10.0
+
+
+@dataclass
+class FunctionKeeper:
+    """Keeps one function served: restarts its server after an edit of its folder (the reloader's thread) or
+    after the server died (the stack's watch), one restart at a time. A server that dies again right after it
+    was restarted for dying, or does not start, is left down until the next edit: restarting the same code
+    again would only crash again."""
+
+    stack: LocalStack
+    function: LocalFunction
+    stop: threading.Event
+    #: when the watch last restarted the server because it died (None after an edit)
+    revived: float | None = None
+    waiting_for_edit: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.function.source).parent
+
+    @property
+    def server_name(self) -> str:
+        return self.stack.server_of(self.function).name
+
+    def after_edit(self, changes: set[tuple[Any, str]]) -> None:
+        started = time.monotonic()
+        changed = ", ".join(sorted({Path(path).name for _, path in changes}))
+        with self._lock:
+            if self.stop.is_set():
+                return
+            _log.info("%s changed (%s): restarting the function on %s", self.folder, changed,
+                      self.function.trigger_topic)
+            self.revived = None
+            if self._restart():
+                _log.info("function on %s serves the new code (%.2f s after the change)",
+                          self.function.trigger_topic, time.monotonic() - started)
+
+    def after_death(self) -> None:
+        """If the server died: say how (with the end of its log), then restart it unless it is crash-looping."""
+        if not self._lock.acquire(blocking=False):
+            return  # a restart is under way: it reports how it went
+        try:
+            server = self.stack.server_of(self.function)
+            if self.waiting_for_edit or self.stop.is_set() or (death := server.death()) is None:
+                return
+            died = time.monotonic()
+            _log.error("a function server died: %s", death)
+            if self.revived is not None and died - self.revived < CRASH_LOOP_SECONDS:
+                self._wait_for_edit(f"died again {died - self.revived:.0f} s after its restart")
+            elif self._restart():
+                self.revived = time.monotonic()
+                _log.info("function on %s serves its code again (%.2f s after %s died)",
+                          self.function.trigger_topic, time.monotonic() - died, server.name)
+        finally:
+            self._lock.release()
+
+    def settle(self) -> None:
+        """Wait for a restart under way to end (``stop`` is set: no other starts)."""
+        with self._lock:
+            pass
+
+    def _restart(self) -> bool:
+        try:
+            self.stack.restart_function(self.function)
+        except LocalStackError as exc:
+            _log.error("%s", exc)
+            self._wait_for_edit("did not start")
+            return False
+        self.waiting_for_edit = False
+        return True
+
+    def _wait_for_edit(self, what_happened: str) -> None:
+        self.waiting_for_edit = True
+        _log.error("%s %s: not restarting it again; it will be restarted after the next edit of %s",
+                   self.server_name, what_happened, self.folder)
+
+
+@dataclass
+class StackWatch:
+    """Looks at the stack's servers until the command ends: a function server that died is restarted (see
+    ``FunctionKeeper``); any other server (an emulator, a dispatcher) dying ends the command, as nothing can
+    be restarted under a running Dagster without losing what the emulators held."""
+
+    stack: LocalStack
+    keepers: list[FunctionKeeper]
+    stop: threading.Event
+
+    def run(self, dagster: subprocess.Popen | None = None) -> int:
+        """Until Ctrl-C or SIGTERM (0), ``dagster dev`` exiting (its exit code) or a server dying that cannot
+        be restarted (1)."""
+        while not self.stop.wait(WATCH_SECONDS):
+            if dagster is not None and dagster.poll() is not None:
+                return dagster.returncode
+            death = self.look()
+            if death is not None:
+                _log.error("the local stack cannot go on: %s\n\nstopping everything: start gcf-pipes again (the "
+                           "emulators keep nothing across a restart)", death)
+                return 1
+        return 0
+
+    def look(self) -> str | None:
+        """Restart the function servers that died; how another server died, if one did."""
+        for keeper in self.keepers:
+            keeper.after_death()
+        kept = {keeper.server_name for keeper in self.keepers}
+        for name, server in list(self.stack.servers.items()):
+            if name not in kept and (death := server.death()) is not None:
+                server.stop()  # reported once, here, not again when the stack stops
+                return death
+        return None
+
+
 @contextmanager
-def reloading(stack: LocalStack, stop: threading.Event) -> Iterator[None]:
-    """Restart a function's server as soon as a file under its source folder changes."""
+def watching(stack: LocalStack, stop: threading.Event) -> Iterator[StackWatch]:
+    """Keep the stack's functions served while the block runs: a function's server restarts as soon as a file
+    under its source folder changes, and when it dies (``StackWatch.run`` looks once a second)."""
     from watchfiles import watch
 
-    def watch_one(function: LocalFunction) -> None:
-        folder = Path(function.source).parent
-        for changes in watch(folder, stop_event=stop, debounce=200, step=50):
-            started = time.monotonic()
-            changed = ", ".join(sorted({Path(path).name for _, path in changes}))
-            _log.info("%s changed (%s): restarting the function on %s", folder, changed, function.trigger_topic)
-            stack.restart_function(function)
-            _log.info("function on %s serves the new code (%.2f s after the change)", function.trigger_topic,
-                      time.monotonic() - started)
+    keepers = [FunctionKeeper(stack, function, stop) for function in stack.functions]
 
-    threads = [threading.Thread(target=watch_one, args=(f,), daemon=True, name=f"reload-{f.trigger_topic}")
-               for f in stack.functions]
-    for thread in threads:
-        thread.start()
+    def reload_on_edit(keeper: FunctionKeeper) -> None:
+        for changes in watch(keeper.folder, stop_event=stop, debounce=200, step=50):
+            keeper.after_edit(changes)
+
+    for keeper in keepers:
+        threading.Thread(target=reload_on_edit, args=(keeper,), daemon=True,
+                         name=f"reload-{keeper.function.trigger_topic}").start()
     try:
-        yield
+        yield StackWatch(stack, keepers, stop)
     finally:
         stop.set()
+        for keeper in keepers:
+            keeper.settle()
 
 
 def _exports(stack: LocalStack) -> str:
@@ -182,23 +301,19 @@ def serve(args: argparse.Namespace, run_dagster: bool) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stack = build_stack(args)
     print("starting the local stack (Pub/Sub emulator, fake-gcs-server, Functions Framework) ...", flush=True)
-    with stack, reloading(stack, stop):
+    with stack, watching(stack, stop) as watch:
         print(f"local stack up; its logs are in {stack.workdir}", flush=True)
         for function in stack.functions:
             print(f"  {function.source}:{function.target} <- topic {function.trigger_topic}", flush=True)
         if not run_dagster:
             print(f"\nrun Dagster (or anything else) against it with:\n\n{_exports(stack)}\n\nCtrl-C stops it.",
                   flush=True)
-            stop.wait()
-            return 0
+            return watch.run()
         target = ["-m", args.module] if args.module else ["-f", args.file]
         command = [sys.executable, "-m", "dagster", "dev", *target, "-h", args.host, "-p", str(args.port)]
         dagster = subprocess.Popen(command, env={**os.environ, **stack.environment}, start_new_session=True)
         try:
-            while not stop.wait(0.5):
-                if dagster.poll() is not None:
-                    return dagster.returncode
-            return 0
+            return watch.run(dagster)
         finally:
             print("stopping dagster dev, then the local stack ...", flush=True)
             _stop_process_group(dagster)

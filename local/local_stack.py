@@ -419,12 +419,17 @@ class LocalStack:
         """Serve ``function``'s current code: its server restarts on the same port, so its delivery carries
         on (the dispatcher retries what arrives meanwhile; a push subscription's endpoint stays valid)."""
         name = function.trigger_topic or function.target
-        old = self.servers[f"function-{name}"]
+        old = self.server_of(function)
         companions, old.companions = old.companions, []  # the dispatcher keeps running
         old.stop()
-        server = self._serve(function, urllib.parse.urlsplit(self.function_urls[name]).port)
-        server.companions = companions
-        return server
+        try:
+            return self._serve(function, urllib.parse.urlsplit(self.function_urls[name]).port)
+        finally:  # the new server, or the one that failed to start (the next restart takes them from it)
+            self.server_of(function).companions = companions
+
+    def server_of(self, function: LocalFunction) -> ManagedProcess:
+        """``function``'s Functions Framework server, dead or alive (``function_server`` raises if a server died)."""
+        return self.servers[f"function-{function.trigger_topic or function.target}"]
 
     def _serve(self, function: LocalFunction, port: int) -> ManagedProcess:
         env = {

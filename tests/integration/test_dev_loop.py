@@ -19,6 +19,7 @@ from dagster import DagsterInstance, MaterializeResult, asset, materialize
 from dagster_gcf_pipes.local.local_stack import free_port
 from dagster_gcf_pipes.orchestrator import PipesPubSubClient
 from tests.integration.processes import Output
+from tests.integration.test_local_stack import alive, descendants, process_table
 
 GCF_PIPES = Path(sys.executable).parent / "gcf-pipes"
 
@@ -26,6 +27,7 @@ FUNCTION = '''
     from dagster_gcf_pipes.function import pipes_function
 
     VERSION = "one"
+    print(f"my_function version {VERSION} is loaded")
 
 
     @pipes_function
@@ -109,10 +111,16 @@ def materialize_my_table(project: Path, environment: dict[str, str]) -> tuple[li
                 os.environ[key] = value
 
 
-def test_up_serves_the_users_function_and_reloads_it_after_an_edit(project: Path, gcf_pipes_command):
+def started_up(gcf_pipes_command) -> tuple[subprocess.Popen, Output, int, dict[str, str]]:
+    """``gcf-pipes up`` on the user's function: the process, its output, the line it is up at, its exports."""
     process, output = gcf_pipes_command("up", "-f", "my_defs.py", "--function", "my_function/main.py:main")
     last = output.wait_for("Ctrl-C stops it.")
     environment = dict(line.removeprefix("export ").split("=", 1) for line in output.lines if line.startswith("export "))
+    return process, output, last, environment
+
+
+def test_up_serves_the_users_function_and_reloads_it_after_an_edit(project: Path, gcf_pipes_command):
+    process, output, last, environment = started_up(gcf_pipes_command)
     assert environment["GOOGLE_CLOUD_PROJECT"] == "my-project"  # the project the user's resource names
 
     logs, metadata = materialize_my_table(project, environment)
@@ -129,6 +137,75 @@ def test_up_serves_the_users_function_and_reloads_it_after_an_edit(project: Path
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
+
+
+CRASHING_AT_START = """
+    # a native crash at start, while the project holds the file `crash-at-start` (outside the watched folder)
+    import os
+    import threading
+    from pathlib import Path
+
+    if (Path(__file__).parent.parent / "crash-at-start").exists():
+        threading.Timer(1, os._exit, (3,)).start()
+"""
+
+
+def server_pid(gcf_pipes: subprocess.Popen, command: str) -> int:
+    """The server ``gcf-pipes`` started whose command line holds ``command`` (not its own children)."""
+    table = process_table()
+    [pid] = [pid for pid, cmdline in descendants(gcf_pipes.pid).items()
+             if command in cmdline and table[pid][0] == gcf_pipes.pid]
+    return pid
+
+
+def test_up_restarts_a_function_server_that_died_and_says_why(project: Path, gcf_pipes_command):
+    process, output, last, environment = started_up(gcf_pipes_command)
+    pid = server_pid(process, "functions_framework")
+    os.kill(pid, signal.SIGKILL)  # the master only, as a segfault or the OOM killer would
+
+    said = output.wait_for(f"function-my-trigger (pid {pid}) was killed by SIGKILL", timeout=30, start=last)
+    report = "\n".join(output.lines[said:said + 40])
+    assert "function-my-trigger.log" in report and "my_function version one is loaded" in report, report  # the end of its log
+    output.wait_for("serves its code again", start=said)
+
+    logs, metadata = materialize_my_table(project, environment)  # a trigger published after the crash is served
+    assert "running version one" in logs and metadata["version"] == "one"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+
+
+def test_up_stops_restarting_a_crash_looping_function_until_its_folder_is_edited(project: Path, gcf_pipes_command):
+    source = project / "my_function" / "main.py"
+    source.write_text(textwrap.dedent(CRASHING_AT_START) + source.read_text())
+    process, output, last, environment = started_up(gcf_pipes_command)
+    (project / "crash-at-start").touch()
+    os.kill(server_pid(process, "functions_framework"), signal.SIGKILL)
+
+    gave_up = output.wait_for("it will be restarted after the next edit of", timeout=60, start=last)
+    assert "function-my-trigger" in output.lines[gave_up], output.tail()
+
+    (project / "crash-at-start").unlink()
+    source.write_text(source.read_text().replace('VERSION = "one"', 'VERSION = "two"'))
+    output.wait_for("serves the new code", start=gave_up)
+    logs, metadata = materialize_my_table(project, environment)
+    assert "running version two" in logs and metadata["version"] == "two"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+
+
+def test_up_stops_everything_and_fails_when_an_emulator_dies(project: Path, gcf_pipes_command):
+    process, output, last, _ = started_up(gcf_pipes_command)
+    servers = descendants(process.pid)
+    pid = server_pid(process, "fake-gcs-server")
+    os.kill(pid, signal.SIGKILL)
+
+    assert process.wait(timeout=60) != 0, output.tail()
+    said = output.wait_for(f"fake-gcs-server (pid {pid}) was killed by SIGKILL", timeout=10, start=last)
+    assert "fake-gcs-server.log" in "\n".join(output.lines[said:]), output.tail()
+    deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously
+    while alive(servers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive(servers) == {}, "left running after gcf-pipes up failed"
 
 
 def test_dev_runs_dagster_on_the_users_code_location(project: Path, gcf_pipes_command, tmp_path: Path):
