@@ -141,7 +141,7 @@ def test_a_session_starting_while_another_prints_loses_none_of_its_lines(
     first, second = f"first-{uuid.uuid4().hex[:8]}", f"second-{uuid.uuid4().hex[:8]}"
     first_run = start_run(tmp_path / first, {"scenario": "print", "tag": first, "token": first, "print_until": second,
                                              "prints": 200}, topic)
-    wait_for_object(stack.project, f"started/{first}")
+    wait_for_object(stack.project, f"started/{first}", timeout=120)  # a fresh Dagster process's start, under load too
     second_run = start_run(tmp_path / second, {"scenario": "print", "tag": second, "token": second, "prints": 200}, topic)
     steps = {first: step_output(tmp_path / first, first_run), second: step_output(tmp_path / second, second_run)}
 
