@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import google.auth.exceptions
 from google.api_core import exceptions as gexc
 from google.cloud import functions_v2
 
@@ -62,12 +63,19 @@ def resolve_function(
         if name in _cache:
             return _cache[name]
 
-    api = client_factory()
-    get = transient_retry(max_seconds=retry_seconds, max_attempts=MAX_ATTEMPTS)(api.get_function)
     project, location = match["project"], match["location"]
     try:
+        api = client_factory()
+        get = transient_retry(max_seconds=retry_seconds, max_attempts=MAX_ATTEMPTS)(api.get_function)
         # retry=None: the GAPIC layer must not retry under tenacity, or the budgets multiply
         function = get(name=name, retry=None, timeout=CALL_TIMEOUT)
+    except google.auth.exceptions.DefaultCredentialsError as e:
+        raise PipesPubSubConfigError(
+            f"function_name={name}: reading the deployment from the Cloud Functions API needs Application Default "
+            f"Credentials ({e}); run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS. "
+            "Where that API is out of reach (the local stack has no emulator of it), set trigger_topic and "
+            "function_timeout instead of function_name"
+        ) from e
     except gexc.NotFound as e:
         raise PipesPubSubConfigError(
             f"Cloud Function {name} does not exist (gcloud functions list --v2 --project {project})"

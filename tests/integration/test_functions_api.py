@@ -142,6 +142,14 @@ def test_missing_function_is_named(fake: FakeFunctionService, client: functions_
     assert isinstance(raised.value.__cause__, gexc.NotFound)
 
 
+def test_no_credentials_names_function_name_and_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real client, built where Application Default Credentials cannot be found (as on the local stack)."""
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/credentials.json")
+    with pytest.raises(PipesPubSubConfigError, match="needs Application Default Credentials") as raised:
+        resolve_function(f"{NAME}-no-credentials")
+    assert "set trigger_topic and function_timeout instead of function_name" in str(raised.value)
+
+
 @pytest.mark.parametrize(
     "name",
     ["pipes-worker", "projects/demo/functions/pipes-worker", f"{NAME}/extra", "projects//locations/l/functions/f"],
