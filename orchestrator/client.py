@@ -212,10 +212,13 @@ class PipesPubSubClient(PipesPubSubClientSettings, PipesClient):
             context.log.info("[pipes] reattach is on but needs reply_channel='pubsub': this step starts new sessions")
             return {}
         chain, found = find_earlier_sessions(context)
-        context.log.info(
-            f"[pipes] reattach is on: {len(found)} unfinished session(s) left by earlier attempts of step "
-            f"{step_key(context)} in run(s) {', '.join(chain)}"
-        )
+        if found:
+            context.log.info(
+                f"[pipes] reattach is on: {len(found)} unfinished session(s) left by earlier attempts of step "
+                f"{step_key(context)} in run(s) {', '.join(chain)}"
+            )
+        else:  # the usual case, a first attempt: not worth a line in the step's log
+            context.log.debug(f"[pipes] reattach is on: no earlier attempt of step {step_key(context)} left a session")
         return found
 
     def run_detached(

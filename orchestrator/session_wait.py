@@ -24,6 +24,12 @@ class SessionWaiter:
     _last_heard: tuple[float, float] | None = None  # (monotonic, wall clock)
     opened_extras: Mapping[str, Any] = {}  # what the function's writer reported in `opened`
 
+    @property
+    def expected_writer_count(self) -> int:
+        """One writer per session (the invocation that owns its lease). Overrides Dagster's default, the same
+        value, which is marked preview and warned about on every session it is read."""
+        return 1
+
     def on_opened(self, opened_payload: PipesOpenedData) -> None:
         """Dagster's hook for the ``opened`` message: keep the writer's extras (invocation id, trace id)."""
         self.opened_extras = dict(opened_payload.get("extras") or {})

@@ -28,10 +28,28 @@ DEFAULT_FUNCTION_TIMEOUT = 540.0
 def payload_problems(payload: Any) -> list[str]:
     if not isinstance(payload, Mapping):
         return [f"payload must be a dict (a JSON object), got {type(payload).__name__}"]
+    keys = _non_string_keys(payload)
+    if keys:
+        # json.dumps would turn them into strings silently: the handler would not get the keys it was given
+        return [
+            f"payload has the key {keys[0]!r} ({type(keys[0]).__name__}): JSON object keys are strings; pass only "
+            "dicts with string keys (e.g. str(key))"
+        ]
     try:
         dumps(dict(payload), "payload")
     except ProtocolError as exc:
         return [str(exc)]
+    return []
+
+
+def _non_string_keys(value: Any) -> list[Any]:
+    """Every key anywhere in ``value`` that is not a string."""
+    if isinstance(value, Mapping):
+        return [key for key in value if not isinstance(key, str)] + [
+            key for item in value.values() for key in _non_string_keys(item)
+        ]
+    if isinstance(value, list | tuple):
+        return [key for item in value for key in _non_string_keys(item)]
     return []
 
 
@@ -189,7 +207,10 @@ class PipesPubSubClientSettings(ConfigurableResource):
                 "topic (that one included) in reply_topics"
             )]
         if not (self.reply_topic or self.reply_topics):
-            return ["reply_topic is not set: name the topic the function publishes its replies to"]
+            return [
+                "reply_topic is not set: name the topic the function publishes its replies to (or several, in "
+                "reply_topics)"
+            ]
         topics = self.reply_topics or []
         repeated = sorted({topic for topic in topics if topics.count(topic) > 1})
         if repeated:

@@ -6,6 +6,7 @@ import concurrent.futures
 import hashlib
 import io
 import json
+import warnings
 
 import polars as pl
 import pytest
@@ -117,6 +118,8 @@ def test_concurrent_sessions_on_one_warm_instance_stay_apart(stack: LocalStack):
         ({"when": object()}, "payload is not JSON-serialisable"),
         ({"x": float("nan")}, "payload is not JSON-serialisable"),
         ({"DAGSTER_PIPES_CONTEXT": "mine"}, "reserved for the Pipes bootstrap params"),
+        ({"rows": 2, 5: "x"}, "payload has the key 5 (int): JSON object keys are strings"),  # was a raw TypeError
+        ({"rows": [{None: 1}]}, "payload has the key None (NoneType)"),  # was silently sent as "null"
     ],
 )
 def test_bad_payload_fails_before_anything_is_published(stack: LocalStack, payload, expected):
@@ -154,3 +157,13 @@ def test_unreachable_pubsub_is_a_clear_error_not_a_hang(stack: LocalStack, monke
     assert "GCPUnreachableError" in outcome.failure_message
     assert "Pub/Sub did not answer within preflight_timeout=3s" in outcome.failure_message
     assert "PUBSUB_EMULATOR_HOST=127.0.0.1:" in outcome.failure_message
+
+
+def test_a_session_warns_nothing(stack: LocalStack):
+    """Dagster marks PipesMessageReader.expected_writer_count as preview and warned about it on every session
+    our readers ran; they say it themselves (one writer per session)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outcome = run_asset(make_client(), payload={"n": 1})
+    assert outcome.result.success, outcome.failure_message
+    assert [str(w.message) for w in caught if "expected_writer_count" in str(w.message)] == []
