@@ -14,6 +14,9 @@ one upload), so two attempts can only write the same result (docs/reliability.md
 
 An interrupt ends every running shard's session (the functions that had not started never will) and starts
 no new shard.
+
+What the shards report besides materializations is aggregated too (``FanOutResult``): one asset check
+result per check, failed if any shard reported it failed, and every shard's custom messages.
 """
 
 from __future__ import annotations
@@ -22,11 +25,25 @@ import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from dagster import DagsterExecutionInterruptedError, MaterializeResult, MetadataValue, PipesClientCompletedInvocation
+from dagster import (
+    AssetCheckKey,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    DagsterExecutionInterruptedError,
+    DagsterInvariantViolationError,
+    MaterializeResult,
+    MetadataValue,
+    PipesClientCompletedInvocation,
+    PipesExecutionResult,
+    get_dagster_logger,
+)
+from dagster_pipes import DagsterPipesError
 
 from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError, PipesPubSubError, RunInterrupted
 from dagster_gcf_pipes.orchestrator.fanout_progress import FanOutProgress, shard_statistics, shard_table
@@ -35,6 +52,13 @@ RunShard = Callable[[int, Mapping[str, Any]], PipesClientCompletedInvocation]
 
 #: Errors a new session cannot fix: retrying them only repeats the failure.
 NOT_RETRIED = (PipesPubSubConfigError, RunInterrupted)
+
+#: At most this many shard indexes are listed in an aggregated check's metadata (the counts are always exact):
+#: a check of a 1,000-shard fan-out stays small.
+LISTED_SHARDS = 50
+
+#: A failed aggregated check takes the worst severity of the shards that failed it.
+SEVERITY_RANK = {AssetCheckSeverity.WARN: 0, AssetCheckSeverity.ERROR: 1}
 
 
 @dataclass(frozen=True)
@@ -50,14 +74,21 @@ class ShardOutcome:
     def ok(self) -> bool:
         return self.error is None
 
+    def results(self, *, implicit_materializations: bool = True) -> Sequence[PipesExecutionResult]:
+        """What the shard's session reported (materializations and check results), as ``get_results()``."""
+        if self.invocation is None:
+            return ()
+        return self.invocation.get_results(implicit_materializations=implicit_materializations)
+
     @property
     def metadata(self) -> dict[str, Any]:
         """The session metadata and the function's reported materialization metadata, as plain values."""
         if self.invocation is None:
             return {}
         values: dict[str, Any] = dict(self.invocation.metadata)
-        for result in self.invocation.get_results():
-            values.update({key: _plain(value) for key, value in (result.metadata or {}).items()})
+        for result in self.results():
+            if isinstance(result, MaterializeResult):
+                values.update({key: _plain(value) for key, value in (result.metadata or {}).items()})
         return values
 
     def summary(self) -> dict[str, Any]:
@@ -91,12 +122,79 @@ class FanOutError(PipesPubSubError):
 
 @dataclass(frozen=True)
 class FanOutResult:
+    """The shards' outcomes, in payload order (``outcomes[i].shard == i``), and what the step returns from them.
+
+    The accessors follow ``PipesClientCompletedInvocation``'s: ``get_results()`` (everything, for a
+    multi-asset or checks), ``get_materialize_result()`` (one asset), ``get_asset_check_result()`` (an
+    ``@asset_check``) and ``get_custom_messages()``.
+    """
+
     outcomes: Sequence[ShardOutcome]
     seconds: float
+    log: Any = field(default=None, repr=False, compare=False)  # the step's logger; Dagster's outside a step
+
+    def get_results(self, *, implicit_materializations: bool = True) -> Sequence[PipesExecutionResult]:
+        """What the step should return: one materialization per asset the shards materialized (each as
+        ``get_materialize_result(asset_key=...)`` builds it, without its checks), then one
+        ``AssetCheckResult`` per check any shard reported (``aggregate_checks``).
+
+        ``implicit_materializations`` as in ``PipesClientCompletedInvocation.get_results``: with it, every
+        asset the step materializes gets a materialization even if no shard reported one.
+        """
+        keys = dict.fromkeys(
+            result.asset_key
+            for outcome in self.outcomes
+            for result in outcome.results(implicit_materializations=implicit_materializations)
+            if isinstance(result, MaterializeResult)
+        )
+        return (*(self._materialization(asset_key=key) for key in keys), *aggregate_checks(self.outcomes))
 
     def get_materialize_result(self, **kwargs: Any) -> MaterializeResult:
         """One materialization for the step: shard count, wall time, the shards' duration percentiles and
-        retries, a per-shard table (duration, attempts, outcome), and each shard's metadata."""
+        retries, a per-shard table (duration, attempts, outcome), and each shard's metadata; ``kwargs`` go
+        to ``MaterializeResult`` (``metadata`` is added to these).
+
+        Like Dagster's ``get_materialize_result``, it carries the aggregated checks of its asset (all checks
+        when no ``asset_key`` is given) that the step declares (``check_specs``). A check the step does not
+        declare cannot be recorded (Dagster would fail the step on it), so it is left out with a warning
+        that names it and says whether it failed: nothing is dropped silently.
+        """
+        result = self._materialization(**kwargs)
+        checks = [c for c in aggregate_checks(self.outcomes) if result.asset_key in (None, c.asset_key)]
+        declared = _step_check_keys()
+        kept = [c for c in checks if declared is None or _check_key(c) in declared]
+        dropped = [c for c in checks if declared is not None and _check_key(c) not in declared]
+        if dropped:
+            (self.log or get_dagster_logger()).warning(
+                f"[pipes] fan-out: get_materialize_result() leaves out check results the shards reported, because "
+                f"the step does not declare them: {'; '.join(_check_summary(c) for c in dropped)}. To record them, "
+                "declare them on the asset (check_specs=[AssetCheckSpec(...)]) and return get_results()."
+            )
+        if not kept:
+            return result
+        return result._replace(check_results=[*(result.check_results or []), *kept])
+
+    def get_asset_check_result(self) -> AssetCheckResult:
+        """The one aggregated check of an ``@asset_check`` step whose shards report one check and no
+        materialization; otherwise raises, as Dagster's does (use ``get_results()``)."""
+        checks = aggregate_checks(self.outcomes)
+        materialized = {r.asset_key for o in self.outcomes for r in o.results() if isinstance(r, MaterializeResult)}
+        if len(checks) == 1 and not materialized:
+            return checks[0]
+        raise DagsterPipesError(
+            f"Did not find a singular asset check across the {len(self.outcomes)} shards: got "
+            f"{len(checks)} check(s) {sorted(_check_name(c) for c in checks)} and materializations of "
+            f"{sorted(k.to_user_string() for k in materialized)}. Correct the reported results or use "
+            "get_results() instead."
+        )
+
+    def get_custom_messages(self) -> Sequence[Sequence[Any]]:
+        """Every shard's custom messages (``report_custom_message``), one list per shard in payload order:
+        ``get_custom_messages()[i]`` is what shard ``i``'s session sent, in the order it sent them (of a
+        retried shard, its successful attempt's)."""
+        return [o.invocation.get_custom_messages() if o.invocation else () for o in self.outcomes]
+
+    def _materialization(self, **kwargs: Any) -> MaterializeResult:
         metadata = {
             "pipes_shard_count": len(self.outcomes),
             "pipes_fanout_seconds": round(self.seconds, 3),
@@ -106,6 +204,85 @@ class FanOutResult:
             **kwargs.pop("metadata", {}),
         }
         return MaterializeResult(metadata=metadata, **kwargs)
+
+
+def aggregate_checks(outcomes: Sequence[ShardOutcome]) -> list[AssetCheckResult]:
+    """One result per (asset key, check name) any shard reported, in the order first reported.
+
+    It passes only if every shard that reported it passed (a shard that reported it more than once counts
+    as failed if any of its reports failed). A shard that did not report it counts as not evaluated: it
+    neither passes nor fails the check, and the metadata counts and lists such shards. A check no shard
+    reported gets no result (Dagster fails a step that declares it and returns none, so it cannot pass
+    silently).
+    """
+    reports: dict[AssetCheckKey, dict[int, AssetCheckResult]] = {}
+    for outcome in outcomes:
+        for result in outcome.results():
+            if isinstance(result, AssetCheckResult):
+                by_shard = reports.setdefault(_check_key(result), {})
+                earlier = by_shard.get(outcome.shard)
+                if earlier is None or earlier.passed:  # a failed report sticks
+                    by_shard[outcome.shard] = result
+    shards = [o.shard for o in outcomes]
+    return [_aggregated_check(key, by_shard, shards) for key, by_shard in reports.items()]
+
+
+def _aggregated_check(key: AssetCheckKey, reports: Mapping[int, AssetCheckResult], shards: Sequence[int]) -> AssetCheckResult:
+    """The check as the step reports it: counts, the failed (and the silent) shards' indexes up to
+    ``LISTED_SHARDS``, and the first failed shard's own metadata (its session id among them)."""
+    failed = sorted(shard for shard, report in reports.items() if not report.passed)
+    silent = [shard for shard in shards if shard not in reports]
+    judged = [reports[shard] for shard in failed] or list(reports.values())
+    metadata: dict[str, Any] = {
+        "pipes_shards_reported": len(reports),
+        "pipes_shards_passed": len(reports) - len(failed),
+        "pipes_shards_failed": len(failed),
+        "pipes_shards_not_reported": len(silent),
+    }
+    description = f"{len(reports) - len(failed)} of {len(reports)} shards that reported it passed"
+    if failed:
+        metadata["pipes_failed_shards"] = MetadataValue.json(failed[:LISTED_SHARDS])
+        first = reports[failed[0]]
+        metadata["pipes_first_failed_shard"] = MetadataValue.json(
+            {"shard": failed[0], "metadata": {k: _plain(v) for k, v in (first.metadata or {}).items()}}
+        )
+        description += f"; failed: shards {_listing(failed)}"
+    if silent:
+        metadata["pipes_not_reported_shards"] = MetadataValue.json(silent[:LISTED_SHARDS])
+        description += f"; not evaluated (no report): shards {_listing(silent)}"
+    return AssetCheckResult(
+        asset_key=key.asset_key,
+        check_name=key.name,
+        passed=not failed,
+        severity=max((r.severity for r in judged), key=SEVERITY_RANK.__getitem__),
+        metadata=metadata,
+        description=description,
+    )
+
+
+def _listing(shards: Sequence[int], most: int = 10) -> str:
+    return ", ".join(map(str, shards[:most])) + (f" and {len(shards) - most} more" if len(shards) > most else "")
+
+
+def _check_key(result: AssetCheckResult) -> AssetCheckKey:
+    assert result.asset_key is not None and result.check_name is not None  # Pipes resolves both
+    return AssetCheckKey(result.asset_key, result.check_name)
+
+
+def _check_name(result: AssetCheckResult) -> str:
+    return f"{_check_key(result).name} on {_check_key(result).asset_key.to_user_string()}"
+
+
+def _check_summary(result: AssetCheckResult) -> str:
+    return f"{_check_name(result)} ({'passed' if result.passed else 'FAILED'}: {result.description})"
+
+
+def _step_check_keys() -> AbstractSet[AssetCheckKey] | None:
+    """The checks the running step declares and evaluates; ``None`` outside a step."""
+    try:
+        return AssetExecutionContext.get().selected_asset_check_keys
+    except DagsterInvariantViolationError:
+        return None
 
 
 def run_fan_out(
@@ -158,4 +335,4 @@ def run_fan_out(
     outcomes = [f.result() for f in futures]
     if any(not o.ok for o in outcomes):
         raise FanOutError(outcomes)
-    return FanOutResult(outcomes, time.monotonic() - started)
+    return FanOutResult(outcomes, time.monotonic() - started, log)

@@ -116,6 +116,15 @@ def main(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -> None:
         storage_client().bucket(LAKE_BUCKET).blob(f"intervals/{payload['interval_token']}").upload_from_string(interval)
     if payload.get("reply_bytes"):
         pipes.report_custom_message("r" * int(payload["reply_bytes"]))
+    for message in payload.get("custom_messages", []):
+        pipes.report_custom_message(message)
+    for reported in payload.get("checks", []):  # {"name", "passed", optional "severity" and "metadata"}
+        pipes.report_asset_check(
+            check_name=reported["name"],
+            passed=bool(reported["passed"]),
+            severity=reported.get("severity", "ERROR"),
+            metadata=reported.get("metadata"),
+        )
     pipes.report_asset_materialization(
         metadata={
             "n": {"raw_value": payload.get("n", 0), "type": "int"},
