@@ -28,7 +28,11 @@ import functions_framework
 from dagster_gcf_pipes.function.logs import configure_function_logging, trace_id_from
 from dagster_gcf_pipes.function.session import Handler, SessionOutcome, run_session
 
-_log = logging.getLogger("dagster_pipes_gcp.function")
+_log = logging.getLogger(__name__)
+
+#: set by ``@pipes_function`` on the entry points it returns, to the Functions Framework signature type each
+#: is served with; tooling that imports a module tells a pipes function from a plain one by it
+MARKER = "__pipes_function__"
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,11 @@ def _http_status(outcome: SessionOutcome) -> int:
     return 400 if outcome.error is not None else 409
 
 
+def is_pipes_function(obj: Any) -> bool:
+    """Whether ``obj`` is an entry point made by ``@pipes_function`` (the CloudEvent one or its ``.http``)."""
+    return getattr(obj, MARKER, None) in ("cloudevent", "http")
+
+
 def pipes_function(handler: Handler) -> Callable[[Any], SessionOutcome]:
     """Decorate a business function ``handler(pipes, payload)``; the result is a Functions Framework
     ``cloud_event`` entry point with the same name (use it as ``--target`` / ``--entry-point``), with the
@@ -124,6 +133,8 @@ def pipes_function(handler: Handler) -> Callable[[Any], SessionOutcome]:
         return json.dumps(response), _http_status(outcome), {"Content-Type": "application/json"}
 
     decorated = functions_framework.cloud_event(entry_point)
+    setattr(decorated, MARKER, "cloudevent")
+    setattr(http_entry_point, MARKER, "http")
     decorated.http = http_entry_point
     decorated.pipes_handler = handler
     return decorated

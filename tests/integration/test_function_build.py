@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,11 @@ def test_the_functions_framework_serves_the_built_folder(out: Path, tmp_path: Pa
         while "dropping trigger message 1" not in log_path.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert "dropping trigger message 1" in log_path.read_text(), log_path.read_text()
+        # the function side's JSON lines name the library's own modules, which a Cloud Logging filter on
+        # jsonPayload.logger:"dagster_gcf_pipes" finds
+        (dropped,) = [json.loads(line) for line in log_path.read_text().splitlines()
+                      if "dropping trigger message 1" in line]
+        assert dropped["logger"] == "dagster_gcf_pipes.function.session", dropped
     finally:
         server.terminate()
         try:
@@ -200,10 +206,16 @@ GOOD_MAIN = "from dagster_gcf_pipes.function import pipes_function\n\n@pipes_fun
         ({"main.py": GOOD_MAIN, "helpers.py": "import dagster_gcf_pipes.orchestrator\n"},
          "helpers.py:1: imports dagster_gcf_pipes.orchestrator"),
         ({"main.py": GOOD_MAIN.replace("def main", "def handler")}, "defines no 'main'"),
+        ({"main.py": GOOD_MAIN.replace("@pipes_function\n", "")},
+         "main.py:3: 'main' is not decorated with @pipes_function"),
+        ({"main.py": "from helpers import main\n", "helpers.py": "def main(pipes, payload):\n    pass\n"},
+         "helpers.py:1: 'main' is not decorated with @pipes_function"),
+        ({"main.py": GOOD_MAIN + "def broken(:\n"}, "main.py:6: does not parse"),
         ({"handler.py": GOOD_MAIN}, "main.py not found"),
         ({"main.py": GOOD_MAIN, "requirements.txt": "pandas\ndagster==1.13.0\n"}, "requirements.txt:2: requires dagster"),
     ],
-    ids=["imports-dagster", "imports-the-dagster-side", "no-entry-point", "no-main-py", "requires-dagster"],
+    ids=["imports-dagster", "imports-the-dagster-side", "no-entry-point", "not-a-pipes-function",
+         "not-a-pipes-function-imported", "does-not-parse", "no-main-py", "requires-dagster"],
 )
 def test_the_build_refuses_what_cannot_run_on_cloud_functions(tmp_path: Path, files: dict[str, str], expected: str):
     source = tmp_path / "src"
@@ -215,3 +227,122 @@ def test_the_build_refuses_what_cannot_run_on_cloud_functions(tmp_path: Path, fi
     assert result.returncode != 0
     assert expected in result.stderr, result.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def build_folder(tmp_path: Path, files: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    source, out = tmp_path / "src", tmp_path / "out"
+    for name, text in files.items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text(text)
+    return run_build(str(source), str(out), *args), out
+
+
+@pytest.mark.parametrize(
+    ("files", "entry_point"),
+    [
+        ({"main.py": GOOD_MAIN.replace("import pipes_function", "import pipes_function as pf")
+          .replace("@pipes_function", "@pf")}, "main"),
+        ({"main.py": "import dagster_gcf_pipes.function as gcf\n\n@gcf.pipes_function\ndef main(pipes, payload):\n"
+                     "    pass\n"}, "main"),
+        ({"main.py": "from dagster_gcf_pipes.function import pipes_function\n\ndef handler(pipes, payload):\n"
+                     "    pass\n\nmain = pipes_function(handler)\n"}, "main"),
+        ({"main.py": GOOD_MAIN + "\nmain_http = main.http\n"}, "main_http"),
+        ({"main.py": "from handlers import main\n", "handlers.py": GOOD_MAIN}, "main"),
+        ({"main.py": "from app.handlers import main\n", "app/__init__.py": "", "app/handlers.py": GOOD_MAIN}, "main"),
+    ],
+    ids=["alias", "module-attribute", "call", "http-entry-point", "imported", "imported-from-a-package"],
+)
+def test_the_build_accepts_each_way_of_making_a_pipes_function(tmp_path: Path, files: dict[str, str], entry_point: str):
+    result, _ = build_folder(tmp_path, files, "--entry-point", entry_point)
+    assert result.returncode == 0, result.stderr
+
+
+def test_pipes_function_marks_its_entry_points():
+    """The marker lets tooling that imports the module (the local stack) tell a pipes function from a plain one."""
+    from dagster_gcf_pipes.function.entrypoint import is_pipes_function, pipes_function
+
+    def handler(pipes, payload):
+        pass
+
+    decorated = pipes_function(handler)
+    assert is_pipes_function(decorated) and is_pipes_function(decorated.http)
+    assert not is_pipes_function(handler) and not is_pipes_function(None)
+
+
+def test_the_build_never_uploads_env_files_and_says_what_it_skipped(tmp_path: Path):
+    files = {"main.py": GOOD_MAIN, ".env": "API_KEY=secret\n", ".env.production": "API_KEY=secret\n",
+             "config/.env": "API_KEY=secret\n", "settings.yaml": "rows: 3\n", "tests/fixture.json": "{}\n",
+             ".venv/pyvenv.cfg": "home = /usr\n"}
+    result, out = build_folder(tmp_path, files)
+    assert result.returncode == 0, result.stderr
+    assert not (out / ".env").exists() and not (out / ".env.production").exists()
+    assert not (out / "config" / ".env").exists() and not (out / ".venv").exists()
+    # data the function may read is copied, tests/ included
+    assert (out / "settings.yaml").is_file() and (out / "tests" / "fixture.json").is_file()
+    skipped_line = next(line for line in result.stdout.splitlines() if line.startswith("skipped"))
+    for name in (".env", ".env.production", "config/.env", ".venv/"):
+        assert name in skipped_line.replace(",", " ").split(), result.stdout
+    assert "copy it into" in result.stdout and "--set-secrets" in result.stdout
+
+
+def command_flags(text: str, command: str) -> set[str]:
+    """The flags of the first ``command`` in ``text``, its backslash-continued lines included."""
+    joined = text.replace("\\\n", " ")
+    line = next(line for line in joined.splitlines() if command in line)
+    return set(re.findall(r"(?<!\S)--[a-z-]+", line))
+
+
+def test_the_printed_deploy_command_is_the_one_the_deploy_guide_documents(tmp_path: Path):
+    result, out = build_folder(tmp_path, {"main.py": GOOD_MAIN})
+    assert result.returncode == 0, result.stderr
+    guide = (REPO / "docs" / "deploy.md").read_text()
+    section_5 = guide[guide.index("## 5. Build and deploy"):guide.index("## 6.")]
+    documented = command_flags(section_5, "gcloud functions deploy")
+    assert documented <= command_flags(result.stdout, "gcloud functions deploy"), result.stdout
+    assert "--trigger-topic $TRIGGER_TOPIC" in result.stdout and "pipes-trigger" not in result.stdout
+    invoker = next(line.strip() for line in section_5.splitlines() if "add-invoker-policy-binding" in line)
+    assert invoker in result.stdout
+    assert f"--source {out}" in result.stdout
+    assert "docs/deploy.md" in result.stdout and "repository" in result.stdout
+
+
+def warnings_of(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stderr.splitlines() if "warning" in line]
+
+
+def test_the_build_warns_about_an_import_no_requirement_provides(tmp_path: Path):
+    """PyYAML is installed here (dagster needs it), so local runs pass; the deployed function would not have it."""
+    files = {"main.py": GOOD_MAIN.replace("\n\n@", "\nimport stats\n\n@"), "stats.py": "import json\nimport yaml\n"}
+    result, out = build_folder(tmp_path, files)
+    assert result.returncode == 0, result.stderr
+    (warning,) = warnings_of(result)
+    assert "stats.py:2: imports yaml" in warning and "PyYAML" in warning and "requirements.txt" in warning
+    assert (out / "stats.py").is_file()
+
+    listed, _ = build_folder(tmp_path / "listed", {**files, "requirements.txt": "pyyaml>=6\n"})
+    assert listed.returncode == 0 and not warnings_of(listed), listed.stderr
+
+
+def test_the_build_warns_about_an_import_that_is_not_installed_anywhere(tmp_path: Path):
+    files = {"main.py": GOOD_MAIN + "import not_a_module_anyone_installs\n"}
+    result, _ = build_folder(tmp_path, files)
+    assert result.returncode == 0, result.stderr
+    (warning,) = warnings_of(result)
+    assert "main.py:6: imports not_a_module_anyone_installs" in warning and "not installed" in warning
+
+
+def test_the_build_does_not_warn_about_what_the_deployed_function_has(tmp_path: Path):
+    files = {
+        "main.py": "from __future__ import annotations\nimport os, json\nimport six\nimport google.cloud.storage\n"
+                   "from dagster_pipes import PipesContext\nimport requests  # google-api-core's dependency\n"
+                   "import helpers\nfrom app import util\n" + GOOD_MAIN,
+        "helpers.py": "import sys\nfrom pathlib import Path\n",
+        "app/__init__.py": "from . import util\nfrom .util import VALUE\n",
+        "app/util.py": "VALUE = 1\ntry:\n    import ujson\nexcept ImportError:\n    ujson = None\n",
+        "requirements.txt": "six\n",
+        # not imported by the function: a test the user runs locally
+        "tests/test_main.py": "import pytest\n",
+    }
+    result, _ = build_folder(tmp_path, files)
+    assert result.returncode == 0, result.stderr
+    assert not warnings_of(result), result.stderr
