@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 from dagster_gcf_pipes.shared.retry import TRANSIENT_ERRORS
 
-_log = logging.getLogger("dagster_pipes_gcp.function")
+_log = logging.getLogger(__name__)
 
 #: the longest a running session goes without looking at its lease
 POLL_SECONDS = 1.0

@@ -25,7 +25,7 @@ from dagster_gcf_pipes.shared.lease import HELD, LeaseRecord, read_lease, write_
 from dagster_gcf_pipes.shared.protocol import Attr, ProtocolError, require_session_id
 from dagster_gcf_pipes.shared.retry import transient_retry
 
-_log = logging.getLogger("dagster_pipes_gcp.function")
+_log = logging.getLogger(__name__)
 
 
 class Claim(enum.Enum):

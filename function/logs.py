@@ -14,7 +14,8 @@ import sys
 from collections.abc import Mapping
 from contextvars import ContextVar
 
-LOGGER_NAME = "dagster_pipes_gcp"
+#: the library's logger: its modules log under it by module name (dagster_gcf_pipes.function.session, ...)
+LOGGER_NAME = "dagster_gcf_pipes"
 
 #: the trace resource name (projects/P/traces/T) of the request being served, if it carried one
 current_trace: ContextVar[str | None] = ContextVar("current_trace", default=None)

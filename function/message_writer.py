@@ -31,7 +31,7 @@ from dagster_gcf_pipes.shared.pubsub import publish
 from dagster_gcf_pipes.shared.signing import sign
 from dagster_gcf_pipes.shared.tracing import carried
 
-_log = logging.getLogger("dagster_pipes_gcp.function")
+_log = logging.getLogger(__name__)
 
 
 def opened_extras(invocation_id: str, trace_id: str | None) -> dict[str, Any]:

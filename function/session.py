@@ -39,7 +39,7 @@ from dagster_gcf_pipes.shared.signing import SECRET_ENV_VAR
 
 Handler = Callable[[CloudFunctionPipesContext, dict[str, Any]], Any]
 
-_log = logging.getLogger("dagster_pipes_gcp.function")
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

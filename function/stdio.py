@@ -44,7 +44,7 @@ from dagster_gcf_pipes.function.logs import CloudLoggingFormatter
 Stream = Literal["stdout", "stderr"]
 STREAMS: tuple[Stream, ...] = ("stdout", "stderr")
 
-_log = logging.getLogger("dagster_pipes_gcp.function")
+_log = logging.getLogger(__name__)
 
 _current: ContextVar[SessionOutput | None] = ContextVar("pipes_session_output", default=None)
 _active: tuple[SessionOutput, ...] = ()  # replaced, never mutated: read without a lock on every write

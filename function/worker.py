@@ -59,7 +59,7 @@ from dagster_gcf_pipes.function.session import Handler, SessionOutcome, run_sess
 from dagster_gcf_pipes.shared.pubsub import subscriber_client
 from dagster_gcf_pipes.shared.retry import transient_retry
 
-_log = logging.getLogger(f"{LOGGER_NAME}.worker")
+_log = logging.getLogger(f"{LOGGER_NAME}.function.worker")  # not __name__: run as __main__ by python -m
 
 EXIT_OK = 0
 EXIT_PULL_FAILED = 1

@@ -40,7 +40,7 @@ PRODUCTION_CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30000),
 )
 
-_log = logging.getLogger("dagster_pipes_gcp.pubsub")
+_log = logging.getLogger(__name__)
 
 
 def _emulator_channel() -> tuple[str, grpc.Channel] | None:

@@ -41,7 +41,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
-_log = logging.getLogger("dagster_pipes_gcp.retry")
+_log = logging.getLogger(__name__)
 
 
 def transient_retry(*, max_seconds: float = 60.0, max_attempts: int = 12) -> Callable[[Callable[..., T]], Callable[..., T]]:

@@ -36,7 +36,7 @@ _INSTALL_HINTS = {
     "gcp_trace": "pip install opentelemetry-exporter-gcp-trace",
 }
 
-_log = logging.getLogger("dagster_pipes_gcp.tracing")
+_log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _configured = False
 

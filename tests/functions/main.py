@@ -64,7 +64,7 @@ def print_lines(payload: dict[str, Any]) -> None:
     printer.join()
     logging.getLogger("some.library").warning(f"{tag} library warning")  # logging's last resort: sys.stderr
     CHATTY_LIBRARY.warning(f"{tag} handler made at import")
-    logging.getLogger("dagster_pipes_gcp.tests").info(f"{tag} structured line")
+    logging.getLogger("dagster_gcf_pipes.tests").info(f"{tag} structured line")
     sys.stdout.write(f"{tag} last line without newline")
     if peer:
         mark("printed", payload["token"])

@@ -93,7 +93,7 @@ def test_handler_exception_is_reported_through_closed_and_acknowledged(harness):
 )
 def test_malformed_triggers_are_logged_and_acknowledged(harness, caplog, data, attributes, expected):
     h = harness()
-    with caplog.at_level(logging.ERROR, logger="dagster_pipes_gcp.function"):
+    with caplog.at_level(logging.ERROR, logger="dagster_gcf_pipes.function"):
         outcome = scenario_function(h.cloud_event(message_id="m-1", data=data, attributes=attributes))
     assert not outcome.ran
     assert expected in str(outcome.error)
