@@ -224,13 +224,13 @@ def _mode_problems(attributes: Any) -> list[Problem]:
             problems.append(
                 (("mode",), "mode detached needs detached_reply_topic: the topic detached sessions reply to")
             )
-    if mode != "single" and attributes.checks:
+    if mode == "detached" and attributes.checks:
         problems.append(
             (
                 ("checks",),
                 (
-                    f"checks need mode single: in mode {mode} the step does not return the function's check results "
-                    "(a fan-out reports one result per shard; a detached step returns before the function runs)"
+                    "checks need mode single or fan_out: a detached step returns before the function runs, so it "
+                    "cannot return the function's check results"
                 ),
             )
         )
@@ -339,9 +339,11 @@ class CloudFunctionComponent(Component, Resolvable, PipesPubSubSettings):  # typ
         "The assets the function reports (key, deps, group_name, owners, kinds, partitions_def, "
         "automation_condition, ...); kinds default to gcp and cloud-functions.",
     )
-    checks: described(list[ResolvedAssetCheckSpec] | None, "The asset checks the function reports (mode single).") = (
-        None
-    )
+    checks: described(
+        list[ResolvedAssetCheckSpec] | None,
+        "The asset checks the function reports (modes single and fan_out; in fan_out a check passes only if every "
+        "shard that reports it passes).",
+    ) = None
     payload: ResolvedPayload = PayloadTemplate({})
     mode: described(
         Literal["single", "fan_out", "detached"],

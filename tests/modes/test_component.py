@@ -84,6 +84,20 @@ INSTANCES = {
     n: "{{ item }}"
     shard_index: "{{ shard }}"
 """,
+    "fanned_checked": CLIENT
+    + """\
+  assets:
+    - key: component/fanned_checked
+  checks:
+    - name: positive
+      asset: component/fanned_checked
+  mode: fan_out
+  fan_out:
+    items: [{n: 5, ok: true}, {n: -1, ok: false}, {n: 7, ok: true}]
+  payload:
+    n: "{{ item.n }}"
+    checks: [{name: positive, passed: "{{ item.ok }}"}]
+""",
     "ranged": CLIENT
     + """\
   assets:
@@ -222,6 +236,17 @@ def test_fan_out_over_declared_items(defs: Definitions) -> None:
     assert [s["payload_sha256"] for s in shards] == [
         sha256_json({"n": n, "shard_index": i}) for i, n in enumerate((10, 20, 30))
     ]
+
+
+def test_a_fan_out_check_is_one_result_failed_by_any_shard(defs: Definitions) -> None:
+    """Before, mode fan_out refused checks: the shards' reports were dropped from the step's results."""
+    assets = defs.resolve_assets_def(AssetKey(["component", "fanned_checked"]))
+    with DagsterInstance.ephemeral() as instance:
+        result = materialize([assets], instance=instance, raise_on_error=False)
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert evaluation.check_name == "positive" and evaluation.passed is False
+    assert evaluation.metadata["pipes_failed_shards"].value == [1]
+    assert evaluation.metadata["pipes_shards_passed"].value == 2
 
 
 def test_fan_out_over_the_runs_partition_range(defs: Definitions) -> None:
