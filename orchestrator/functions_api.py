@@ -27,7 +27,7 @@ MAX_ATTEMPTS = 5
 CALL_TIMEOUT = 10.0  # per GetFunction attempt, so a hung call becomes a retried DeadlineExceeded
 PUBSUB_EVENT_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
 
-_log = logging.getLogger("dagster_pipes_gcp.functions_api")
+_log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/functions/(?P<function>[^/]+)")
 

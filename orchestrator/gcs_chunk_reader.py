@@ -42,7 +42,7 @@ class PipesGCSChunkMessageReader(SessionWaiter, PipesBlobStoreMessageReader):
         self._bucket = gcs.bucket(channel_params.bucket)
         self._channel_params = channel_params
         self.session_id = channel_params.session_id
-        self._log = log or logging.getLogger("dagster_pipes_gcp.reader")
+        self._log = log or logging.getLogger(__name__)
         self._log_prefix = log_prefix
         self._cond = threading.Condition()
         self._handler: PipesMessageHandler | None = None

@@ -152,7 +152,7 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         self._claim_check = claim_check
         self._channel_params = channel_params
         self.session_id = channel_params.session_id
-        self._log = log or logging.getLogger("dagster_pipes_gcp.reader")
+        self._log = log or logging.getLogger(__name__)
         self._signing_secret = signing_secret
         self._log_prefix = log_prefix
         self._cond = threading.Condition()

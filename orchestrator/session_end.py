@@ -32,7 +32,7 @@ from dagster_gcf_pipes.shared.layout import lease_key, leases_prefix, session_pr
 from dagster_gcf_pipes.shared.lease import ENDED, LeaseRecord, read_lease, write_lease
 from dagster_gcf_pipes.shared.retry import transient_retry
 
-_log = logging.getLogger("dagster_pipes_gcp.orchestrator")
+_log = logging.getLogger(__name__)
 
 #: a function's clock against Pub/Sub's publishTime, and a delivery in flight when the window closes
 TOMBSTONE_MARGIN_SECONDS = 60.0
