@@ -1,5 +1,6 @@
-"""The ``gcf-pipes`` command: one entry point, one subcommand per room, each imported only when chosen, so the
-function-side install (no dagster) runs ``build`` and ``worker`` while ``dev`` and ``up`` need the local extra.
+"""gcf-pipes: build a Cloud Function for Dagster Pipes, serve it, and run it locally. Each subcommand loads only
+what it needs: build and worker run with the function extra alone (no dagster), dev and up need the local
+extra (pip install 'dagster-gcf-pipes[local]'). `gcf-pipes SUBCOMMAND --help` describes each one.
 
     gcf-pipes build SOURCE_DIR OUT_DIR [--entry-point main]          the folder to deploy (function extra)
     gcf-pipes worker --subscription S --target module:handler       the pull worker (function extra)
@@ -24,8 +25,9 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
-        print(__doc__.strip() + "\n\nsubcommands: " + ", ".join(COMMANDS), file=sys.stderr)
-        return 0 if args and args[0] in ("-h", "--help") else 2
+        asked = bool(args) and args[0] in ("-h", "--help")
+        print(__doc__.strip() + "\n\nsubcommands: " + ", ".join(COMMANDS), file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     module_name, function, extra = COMMANDS[args[0]]
     try:
         module = importlib.import_module(module_name)

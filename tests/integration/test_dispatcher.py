@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from google.cloud import pubsub_v1
 
-from dagster_gcf_pipes.local.dispatcher import EVENT_TYPE
+from dagster_gcf_pipes.local.dispatcher import EVENT_TYPE, FUNCTION_FAILED
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack, LocalStackError
 from tests.modes.test_fanout import max_overlap
 
@@ -121,6 +121,17 @@ def test_a_delivery_that_is_not_accepted_is_retried_until_it_is(stack, recording
     assert len(wait_for_records(records, token, 1)) == 1  # acked once accepted
     dispatcher_log = stack.servers[f"dispatcher-{topic}"].log_path.read_text()
     assert "was not accepted (attempt 1); retrying in 1s" in dispatcher_log
+
+
+def test_the_first_error_answer_is_reported_loudly_with_the_end_of_the_functions_log(stack, recording_function, records):
+    topic, server = recording_function()
+    token, (message_id,) = publish(stack.project, topic, fail_first="yes")
+    wait_for_records(records, token, 1)  # retried, then accepted
+    dispatcher_log = stack.servers[f"dispatcher-{topic}"].log_path.read_text()
+    report = dispatcher_log[dispatcher_log.index(f"{FUNCTION_FAILED} message {message_id} of projects/{stack.project}/topics/{topic} with HTTP 500"):]
+    assert f"The end of the function's log ({server.log_path})" in report, report
+    assert "RuntimeError: failing the first delivery on purpose" in report, report  # the function's traceback
+    assert dispatcher_log.count(FUNCTION_FAILED) == 1, dispatcher_log
 
 
 def test_a_dead_function_server_is_reported_loudly_and_fails_the_next_use_of_the_stack(stack, recording_function):

@@ -167,3 +167,28 @@ def test_a_dead_function_server_fails_the_next_use_at_once_with_the_end_of_its_l
         while alive(group_before) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert group_before and alive(group_before) == {}
+
+
+# ---------------------------------------------------------------------------------- a function that cannot start
+
+
+def test_a_function_that_cannot_be_served_is_refused_and_leaves_the_stack_usable(stack: LocalStack, loud_function: Path):
+    with pytest.raises(LocalStackError) as refused:  # before any server starts: one line, naming the fix
+        stack.add_function(LocalFunction(loud_function, "count_rows", "unserved-trigger"))
+    assert str(refused.value) == (
+        f"{loud_function} defines no 'count_rows': decorate your handler with @pipes_function and name it "
+        "'count_rows', or give the name it has after the colon (main.py:your_handler)"
+    )
+    not_parsing = loud_function.parent / "not_parsing.py"
+    not_parsing.write_text(LOUD_FUNCTION + "\ndef broken(:\n")
+    with pytest.raises(LocalStackError, match=f"^{not_parsing}:7: invalid syntax: fix the syntax error$"):
+        stack.add_function(LocalFunction(not_parsing, "main", "unserved-trigger"))
+
+    failing_at_import = loud_function.parent / "failing.py"
+    failing_at_import.write_text("raise RuntimeError('the database is not there')\n\ndef main(event):\n    pass\n")
+    try:
+        with pytest.raises(LocalStackError, match="the database is not there"):  # the end of its log
+            stack.add_function(LocalFunction(failing_at_import, "main", "unserved-trigger"))
+        stack.check()  # the server that never started is not taken for a dead one
+    finally:
+        stack.servers.pop("function-unserved-trigger", None)
