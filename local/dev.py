@@ -15,6 +15,12 @@ restart (it then waits for the next edit of its folder); an emulator or a dispat
 command with exit code 1, as nothing can be restarted under a running Dagster. ``dev`` then runs ``dagster
 dev`` on the code location with the emulator variables set; ``up`` prints the variables to export for running
 Dagster (or anything else) your own way. Ctrl-C or SIGTERM stops every process.
+
+Before anything starts, each ``PipesPubSubClient`` is checked as a step would check it (``config_problems()``),
+and refused if it sets ``function_name`` (a step looks it up in the Cloud Functions API, which the stack does
+not emulate); each ``--function`` gets the build's entry-point check (also before each reload). A refusal is one
+message and exit code 2. A function that answers a delivery with an error (it failed outside its Pipes
+session) is reported on the terminal within a second, with the end of its log, as the dispatcher saw it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.api_core.exceptions import BadRequest
 
+from dagster_gcf_pipes.function.build import entry_point_problem
 from dagster_gcf_pipes.local.dispatcher import FUNCTION_FAILED
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack, LocalStackError, parse_function_spec
 
@@ -266,6 +273,9 @@ class FunctionKeeper:
 
     def _restart(self) -> bool:
         try:
+            problem = entry_point_problem(Path(self.function.source), self.function.target)
+            if problem:
+                raise LocalStackError(problem)  # a save mid-edit: one line, no server started for nothing
             self.stack.restart_function(self.function)
         except LocalStackError as exc:
             _log.error("%s", exc)

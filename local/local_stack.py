@@ -262,28 +262,14 @@ def parse_function_spec(spec: str, base: Path) -> tuple[Path, str]:
     if not source.is_file():
         raise LocalStackError(f"{spec}: {source} is not a file; name the function as path/to/main.py:entry_point")
     target = target or "main"
+    # the build's check of the entry point, before a server starts: one line with the fix, rather than the
+    # Functions Framework's traceback or (an entry point that is not a @pipes_function) a run's startup timeout
+    from dagster_gcf_pipes.function.build import entry_point_problem  # the function side: only when one is named
+
     problem = entry_point_problem(source, target)
     if problem:
         raise LocalStackError(f"{spec}: {problem}")
     return source, target
-
-
-def entry_point_problem(source: Path, target: str) -> str | None:
-    """Why the Functions Framework could not load ``target`` from ``source`` (None if it can), in one line: the
-    build's check (a module-level name), asked before a server starts, so the user reads the fix rather than
-    the framework's traceback."""
-    from dagster_gcf_pipes.function.build import defined_names  # the function side: only when a function is served
-
-    try:
-        names = defined_names(source)
-    except SyntaxError as exc:
-        return f"{source}:{exc.lineno}: {exc.msg}: fix the syntax error"
-    if target in names:
-        return None
-    return (
-        f"{source} defines no {target!r}: decorate your handler with @pipes_function and name it {target!r}, "
-        f"or give the name it has after the colon ({source.name}:your_handler)"
-    )
 
 
 @dataclass(frozen=True)
@@ -468,9 +454,6 @@ class LocalStack:
         return self.servers[f"function-{function.trigger_topic or function.target}"]
 
     def _serve(self, function: LocalFunction, port: int) -> ManagedProcess:
-        problem = entry_point_problem(Path(function.source), function.target)
-        if problem:
-            raise LocalStackError(problem)
         env = {
             **os.environ,
             **self.environment,

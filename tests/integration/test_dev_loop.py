@@ -297,16 +297,17 @@ USER_TESTS_OF_THE_PLUGIN = '''
         pass
 
 
-    @pytest.mark.gcf_pipes(function="undecorated/main.py:main", startup_timeout=5)
-    def test_undecorated(gcf_pipes):
+    @pytest.mark.gcf_pipes(function="miswrapped/main.py:main", startup_timeout=5)
+    def test_miswrapped(gcf_pipes):
         materialize([my_table], resources={"pipes": gcf_pipes.client}, raise_on_error=True)
 '''
 
 
 def test_the_pytest_fixture_takes_the_markers_settings_and_reports_what_went_wrong(project: Path):
-    undecorated = (project / "my_function" / "main.py").read_text().replace("@pipes_function\n", "")
+    miswrapped = (project / "my_function" / "main.py").read_text().replace("\n@pipes_function\ndef main(",
+                                                                       textwrap.dedent(MISWRAPPED))
     write(project, {"tests/test_plugin.py": USER_TESTS_OF_THE_PLUGIN, "pytest.ini": "[pytest]\npythonpath = .\n",
-                    "undecorated/main.py": undecorated})
+                    "miswrapped/main.py": miswrapped})
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA"], cwd=project,
                          check=False, capture_output=True, text=True, timeout=300)
     said = run.stdout + run.stderr
@@ -318,9 +319,9 @@ def test_the_pytest_fixture_takes_the_markers_settings_and_reports_what_went_wro
     assert "main.py defines no 'count_rows'" in missing and "@pipes_function" in missing, missing
     assert "MissingTargetException" not in missing and len(missing.splitlines()) < 12, missing
 
-    undecorated_report = said[said.index("_ test_undecorated _"):]
-    assert "function-gcf-pipes-trigger-" in undecorated_report, undecorated_report  # its log's path
-    assert "TypeError: main() missing 1 required positional argument: 'payload'" in undecorated_report, undecorated_report
+    miswrapped = said[said.index("_ test_miswrapped _"):]
+    assert "the function's log during the test" in miswrapped and "function-gcf-pipes-trigger-" in miswrapped, miswrapped
+    assert "TypeError: main() missing 1 required positional argument: 'payload'" in miswrapped, miswrapped
 
 
 @pytest.mark.gcf_pipes(function="tests/functions/main.py:main")
@@ -410,10 +411,33 @@ def test_up_refuses_function_name_saying_the_local_stack_has_no_cloud_functions_
         assert "trigger_topic" in said and "EnvVar" in said, said  # how to run it locally
 
 
-def test_a_missing_entry_point_is_one_line_naming_the_fix(project: Path):
+def test_an_entry_point_that_cannot_serve_is_one_line_naming_the_fix(project: Path):
     said = refused(project, "up", "-f", "my_defs.py", "--function", "my_function/main.py:count_rows")
     assert len(said.strip().splitlines()) == 1, said
     assert "main.py defines no 'count_rows'" in said and "@pipes_function" in said, said
+
+    source = project / "my_function" / "main.py"
+    source.write_text(source.read_text().replace("@pipes_function\n", ""))
+    said = refused(project, "up", "-f", "my_defs.py", "--function", "my_function/main.py:main")
+    assert len(said.strip().splitlines()) == 1 and "'main' is not decorated with @pipes_function" in said, said
+
+
+#: a decorator of the user's own over the pipes function: the Functions Framework calls ``wrapper(event)``, and
+#: every delivery fails outside the Pipes session (what no reading of the source can tell)
+MISWRAPPED = """
+    import functools
+
+
+    def timed(handler):
+        @functools.wraps(handler)
+        def wrapper(pipes, payload):
+            return handler(pipes, payload)
+        return wrapper
+
+
+    @timed
+    @pipes_function
+    def main("""
 
 
 def test_a_module_that_is_not_there_is_one_line(project: Path):
@@ -448,7 +472,7 @@ def test_up_shows_a_function_that_fails_each_delivery_with_the_end_of_its_log(pr
     from google.cloud import pubsub_v1
 
     source = project / "my_function" / "main.py"
-    source.write_text(source.read_text().replace("@pipes_function\n", ""))  # the Functions Framework calls main(event)
+    source.write_text(source.read_text().replace("\n@pipes_function\ndef main(", textwrap.dedent(MISWRAPPED)))
     process, output, last, environment = started_up(gcf_pipes_command)
     with environ(environment), pubsub_v1.PublisherClient() as publisher:
         publisher.publish(publisher.topic_path(environment["GOOGLE_CLOUD_PROJECT"], "my-trigger"), b"{}").result()

@@ -172,19 +172,22 @@ def test_a_dead_function_server_fails_the_next_use_at_once_with_the_end_of_its_l
 # ---------------------------------------------------------------------------------- a function that cannot start
 
 
-def test_a_function_that_cannot_be_served_is_refused_and_leaves_the_stack_usable(stack: LocalStack, loud_function: Path):
-    with pytest.raises(LocalStackError) as refused:  # before any server starts: one line, naming the fix
-        stack.add_function(LocalFunction(loud_function, "count_rows", "unserved-trigger"))
-    assert str(refused.value) == (
-        f"{loud_function} defines no 'count_rows': decorate your handler with @pipes_function and name it "
-        "'count_rows', or give the name it has after the colon (main.py:your_handler)"
-    )
+def test_a_function_named_wrong_is_refused_in_one_line_before_anything_starts(tmp_path: Path, loud_function: Path):
     not_parsing = loud_function.parent / "not_parsing.py"
     not_parsing.write_text(LOUD_FUNCTION + "\ndef broken(:\n")
-    with pytest.raises(LocalStackError, match=f"^{not_parsing}:7: invalid syntax: fix the syntax error$"):
-        stack.add_function(LocalFunction(not_parsing, "main", "unserved-trigger"))
+    expected = {  # the build's check (function/build.py): the fix in one line
+        "loud/main.py:count_rows": "defines no 'count_rows': decorate your handler with @pipes_function",
+        "loud/main.py:main": "'main' is not decorated with @pipes_function",
+        "loud/not_parsing.py:main": "not_parsing.py:7: does not parse",
+    }
+    for spec, problem in expected.items():
+        with pytest.raises(LocalStackError) as refused:
+            local_stack.parse_function_spec(spec, tmp_path)
+        assert problem in str(refused.value) and "\n" not in str(refused.value), str(refused.value)
 
-    failing_at_import = loud_function.parent / "failing.py"
+
+def test_a_function_server_that_does_not_start_leaves_the_stack_usable(stack: LocalStack, tmp_path: Path):
+    failing_at_import = tmp_path / "failing.py"
     failing_at_import.write_text("raise RuntimeError('the database is not there')\n\ndef main(event):\n    pass\n")
     try:
         with pytest.raises(LocalStackError, match="the database is not there"):  # the end of its log
