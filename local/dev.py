@@ -75,14 +75,13 @@ class StackPlan:
 
 
 def _value(setting: Any) -> Any:
-    """A resource field's value, with ``EnvVar("X")`` read from the environment (as Dagster does at launch)."""
-    from dagster import EnvVar
-
-    if isinstance(setting, EnvVar):
-        value = setting.get_value()
-        if value is None:
-            raise DevError(f"the code location reads {setting.env_var_name} from the environment: set it")
-        return value
+    """A resource field's value, with ``EnvVar("X")`` (and ``EnvVar.int("X")``) read from the environment, as
+    Dagster reads them at launch."""
+    name = getattr(setting, "env_var_name", None)
+    if name is not None:
+        if os.environ.get(name) is None:
+            raise DevError(f"the code location reads {name} from the environment: set it")
+        return setting.get_value()
     if isinstance(setting, list):
         return [_value(item) for item in setting]
     return setting
