@@ -458,6 +458,10 @@ class LocalStack:
             **os.environ,
             **self.environment,
             "THREADS": str(function.concurrency),  # gunicorn's threads: as many requests at once as delivered
+            # a crashed worker is said in the function's log: its stack (faulthandler) and gunicorn's "Worker
+            # (pid:N) was sent SIGSEGV!", which the framework's default level (error) hides
+            "PYTHONFAULTHANDLER": "1",
+            "GUNICORN_LOG_LEVEL": "warning",
             **function.env,
             # the project's root (the current folder) is importable, as when Dagster loads the code location
             "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from google.cloud import pubsub_v1
 
 from dagster_gcf_pipes.local import local_stack
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack, LocalStackError
@@ -195,3 +196,28 @@ def test_a_function_server_that_does_not_start_leaves_the_stack_usable(stack: Lo
         stack.check()  # the server that never started is not taken for a dead one
     finally:
         stack.servers.pop("function-unserved-trigger", None)
+
+
+CRASHING_FUNCTION = """
+import ctypes
+
+def main(event):
+    ctypes.string_at(0)  # a native library's crash: SIGSEGV in the worker
+"""
+
+
+def test_a_worker_crash_is_said_in_the_functions_log(tmp_path: Path):
+    """The Functions Framework's gunicorn logs a worker killed by a signal only at warning level, below its default
+    (error), and Python prints no stack on SIGSEGV without faulthandler: before, the log showed nothing at all."""
+    source = tmp_path / "crashing" / "main.py"
+    source.parent.mkdir()
+    source.write_text(CRASHING_FUNCTION)
+    with LocalStack(functions=[LocalFunction(source, "main", "crash-trigger")], topics=[], buckets=[], workdir=tmp_path) as stack:
+        with stack.activated(), pubsub_v1.PublisherClient() as publisher:
+            publisher.publish(publisher.topic_path(stack.project, "crash-trigger"), b"{}").result(timeout=30)
+        log = stack.servers["function-crash-trigger"].log_path
+        deadline = time.monotonic() + 60
+        while "was sent SIGSEGV" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        text = log.read_text()
+    assert "Fatal Python error: Segmentation fault" in text and "was sent SIGSEGV" in text, text[-3000:]
