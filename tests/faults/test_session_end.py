@@ -28,7 +28,7 @@ from dagster_gcf_pipes.shared.protocol import Attr
 from tests.conftest import LAKE_BUCKET, PAYLOAD_BUCKET, SCRIPTED_TOPIC, TEST_TOPIC
 from tests.faults.cancel_run import interrupt_run
 from tests.faults.scripted import ScriptedFunction, opened
-from tests.faults.test_process_faults import lake_object_exists
+from tests.faults.test_process_faults import lake_object_exists, wait_for_object
 from tests.functions.main import main as scenario_function
 from tests.integration.function_harness import FunctionHarness
 from tests.integration.helpers import make_client, run_asset, session_objects, session_subscriptions
@@ -221,7 +221,9 @@ def test_a_cancel_timeout_is_reported_as_the_cancel_timeout(stack):
 def test_a_function_past_its_timeout_closes_the_session_itself(stack, scenario: str):
     """Cloud Functions (2nd gen) does not stop a function at its timeout. Before: the writer kept heartbeating
     and the session ran on (here it succeeded after 8 s, past function_timeout=3s). Now the function closes
-    it with a timeout error and asks the handler to stop; a handler that checks (wait_for_cancel) stops."""
+    it with a timeout error and asks the handler to stop; a handler that checks (wait_for_cancel) stops.
+    The function closes the session without waiting for the handler, which notices at its next check, after
+    `closed` is on its way: its cancel-observed mark can land after the step has failed, so wait for it."""
     token = uuid.uuid4().hex
     client = make_client(function_timeout=3.0, heartbeat_interval=0.5, heartbeat_timeout=5.0)
     outcome = run_asset(client, {"scenario": scenario, "token": token, "sleep": 8})
@@ -230,7 +232,7 @@ def test_a_function_past_its_timeout_closes_the_session_itself(stack, scenario: 
     error = outcome.failure_message
     assert "CloudFunctionError" in error and "SessionTimeout" in error and "function_timeout=3s" in error, error[-2000:]
     if scenario == "wait_for_cancel":
-        assert lake_object_exists(stack.project, f"cancel-observed/{token}")
+        wait_for_object(stack.project, f"cancel-observed/{token}")
     assert_only_tombstones_left(stack.project, [])
 
 
