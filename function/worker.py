@@ -73,6 +73,8 @@ LEASE_EXTENSION = 60
 PULL_TIMEOUT = 10.0
 #: Seconds an ack already being sent when the grace ends may still take (its retry budget).
 ACK_BUDGET = 10.0
+#: Seconds at most between two looks of the main thread at SIGTERM/SIGINT (see ``serve``).
+SIGNAL_POLL = 0.5
 
 
 def load_handler(target: str) -> Handler:
@@ -152,7 +154,11 @@ class Worker:
         threading.Thread(target=self._pull_loop, args=(stop,), name="pipes-pull", daemon=True).start()
         threading.Thread(target=self._lease_loop, name="pipes-lease", daemon=True).start()
         _log.info("pulling %s (at most %d sessions at once)", self._subscription, self._max_sessions)
-        stop.wait()
+        # Never an untimed wait: the kernel may hand SIGTERM to any thread of the process (a session's, gRPC's),
+        # and Python runs the handler in the main thread only once that runs Python code again; a main thread
+        # asleep in stop.wait() was never woken, and the worker ran on (python/cpython#85300).
+        while not stop.wait(SIGNAL_POLL):
+            pass
         abandoned = self._shut_down(shutdown_grace)
         if self._pull_error is not None:
             return EXIT_PULL_FAILED
