@@ -39,7 +39,7 @@ from google.cloud import pubsub_v1
 from bench.fanout import fan_out_seconds
 from bench.plots import results_dir
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
-from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

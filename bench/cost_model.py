@@ -26,8 +26,8 @@ from dagster import AssetExecutionContext, DagsterInstance, PreviewWarning, asse
 from google.cloud import pubsub_v1
 
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
-from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
-from dagster_gcf_pipes.orchestrator.pull import ack, pull
+from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.session.pull import ack, pull
 from dagster_gcf_pipes.shared.protocol import Attr, ReplyKind
 
 MIN_BILLED_PER_REQUEST = 1000  # bytes assessed per publish / push / pull request, whatever the message size

@@ -16,7 +16,7 @@ import warnings
 from dagster import AssetExecutionContext, DagsterInstance, PreviewWarning, asset, materialize
 
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
-from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
 
 TOPIC = "bench-trigger"
 

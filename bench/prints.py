@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from dagster import AssetExecutionContext, DagsterInstance, PreviewWarning, asset, materialize
 
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
-from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
 
 TOPIC = "bench-prints-trigger"
 FUNCTION = LocalFunction("bench/cloud_handler.py", "prints", TOPIC)

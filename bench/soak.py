@@ -49,9 +49,9 @@ from google.cloud import pubsub_v1, storage
 from bench.plots import results_dir
 from bench.soak_function import MARKER_BUCKET, MARKER_PREFIX
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
-from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
-from dagster_gcf_pipes.orchestrator.errors import PipesPubSubError
-from dagster_gcf_pipes.orchestrator.fanout import FanOutError
+from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import PipesPubSubError
+from dagster_gcf_pipes.orchestrator.modes.fanout import FanOutError
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore
 from dagster_gcf_pipes.shared.lease import read_lease
 from dagster_gcf_pipes.shared.protocol import Attr, ProtocolError, Trigger

@@ -2,11 +2,11 @@
 
 The public API is this module's ``__all__``; the submodules are internal and may change between releases."""
 
-from dagster_gcf_pipes.orchestrator.client import DetachedSession, PipesPubSubClient
-from dagster_gcf_pipes.orchestrator.component import CloudFunctionComponent
-from dagster_gcf_pipes.orchestrator.context_injectors import PipesPubSubContextInjector
-from dagster_gcf_pipes.orchestrator.detached import pipes_completion_sensor
-from dagster_gcf_pipes.orchestrator.errors import (
+from dagster_gcf_pipes.orchestrator.client.client import DetachedSession, PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.definitions.component import CloudFunctionComponent
+from dagster_gcf_pipes.orchestrator.session.context_injectors import PipesPubSubContextInjector
+from dagster_gcf_pipes.orchestrator.definitions.completion_sensor import pipes_completion_sensor
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import (
     CloudFunctionError,
     FunctionHeartbeatTimeout,
     FunctionHttpError,
@@ -15,10 +15,10 @@ from dagster_gcf_pipes.orchestrator.errors import (
     PipesPubSubConfigError,
     PipesPubSubError,
 )
-from dagster_gcf_pipes.orchestrator.fanout import FanOutError, FanOutResult, ShardOutcome
-from dagster_gcf_pipes.orchestrator.message_reader import PipesPubSubMessageReader
-from dagster_gcf_pipes.orchestrator.sensors import GcsObjectEvent, PubSubEvent, gcs_object_event, pubsub_sensor
-from dagster_gcf_pipes.orchestrator.tracing import CLOUD_TRACE_URL_TEMPLATE
+from dagster_gcf_pipes.orchestrator.modes.fanout import FanOutError, FanOutResult, ShardOutcome
+from dagster_gcf_pipes.orchestrator.session.message_reader import PipesPubSubMessageReader
+from dagster_gcf_pipes.orchestrator.definitions.sensors import GcsObjectEvent, PubSubEvent, gcs_object_event, pubsub_sensor
+from dagster_gcf_pipes.orchestrator.diagnostics.tracing import CLOUD_TRACE_URL_TEMPLATE
 
 __all__ = [
     "CLOUD_TRACE_URL_TEMPLATE",

@@ -14,7 +14,7 @@ import hypothesis  # noqa: F401
 import pytest
 
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
-from dagster_gcf_pipes.orchestrator.functions_api import clear_cache
+from dagster_gcf_pipes.orchestrator.client.functions_api import clear_cache
 from tests.fakes.function_service import FakeFunctionService, running_fake
 
 EXAMPLE_TOPIC = "pipes-trigger"

@@ -20,7 +20,7 @@ from typing import Any
 
 from dagster import DagsterEventType, DagsterInstance, asset, materialize
 
-from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
 from tests import REPO_ROOT
 from tests.integration.helpers import make_client, run_asset
 

@@ -29,7 +29,7 @@ from dagster import (
 )
 from dagster._core.definitions.reconstruct import build_reconstructable_job
 
-from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
 from tests.integration.helpers import make_client
 
 PARTITION = "p1"

@@ -14,8 +14,8 @@ from google.cloud import pubsub_v1, storage
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
 from dagster_gcf_pipes.local.local_stack import LocalStack
-from dagster_gcf_pipes.orchestrator.errors import ReplyStreamError
-from dagster_gcf_pipes.orchestrator.message_reader import PipesPubSubMessageReader
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import ReplyStreamError
+from dagster_gcf_pipes.orchestrator.session.message_reader import PipesPubSubMessageReader
 from dagster_gcf_pipes.shared.claim_check import MAX_INLINE_THRESHOLD, ClaimCheck, GCSBlobStore
 from dagster_gcf_pipes.shared.protocol import Attr, Reply, ReplyChannelParams, dumps, new_session_id
 from dagster_gcf_pipes.shared.pubsub import WatchedSubscriberClient, publisher_client

@@ -19,8 +19,8 @@ from google.cloud import pubsub_v1, storage
 from dagster_gcf_pipes.function import session as session_module
 from dagster_gcf_pipes.function.lease import claim_lease
 from dagster_gcf_pipes.function.session import SessionOutcome, run_session
-from dagster_gcf_pipes.orchestrator import session_lifecycle
-from dagster_gcf_pipes.orchestrator.session_end import end_lease
+from dagster_gcf_pipes.orchestrator.client import session_lifecycle
+from dagster_gcf_pipes.orchestrator.session.end import end_lease
 from dagster_gcf_pipes.shared.claim_check import GCSBlobStore
 from dagster_gcf_pipes.shared.layout import lease_key
 from dagster_gcf_pipes.shared.lease import ENDED, HELD, LeaseRecord, read_lease, write_lease

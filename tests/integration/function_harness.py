@@ -12,7 +12,7 @@ from cloudevents.http import CloudEvent
 from dagster_pipes import encode_param
 from google.cloud import pubsub_v1, storage
 
-from dagster_gcf_pipes.orchestrator.reassembly import SessionReassembler
+from dagster_gcf_pipes.orchestrator.session.reassembly import SessionReassembler
 from dagster_gcf_pipes.shared.claim_check import GCSBlobStore
 from dagster_gcf_pipes.shared.layout import session_prefix
 from dagster_gcf_pipes.shared.protocol import Reply, ReplyChannelParams, Trigger, new_session_id, subscription_filter

@@ -7,7 +7,7 @@ from typing import Any
 from dagster import AssetExecutionContext, DagsterEventType, DagsterInstance, ExecuteInProcessResult, asset, materialize
 from google.cloud import pubsub_v1, storage
 
-from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
 from dagster_gcf_pipes.shared.lease import read_lease
 from tests.conftest import PAYLOAD_BUCKET, REPLY_TOPIC, TEST_TOPIC
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from google.cloud import functions_v2, pubsub_v1
 
-from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
 from tests.conftest import TEST_TOPIC
 from tests.faults.test_session_end import Queue
 from tests.fakes.function_service import FakeFunctionService

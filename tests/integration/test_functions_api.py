@@ -10,8 +10,8 @@ import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import functions_v2
 
-from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError
-from dagster_gcf_pipes.orchestrator.functions_api import DeployedFunction, derived_timeouts, resolve_function
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import PipesPubSubConfigError
+from dagster_gcf_pipes.orchestrator.client.functions_api import DeployedFunction, derived_timeouts, resolve_function
 from tests.fakes.function_service import FakeFunctionService
 
 NAME = "projects/demo/locations/europe-west1/functions/pipes-worker"

@@ -22,9 +22,9 @@ from google.cloud import pubsub_v1
 
 from bench.cost_model import ReplyVolume, model
 from dagster_gcf_pipes.local.local_stack import LocalStack
-from dagster_gcf_pipes.orchestrator import client as client_module
-from dagster_gcf_pipes.orchestrator import resolution, session_lifecycle
-from dagster_gcf_pipes.orchestrator import reply_subscription
+from dagster_gcf_pipes.orchestrator.client import client as client_module
+from dagster_gcf_pipes.orchestrator.client import resolution, session_lifecycle
+from dagster_gcf_pipes.orchestrator.session import reply_subscription
 from tests.integration.helpers import make_client, run_asset, session_subscriptions
 from tests.modes.test_fanout import run_fan_out_asset, step_failure
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from google.auth import jwt
 
-from dagster_gcf_pipes.orchestrator.http_invocation import HttpInvocation, http_session
+from dagster_gcf_pipes.orchestrator.earlier_design.http_invocation import HttpInvocation, http_session
 
 
 def _unsigned_jwt(claims: dict) -> str:

@@ -22,7 +22,7 @@ from dagster import AssetExecutionContext, DagsterEventType, DagsterInstance, as
 from dagster._core.instance.ref import InstanceRef
 
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack, ManagedProcess
-from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
 from tests.conftest import TEST_TOPIC
 from tests.faults.test_process_faults import wait_for_object
 from tests.integration.helpers import make_client

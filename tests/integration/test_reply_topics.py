@@ -19,9 +19,9 @@ import pytest
 from google.cloud import pubsub_v1
 
 from dagster_gcf_pipes.local.local_stack import LocalStack
-from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError
-from dagster_gcf_pipes.orchestrator.pull import ack, pull
-from dagster_gcf_pipes.orchestrator.resolution import shard_of
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import PipesPubSubConfigError
+from dagster_gcf_pipes.orchestrator.session.pull import ack, pull
+from dagster_gcf_pipes.orchestrator.client.resolution import shard_of
 from dagster_gcf_pipes.shared.protocol import Attr
 from tests.conftest import REPLY_SHARDS, REPLY_TOPIC
 from tests.integration.helpers import make_client, run_asset, session_subscriptions

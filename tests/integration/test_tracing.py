@@ -18,7 +18,7 @@ from google.cloud import pubsub_v1
 from opentelemetry import trace
 
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
-from dagster_gcf_pipes.orchestrator.tracing import CLOUD_TRACE_URL_TEMPLATE
+from dagster_gcf_pipes.orchestrator.diagnostics.tracing import CLOUD_TRACE_URL_TEMPLATE
 from dagster_gcf_pipes.shared.signing import SECRET_ENV_VAR
 from tests.conftest import REPLY_TOPIC
 from tests.integration.helpers import make_client, run_asset
@@ -175,7 +175,8 @@ def test_a_fan_out_is_one_trace_with_a_session_span_per_shard(
 OFF_PROBE = """
 import sys
 from dagster_gcf_pipes.function import tracing as function_tracing
-from dagster_gcf_pipes.orchestrator import client, tracing as orchestrator_tracing
+from dagster_gcf_pipes.orchestrator.client import client
+from dagster_gcf_pipes.orchestrator.diagnostics import tracing as orchestrator_tracing
 from dagster_gcf_pipes.shared import tracing
 from dagster_gcf_pipes.shared.pubsub import publisher_client
 

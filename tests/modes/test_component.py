@@ -26,7 +26,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from google.cloud import pubsub_v1
 from tenacity import retry, retry_if_result, stop_after_delay, wait_fixed
 
-from dagster_gcf_pipes.orchestrator.component import CloudFunctionComponent, attributes_table
+from dagster_gcf_pipes.orchestrator.definitions.component import CloudFunctionComponent, attributes_table
 from tests.conftest import PAYLOAD_BUCKET, REPLY_TOPIC, TEST_TOPIC
 from tests.integration.helpers import session_objects
 from tests.integration.test_round_trip import sha256_json

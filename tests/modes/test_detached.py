@@ -31,15 +31,15 @@ from dagster import (
 from dagster._core.remote_representation.code_location import InProcessCodeLocation
 from google.cloud import pubsub_v1, storage
 
-from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
-from dagster_gcf_pipes.orchestrator.detached import (
+from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.definitions.completion_sensor import (
     OUTCOME_TAG,
     SESSION_TAG,
     pipes_completion_sensor,
     unrecorded_events,
 )
-from dagster_gcf_pipes.orchestrator.detached_registry import registry_prefix
-from dagster_gcf_pipes.orchestrator.pull import nack, pull
+from dagster_gcf_pipes.orchestrator.modes.detached_registry import registry_prefix
+from dagster_gcf_pipes.orchestrator.session.pull import nack, pull
 from dagster_gcf_pipes.shared.layout import session_prefix
 from dagster_gcf_pipes.shared.protocol import Reply
 from tests.conftest import PAYLOAD_BUCKET, TEST_TOPIC

@@ -11,7 +11,7 @@ from dagster._core.storage.tags import RUN_KEY_TAG
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1, storage
 
-from dagster_gcf_pipes.orchestrator.pull import ack, pull
+from dagster_gcf_pipes.orchestrator.session.pull import ack, pull
 
 from examples.sales.definitions import (
     cloud_function_pipes_asset,

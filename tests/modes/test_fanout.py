@@ -21,8 +21,8 @@ from dagster import (
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from google.cloud import storage
 
-from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
-from dagster_gcf_pipes.orchestrator.fanout import FanOutError, FanOutResult
+from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.modes.fanout import FanOutError, FanOutResult
 from tests.conftest import LAKE_BUCKET
 from tests.integration.helpers import make_client, session_subscriptions
 

@@ -42,13 +42,13 @@ from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import pubsub_v1, storage
 
-import dagster_gcf_pipes.orchestrator.sensors as sensors_module
+import dagster_gcf_pipes.orchestrator.definitions.sensors as sensors_module
 from dagster._core.remote_representation.code_location import InProcessCodeLocation
 from dagster._core.scheduler.instigation import InstigatorType
 from dagster_gcf_pipes.local.local_stack import ManagedProcess, free_port
-from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError
-from dagster_gcf_pipes.orchestrator.pull import pull
-from dagster_gcf_pipes.orchestrator.sensors import (
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import PipesPubSubConfigError
+from dagster_gcf_pipes.orchestrator.session.pull import pull
+from dagster_gcf_pipes.orchestrator.definitions.sensors import (
     ATTRIBUTE_TAG_PREFIX,
     MESSAGE_ID_TAG,
     SUBSCRIPTION_TAG,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dagster_gcf_pipes.orchestrator.fanout_progress import FanOutProgress, shard_statistics, shard_table
+from dagster_gcf_pipes.orchestrator.modes.fanout_progress import FanOutProgress, shard_statistics, shard_table
 
 
 @dataclass

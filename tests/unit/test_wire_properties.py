@@ -10,7 +10,7 @@ from google.cloud import storage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dagster_gcf_pipes.orchestrator.reassembly import ReassemblyError, SessionReassembler
+from dagster_gcf_pipes.orchestrator.session.reassembly import ReassemblyError, SessionReassembler
 from dagster_gcf_pipes.shared.claim_check import (
     DEFAULT_GRPC_RECEIVE_BYTES,
     MAX_INLINE_THRESHOLD,

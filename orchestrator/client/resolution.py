@@ -16,10 +16,10 @@ import requests
 from google.api_core import exceptions as gexc
 from google.cloud import functions_v2, pubsub_v1, storage
 
-from dagster_gcf_pipes.orchestrator.errors import GCPUnreachableError, PipesPubSubConfigError
-from dagster_gcf_pipes.orchestrator.functions_api import derived_timeouts, resolve_function
-from dagster_gcf_pipes.orchestrator.http_invocation import http_session
-from dagster_gcf_pipes.orchestrator.settings import DEFAULT_FUNCTION_TIMEOUT, PipesPubSubClientSettings
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import GCPUnreachableError, PipesPubSubConfigError
+from dagster_gcf_pipes.orchestrator.client.functions_api import derived_timeouts, resolve_function
+from dagster_gcf_pipes.orchestrator.earlier_design.http_invocation import http_session
+from dagster_gcf_pipes.orchestrator.client.settings import DEFAULT_FUNCTION_TIMEOUT, PipesPubSubClientSettings
 from dagster_gcf_pipes.shared.protocol import REPLY_CHANNEL_PUBSUB
 from dagster_gcf_pipes.shared.pubsub import publisher_client
 from dagster_gcf_pipes.shared.retry import TRANSIENT_ERRORS, transient_retry

@@ -24,7 +24,7 @@ from google.auth.transport.requests import AuthorizedSession
 from google.oauth2 import id_token
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
-from dagster_gcf_pipes.orchestrator.errors import FunctionHttpError
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import FunctionHttpError
 
 #: Statuses that mean the request never reached a running session: worth sending again (the session lease
 #: turns a duplicate into a 409, never a second run).

@@ -29,11 +29,11 @@ from dagster._core.pipes.context import build_external_execution_context_data
 from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, DAGSTER_PIPES_MESSAGES_ENV_VAR, PipesExtras, encode_env_var
 from google.cloud import functions_v2, pubsub_v1
 
-from dagster_gcf_pipes.orchestrator.context_injectors import PipesPubSubContextInjector
-from dagster_gcf_pipes.orchestrator.detached_registry import DetachedRegistry, PendingSession, registry_prefix
-from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError
-from dagster_gcf_pipes.orchestrator.fanout import FanOutResult, run_fan_out
-from dagster_gcf_pipes.orchestrator.reattach import (
+from dagster_gcf_pipes.orchestrator.session.context_injectors import PipesPubSubContextInjector
+from dagster_gcf_pipes.orchestrator.modes.detached_registry import DetachedRegistry, PendingSession, registry_prefix
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import PipesPubSubConfigError
+from dagster_gcf_pipes.orchestrator.modes.fanout import FanOutResult, run_fan_out
+from dagster_gcf_pipes.orchestrator.session.reattach import (
     EarlierSession,
     SessionJournal,
     SessionKey,
@@ -42,11 +42,11 @@ from dagster_gcf_pipes.orchestrator.reattach import (
     payload_digest,
     step_key,
 )
-from dagster_gcf_pipes.orchestrator.reply_subscription import ReplyDemux, SubscriptionGone
-from dagster_gcf_pipes.orchestrator.resolution import ResolvedCall, resolve_call, resolve_project
-from dagster_gcf_pipes.orchestrator.session_lifecycle import SessionLifecycle, SessionRun, recorded_topic
-from dagster_gcf_pipes.orchestrator.settings import PipesPubSubClientSettings, payload_problems
-from dagster_gcf_pipes.orchestrator.tracing import traced_fan_out, traced_session
+from dagster_gcf_pipes.orchestrator.session.reply_subscription import ReplyDemux, SubscriptionGone
+from dagster_gcf_pipes.orchestrator.client.resolution import ResolvedCall, resolve_call, resolve_project
+from dagster_gcf_pipes.orchestrator.client.session_lifecycle import SessionLifecycle, SessionRun, recorded_topic
+from dagster_gcf_pipes.orchestrator.client.settings import PipesPubSubClientSettings, payload_problems
+from dagster_gcf_pipes.orchestrator.diagnostics.tracing import traced_fan_out, traced_session
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore
 from dagster_gcf_pipes.shared.layout import context_key, session_prefix
 from dagster_gcf_pipes.shared.protocol import REPLY_CHANNEL_PUBSUB, new_session_id

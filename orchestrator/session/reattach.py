@@ -46,7 +46,7 @@ from dagster._core.events.log import EventLogEntry
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1, storage
 
-from dagster_gcf_pipes.orchestrator.session_end import TOMBSTONE_MARGIN_SECONDS
+from dagster_gcf_pipes.orchestrator.session.end import TOMBSTONE_MARGIN_SECONDS
 from dagster_gcf_pipes.shared.layout import lease_key
 from dagster_gcf_pipes.shared.lease import ENDED, LeaseRecord, read_lease, write_lease
 from dagster_gcf_pipes.shared.retry import transient_retry

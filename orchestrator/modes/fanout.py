@@ -45,8 +45,8 @@ from dagster import (
 )
 from dagster_pipes import DagsterPipesError
 
-from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError, PipesPubSubError, RunInterrupted
-from dagster_gcf_pipes.orchestrator.fanout_progress import FanOutProgress, shard_statistics, shard_table
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import PipesPubSubConfigError, PipesPubSubError, RunInterrupted
+from dagster_gcf_pipes.orchestrator.modes.fanout_progress import FanOutProgress, shard_statistics, shard_table
 
 RunShard = Callable[[int, Mapping[str, Any]], PipesClientCompletedInvocation]
 

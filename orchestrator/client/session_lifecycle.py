@@ -26,8 +26,8 @@ from dagster import (
 from dagster_pipes import PipesExtras
 from google.cloud import storage
 
-from dagster_gcf_pipes.orchestrator.context_injectors import PipesPubSubContextInjector
-from dagster_gcf_pipes.orchestrator.errors import (
+from dagster_gcf_pipes.orchestrator.session.context_injectors import PipesPubSubContextInjector
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import (
     CloudFunctionError,
     FunctionHeartbeatTimeout,
     FunctionStartupTimeout,
@@ -35,10 +35,10 @@ from dagster_gcf_pipes.orchestrator.errors import (
     PipesPubSubError,
     RunInterrupted,
 )
-from dagster_gcf_pipes.orchestrator.gcs_chunk_reader import PipesGCSChunkMessageReader
-from dagster_gcf_pipes.orchestrator.http_invocation import HttpInvocation
-from dagster_gcf_pipes.orchestrator.message_reader import PipesPubSubMessageReader
-from dagster_gcf_pipes.orchestrator.reattach import (
+from dagster_gcf_pipes.orchestrator.earlier_design.gcs_chunk_reader import PipesGCSChunkMessageReader
+from dagster_gcf_pipes.orchestrator.earlier_design.http_invocation import HttpInvocation
+from dagster_gcf_pipes.orchestrator.session.message_reader import PipesPubSubMessageReader
+from dagster_gcf_pipes.orchestrator.session.reattach import (
     EarlierSession,
     ReplayFilter,
     SessionJournal,
@@ -48,11 +48,11 @@ from dagster_gcf_pipes.orchestrator.reattach import (
     payload_digest,
     probe,
 )
-from dagster_gcf_pipes.orchestrator.reply_subscription import ReplyDemux, SubscriptionGone, delete_subscription
-from dagster_gcf_pipes.orchestrator.resolution import ResolvedCall
-from dagster_gcf_pipes.orchestrator.session_end import end_lease, end_session
-from dagster_gcf_pipes.orchestrator.settings import PipesPubSubClientSettings
-from dagster_gcf_pipes.orchestrator.tracing import trace_metadata
+from dagster_gcf_pipes.orchestrator.session.reply_subscription import ReplyDemux, SubscriptionGone, delete_subscription
+from dagster_gcf_pipes.orchestrator.client.resolution import ResolvedCall
+from dagster_gcf_pipes.orchestrator.session.end import end_lease, end_session
+from dagster_gcf_pipes.orchestrator.client.settings import PipesPubSubClientSettings
+from dagster_gcf_pipes.orchestrator.diagnostics.tracing import trace_metadata
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore
 from dagster_gcf_pipes.shared.layout import chunks_prefix, context_key, trigger_key
 from dagster_gcf_pipes.shared.lease import read_lease

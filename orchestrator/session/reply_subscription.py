@@ -9,7 +9,7 @@ and ``ReplyDemux`` hands each message to its session's reader. One stream then s
 of one subscription, stream and thread pool per shard.
 
 With re-attach on (``retain``), the subscription keeps acknowledged messages for ``RETAINED_SECONDS``, so a
-later attempt of the step can receive every reply of its sessions again (``orchestrator/reattach.py``): that attempt creates a subscription of its own (for what is
+later attempt of the step can receive every reply of its sessions again (``orchestrator/session/reattach.py``): that attempt creates a subscription of its own (for what is
 published from then on) and seeks the earlier attempts' subscriptions (``replay_from``) back to their start
 (everything published before); together they hold every reply, and the reader drops what comes twice. A
 retained subscription is read by **synchronous pull**, never by streaming pull: the Pub/Sub emulator goes on
@@ -44,8 +44,8 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError
-from dagster_gcf_pipes.orchestrator.pull import MAX_PER_REQUEST, ack
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import PipesPubSubConfigError
+from dagster_gcf_pipes.orchestrator.session.pull import MAX_PER_REQUEST, ack
 from dagster_gcf_pipes.shared.protocol import Attr
 from dagster_gcf_pipes.shared.retry import transient_retry
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from dagster_pipes import PipesOpenedData
 
-from dagster_gcf_pipes.orchestrator.errors import FunctionHeartbeatTimeout, FunctionStartupTimeout, FunctionTotalTimeout
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import FunctionHeartbeatTimeout, FunctionStartupTimeout, FunctionTotalTimeout
 
 
 class SessionWaiter:

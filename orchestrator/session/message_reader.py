@@ -13,7 +13,7 @@ owner if that invocation holds the session lease in GCS, which only the function
 can have written; and a message the stream can never deliver (larger than the channel accepts) ends the
 session with an error that says so, instead of stalling it until a timeout blames the function.
 
-A reader re-attached to a session an earlier attempt of the step started (``orchestrator/reattach.py``)
+A reader re-attached to a session an earlier attempt of the step started (``orchestrator/session/reattach.py``)
 re-opens its subscription from the start and hands Dagster every message again, except the lines
 ``replay`` says the earlier attempts already wrote: those are counted as handled without being written.
 The owner the earlier attempts recorded (``known_invocation``) is accepted without reading the lease,
@@ -34,12 +34,12 @@ from dagster import PipesMessageHandler, PipesMessageReader
 from dagster_pipes import PipesParams
 from google.cloud import pubsub_v1
 
-from dagster_gcf_pipes.orchestrator.errors import ReplyStreamError
-from dagster_gcf_pipes.orchestrator.reassembly import ReassemblyError, SessionReassembler
-from dagster_gcf_pipes.orchestrator.reattach import CLOSED_WITH_EXCEPTION_LINE, OPENED_LINE, ReplayFilter
-from dagster_gcf_pipes.orchestrator.reply_subscription import ReplyDemux, ReplySubscription, subscription_name
-from dagster_gcf_pipes.orchestrator.session_wait import SessionWaiter
-from dagster_gcf_pipes.orchestrator.tracing import hand_off
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import ReplyStreamError
+from dagster_gcf_pipes.orchestrator.session.reassembly import ReassemblyError, SessionReassembler
+from dagster_gcf_pipes.orchestrator.session.reattach import CLOSED_WITH_EXCEPTION_LINE, OPENED_LINE, ReplayFilter
+from dagster_gcf_pipes.orchestrator.session.reply_subscription import ReplyDemux, ReplySubscription, subscription_name
+from dagster_gcf_pipes.orchestrator.session.wait import SessionWaiter
+from dagster_gcf_pipes.orchestrator.diagnostics.tracing import hand_off
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck
 from dagster_gcf_pipes.shared.layout import lease_key, session_prefix
 from dagster_gcf_pipes.shared.protocol import (

@@ -9,8 +9,8 @@ from typing import Any, Literal
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError
-from dagster_gcf_pipes.orchestrator.tracing import url_template_problems
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import PipesPubSubConfigError
+from dagster_gcf_pipes.orchestrator.diagnostics.tracing import url_template_problems
 from dagster_gcf_pipes.shared.claim_check import validate_threshold
 from dagster_gcf_pipes.shared.protocol import (
     DEFAULT_INLINE_THRESHOLD,

@@ -57,8 +57,8 @@ from dagster.components.resolved.scopes import DeprecatedScope
 from jinja2 import meta
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
-from dagster_gcf_pipes.orchestrator.detached import pipes_completion_sensor
+from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.definitions.completion_sensor import pipes_completion_sensor
 
 #: What the assets look like in the UI when ``kinds`` is not set.
 DEFAULT_KINDS = ("gcp", "cloud-functions")

@@ -57,8 +57,8 @@ from dagster import (
     sensor,
 )
 
-from dagster_gcf_pipes.orchestrator.pull import ack, nack, pull, subscription_path
-from dagster_gcf_pipes.orchestrator.resolution import resolve_project
+from dagster_gcf_pipes.orchestrator.session.pull import ack, nack, pull, subscription_path
+from dagster_gcf_pipes.orchestrator.client.resolution import resolve_project
 from dagster_gcf_pipes.shared.pubsub import subscriber_client
 
 #: Tag prefixes of the default run request (Dagster tag keys allow one ``namespace/`` section).

@@ -18,7 +18,7 @@ import google.auth.exceptions
 from google.api_core import exceptions as gexc
 from google.cloud import functions_v2
 
-from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import PipesPubSubConfigError
 from dagster_gcf_pipes.shared.retry import transient_retry
 
 DEFAULT_FUNCTION_TIMEOUT = 60.0  # Cloud Functions' own default when service_config.timeout_seconds is unset

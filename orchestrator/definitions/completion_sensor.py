@@ -63,14 +63,14 @@ from dagster import (
 from dagster._core.definitions.metadata.external_metadata import metadata_map_from_external
 from google.cloud import storage
 
-from dagster_gcf_pipes.orchestrator.client import PipesPubSubClient
-from dagster_gcf_pipes.orchestrator.detached_registry import DetachedRegistry, PendingSession, registry_prefix
-from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError, format_remote_traceback
-from dagster_gcf_pipes.orchestrator.message_reader import decode_reply
-from dagster_gcf_pipes.orchestrator.pull import ack, nack, pull, subscription_path
-from dagster_gcf_pipes.orchestrator.reassembly import ReassemblyError, SessionReassembler
-from dagster_gcf_pipes.orchestrator.resolution import resolve_project
-from dagster_gcf_pipes.orchestrator.session_end import end_session
+from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.modes.detached_registry import DetachedRegistry, PendingSession, registry_prefix
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import PipesPubSubConfigError, format_remote_traceback
+from dagster_gcf_pipes.orchestrator.session.message_reader import decode_reply
+from dagster_gcf_pipes.orchestrator.session.pull import ack, nack, pull, subscription_path
+from dagster_gcf_pipes.orchestrator.session.reassembly import ReassemblyError, SessionReassembler
+from dagster_gcf_pipes.orchestrator.client.resolution import resolve_project
+from dagster_gcf_pipes.orchestrator.session.end import end_session
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore
 from dagster_gcf_pipes.shared.protocol import ProtocolError, Reply
 from dagster_gcf_pipes.shared.pubsub import subscriber_client

@@ -9,7 +9,7 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
-from dagster_gcf_pipes.orchestrator.errors import PipesPubSubConfigError
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import PipesPubSubConfigError
 from dagster_gcf_pipes.shared.retry import transient_retry
 
 #: Pub/Sub's per-request maximum for pull and for acknowledge / modifyAckDeadline.

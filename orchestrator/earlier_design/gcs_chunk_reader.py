@@ -22,9 +22,9 @@ from dagster_pipes import PipesParams
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
-from dagster_gcf_pipes.orchestrator.errors import ReplyStreamError
-from dagster_gcf_pipes.orchestrator.message_reader import with_log_prefix
-from dagster_gcf_pipes.orchestrator.session_wait import SessionWaiter
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import ReplyStreamError
+from dagster_gcf_pipes.orchestrator.session.message_reader import with_log_prefix
+from dagster_gcf_pipes.orchestrator.session.wait import SessionWaiter
 from dagster_gcf_pipes.shared.protocol import ReplyChannelParams
 from dagster_gcf_pipes.shared.retry import transient_retry
 
