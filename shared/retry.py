@@ -44,12 +44,20 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 _log = logging.getLogger(__name__)
 
 
-def transient_retry(*, max_seconds: float = 60.0, max_attempts: int = 12) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """Decorator: retry ``TRANSIENT_ERRORS`` for at most ``max_seconds`` / ``max_attempts``, then re-raise."""
+def transient_retry(
+    *, max_seconds: float = 60.0, max_attempts: int | None = 12
+) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorator: retry ``TRANSIENT_ERRORS`` for at most ``max_seconds`` / ``max_attempts``, then re-raise.
+
+    ``max_attempts=None``: bounded by time alone, for a budget the user set in seconds (a fast-failing call,
+    such as a refused connection, would otherwise use up its attempts long before the seconds it was given)."""
+    stop = stop_after_delay(max_seconds)
+    if max_attempts is not None:
+        stop = stop | stop_after_attempt(max_attempts)
     return retry(
         retry=retry_if_exception_type(TRANSIENT_ERRORS),
         wait=wait_random_exponential(multiplier=0.2, max=5.0),
-        stop=stop_after_delay(max_seconds) | stop_after_attempt(max_attempts),
+        stop=stop,
         before_sleep=before_sleep_log(_log, logging.WARNING),
         reraise=True,
     )

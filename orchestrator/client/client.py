@@ -187,7 +187,7 @@ class PipesPubSubClient(PipesPubSubClientSettings, PipesClient):
             replay_from = max(earlier.values(), key=lambda e: len(e.record.subscriptions)).record.subscriptions
             topic = recorded_topic(resolved, next(iter(earlier.values())).record)
             demux = ReplyDemux(subscriber, topic=topic, group=group, log=context.log, retain=retain,
-                               replay_from=replay_from, expect=expect)
+                               replay_from=replay_from, expect=expect, create_budget_seconds=self.preflight_timeout)
             try:
                 return demux.__enter__()
             except SubscriptionGone as exc:
@@ -198,7 +198,8 @@ class PipesPubSubClient(PipesPubSubClientSettings, PipesClient):
                     self._sessions.abandon(SessionRun(context, resolved, None, "", None, demux, journal), found.record)
                 earlier.clear()
         group = secrets.token_hex(8)
-        demux = ReplyDemux(subscriber, topic=resolved.reply_topic_of(group), group=group, log=context.log, retain=retain)
+        demux = ReplyDemux(subscriber, topic=resolved.reply_topic_of(group), group=group, log=context.log, retain=retain,
+                           create_budget_seconds=self.preflight_timeout)
         return demux.__enter__()
 
 

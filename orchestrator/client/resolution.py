@@ -1,6 +1,13 @@
 """What one ``run``/``run_many``/``run_detached`` call works out before its first session: the project, the
 deployed function (``function_name``), the topics (``reply_topics`` included) and the clients, with the
-topics and the bucket checked to exist (once per process for those that do)."""
+bucket checked to exist (once per process when it does).
+
+Topics are not checked with GetTopic: that is an administrative operation, charged to the caller's
+project's admin quota (https://cloud.google.com/pubsub/quotas) and slower and less reliable than data
+operations, and Dagster's default executor runs each step in a process of its own, so a per-process cache
+rarely saves one. A missing reply topic fails the session's CreateSubscription, and a missing trigger topic
+its publish, each with a ``PipesPubSubConfigError`` naming the setting, before anything reaches a function.
+A detached session creates no subscription, so its reply topic is still checked."""
 
 from __future__ import annotations
 
@@ -47,10 +54,9 @@ def topic_path(project: str, topic: str) -> str:
     return topic if topic.startswith("projects/") else f"projects/{project}/topics/{topic}"
 
 
-#: Topics and buckets seen to exist, per process and endpoint. Checking them on every run would cost two admin
-#: operations per session against Pub/Sub's per-project admin quota (see "Cost and quotas" in
-#: docs/architecture.md). Only positive answers are kept: a missing resource is checked again on the next run,
-#: and one deleted after its check fails the step at its first use (publish, create subscription).
+#: The bucket (and a detached reply topic) seen to exist, per process and endpoint. Only positive answers are
+#: kept: a missing resource is checked again on the next run, and one deleted after its check fails the step at
+#: its first use (publish, create subscription).
 _seen_to_exist: set[tuple[str, str]] = set()
 _seen_lock = threading.Lock()
 
@@ -141,8 +147,8 @@ def resolve_call(
             2 * settings.heartbeat_interval,
         ),
     )
-    topics = {trigger_topic: "trigger_topic", **reply_topics}
-    _check_resources(settings, resolved, {path: setting for path, setting in topics.items() if path})
+    # a detached session's replies meet no subscription of the step's: check that their topic exists
+    _check_resources(settings, resolved, reply_topics if detached else {})
     return resolved
 
 def _reply_topics(settings: PipesPubSubClientSettings, project: str, detached: bool) -> dict[str, str]:
@@ -156,7 +162,7 @@ def _reply_topics(settings: PipesPubSubClientSettings, project: str, detached: b
 
 def _preflight(settings: PipesPubSubClientSettings, service: str, emulator_env_var: str, call: Any, *args: Any) -> Any:
     try:
-        return transient_retry(max_seconds=settings.preflight_timeout)(call)(*args)
+        return transient_retry(max_seconds=settings.preflight_timeout, max_attempts=None)(call)(*args)
     except TRANSIENT_ERRORS as exc:
         raise GCPUnreachableError(
             f"{service} did not answer within preflight_timeout={settings.preflight_timeout:g}s ({exc}); check the "

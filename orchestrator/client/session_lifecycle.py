@@ -24,6 +24,7 @@ from dagster import (
     open_pipes_session,
 )
 from dagster_pipes import PipesExtras
+from google.api_core import exceptions as gexc
 from google.cloud import storage
 
 from dagster_gcf_pipes.orchestrator.session.context_injectors import PipesPubSubContextInjector
@@ -32,6 +33,7 @@ from dagster_gcf_pipes.orchestrator.diagnostics.errors import (
     FunctionHeartbeatTimeout,
     FunctionStartupTimeout,
     FunctionTotalTimeout,
+    PipesPubSubConfigError,
     PipesPubSubError,
     RunInterrupted,
 )
@@ -104,6 +106,23 @@ def recorded_topic(resolved: ResolvedCall, record: SessionRecord) -> str:
     do not name it: they had one)."""
     return record.reply_topic or resolved.reply_topic_of(record.group or record.session_id)
 
+
+
+def publish_trigger(publisher: Any, topic: str, data: bytes, attributes: Mapping[str, str]) -> str:
+    """Publish a trigger; a topic that does not exist or may not be published to is a configuration error
+    (resolution does not check topics beforehand: see its docstring)."""
+    try:
+        return publish(publisher, topic, data, attributes)
+    except gexc.NotFound as exc:
+        raise PipesPubSubConfigError(
+            f"trigger_topic: topic {topic} does not exist; create it (gcloud pubsub topics create "
+            f"{topic.rsplit('/', 1)[-1]} --project {topic.split('/')[1]}) or fix trigger_topic / function_name / project"
+        ) from exc
+    except gexc.PermissionDenied as exc:
+        raise PipesPubSubConfigError(
+            f"trigger_topic: not allowed to publish to {topic}: grant Dagster's service account "
+            f"roles/pubsub.publisher on it ({exc.message})"
+        ) from exc
 
 class SessionLifecycle:
     """The sessions of one client's calls, each from its start to its teardown."""
@@ -217,6 +236,7 @@ class SessionLifecycle:
                 replay_from=attach.record.subscriptions if attach is not None and demux is None else (),
                 known_invocation=attach.record.invocation_id or None if attach is not None else None,
                 on_owner=(lambda invocation: journal.opened(session_id, invocation)) if journal is not None else None,
+                create_budget_seconds=self.settings.preflight_timeout,
             )
         else:
             reader = PipesGCSChunkMessageReader(
@@ -393,7 +413,7 @@ class SessionLifecycle:
             invocation.start(data, attributes, session_id)
             url = self.settings.function_url
             return SentTrigger(url, {"pipes_function_url": url}, invocation)
-        message_id = publish(resolved.publisher, resolved.trigger_topic, data, attributes)
+        message_id = publish_trigger(resolved.publisher, resolved.trigger_topic, data, attributes)
         return SentTrigger(resolved.trigger_topic, {"pipes_trigger_message_id": message_id})
 
     def session_params(self, resolved: ResolvedCall, session_id: str, reply_topic: str) -> ReplyChannelParams:

@@ -72,7 +72,9 @@ class PipesPubSubClientSettings(ConfigurableResource):
         default=None,
         description="Several reply topics instead of reply_topic: each session (a fan-out: each group) replies on the "
         "one its id hashes to. Every reply is billed once per subscription open on its topic, so K topics divide "
-        "that factor by K: for many concurrent independent runs (docs/architecture.md, Cost and quotas).",
+        "that factor by K: for many concurrent independent runs (docs/architecture.md, Cost and quotas). Like every "
+        "topic, each is not checked up front (GetTopic is an admin operation): a session whose topic is missing fails "
+        "before its trigger is published, naming it.",
     )
     invocation: Literal["pubsub", "http"] = Field(
         default="pubsub", description="How the function is triggered: a Pub/Sub message, or an HTTP POST to function_url."

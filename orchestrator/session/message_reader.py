@@ -80,6 +80,12 @@ def decode_reply(
     return Reply.decode(body, attributes)
 
 
+def _seq_of(attributes: Mapping[str, str]) -> int | None:
+    """A reply's ``seq`` attribute, if it is a plain number (anything else is left to ``Reply.decode``)."""
+    seq = attributes.get(Attr.SEQ, "")
+    return int(seq) if seq.isdigit() else None
+
+
 def with_log_prefix(pipes_message: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
     """The message with ``prefix`` before its text if it is a log line, or before each line of printed text,
     an unfinished last line ended (how fan-out tells shards apart)."""
@@ -141,6 +147,7 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         replay_from: Sequence[str] = (),
         known_invocation: str | None = None,
         on_owner: Callable[[str], None] | None = None,
+        create_budget_seconds: float = 60.0,
     ):
         """Reads through a subscription of its own (``subscriber``) or, in a fan-out group, through ``demux``.
 
@@ -167,6 +174,7 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         self._name = subscription_name(self.session_id, reattaching=bool(replay_from))
         self._known_invocation = known_invocation
         self._on_owner = on_owner
+        self._create_budget_seconds = create_budget_seconds
 
     # ---------------------------------------------------------------- PipesMessageReader
     @contextmanager
@@ -185,6 +193,7 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
                 log=self._log,
                 retain=self._retain,
                 replay_from=self._replay_from,
+                create_budget_seconds=self._create_budget_seconds,
             )
         with source as subscription:
             self._subscription = subscription
@@ -235,6 +244,10 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         attributes = dict(message.attributes)
         if attributes.get(Attr.SESSION) not in (None, self.session_id):
             return  # another session's reply: only reaches us where filters are not applied (the emulator)
+        with self._cond:
+            if self._reassembler.already_taken(attributes.get(Attr.INVOCATION), _seq_of(attributes)):
+                self._reassembler.duplicates_dropped += 1
+                return
         params = self._channel_params
         reply = decode_reply(
             message.data, attributes, self._claim_check, self._signing_secret, bucket=params.bucket, prefix=params.prefix

@@ -47,6 +47,18 @@ class SessionReassembler:
         """Whether ``reply`` shows the session's function is alive (for the heartbeat timeout)."""
         return self.accepted_invocation in (None, reply.invocation_id)
 
+    def already_taken(self, invocation_id: str | None, seq: int | None) -> bool:
+        """Whether a reply of ``invocation_id`` with ``seq`` (read from its attributes) would be dropped as a
+        duplicate or fenced whatever its body: the reader then skips it before fetching a claim-check or
+        checking a signature (a redelivered large batch costs no download)."""
+        if invocation_id is None or seq is None:
+            return False
+        if invocation_id in self._fenced:
+            return True
+        if invocation_id == self.accepted_invocation:
+            return seq < self.next_seq or seq in self._pending
+        return seq in self._early.get(invocation_id, {})
+
     def offer(self, reply: Reply) -> Sequence[PipesMessage]:
         """Take one reply of this session; return the Pipes messages that are now next in order."""
         if reply.session_id != self.session_id:

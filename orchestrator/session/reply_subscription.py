@@ -9,15 +9,21 @@ and ``ReplyDemux`` hands each message to its session's reader. One stream then s
 of one subscription, stream and thread pool per shard.
 
 With re-attach on (``retain``), the subscription keeps acknowledged messages for ``RETAINED_SECONDS``, so a
-later attempt of the step can receive every reply of its sessions again (``orchestrator/session/reattach.py``): that attempt creates a subscription of its own (for what is
-published from then on) and seeks the earlier attempts' subscriptions (``replay_from``) back to their start
-(everything published before); together they hold every reply, and the reader drops what comes twice. A
-retained subscription is read by **synchronous pull**, never by streaming pull: the Pub/Sub emulator goes on
-assigning a subscription's messages to the streaming pull of a process that was killed, so after the kill
-neither a new stream nor a pull on that subscription receives them (measured: nothing in 80 s, seek or not;
-a seek followed 1.5 s later by a pull: nothing). A killed synchronous pull holds at most the messages of its
-one request, which the seek hands back. A re-attaching fan-out group holds the replies of the shards it
-``expect``s until their readers are routed, instead of dropping them as strays.
+later attempt of the step can receive every reply of its sessions again (``orchestrator/session/reattach.py``):
+that attempt creates a subscription of its own (for what is published from then on) and seeks the earlier
+attempts' subscriptions (``replay_from``) back to their start (everything published before); together they
+hold every reply, and the reader drops what comes twice. Every subscription is read by **streaming pull**,
+retained or not: a unary ``Pull`` whose client deadline passes after the server assigned it messages leaves
+them outstanding until their ack deadline (googleapis/google-cloud-python#8087, google-cloud-php#710), and an
+empty ``Pull`` proves nothing (https://cloud.google.com/pubsub/docs/pull), so a short pull loop delays
+replies and heartbeats by the ack deadline again and again; the maintainers' advice for latency is streaming
+pull (googleapis/python-pubsub#1414, #440). The client library extends the lease of every message a callback
+holds, and each reply is acknowledged as soon as it was handed on. The streams of an orchestrator that was
+killed end with it: Pub/Sub redelivers what they held after its ack deadline, and the seek hands back the
+rest. (Google's emulator instead keeps feeding a killed process's stream, and never redelivers what it
+assigned there; the local stack's production-semantics layer, which ends the upstream stream when its
+client goes away, behaves as production does.) A re-attaching fan-out group holds the replies of the
+shards it ``expect``s until their readers are routed, instead of dropping them as strays.
 
 Two things production Pub/Sub does that the emulator never shows are handled here:
 
@@ -32,6 +38,7 @@ Two things production Pub/Sub does that the emulator never shows are handled her
 from __future__ import annotations
 
 import logging
+import os
 import random
 import secrets
 import threading
@@ -44,10 +51,10 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from dagster_gcf_pipes.orchestrator.diagnostics.errors import PipesPubSubConfigError
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import GCPUnreachableError, PipesPubSubConfigError
 from dagster_gcf_pipes.orchestrator.session.pull import MAX_PER_REQUEST, ack
 from dagster_gcf_pipes.shared.protocol import Attr
-from dagster_gcf_pipes.shared.retry import transient_retry
+from dagster_gcf_pipes.shared.retry import TRANSIENT_ERRORS, transient_retry
 
 #: How long tearing a session down may wait on an unreachable Pub/Sub before leaving the subscription to
 #: its expiration policy: cleanup must not hold up (or mask) the step's real outcome.
@@ -60,11 +67,6 @@ SUBSCRIPTION_TTL_SECONDS = 24 * 3600
 #: (a step whose orchestrator died is re-attached if re-executed within this). Pub/Sub wants it shorter than
 #: the expiration TTL, which stays at its minimum, SUBSCRIPTION_TTL_SECONDS.
 RETAINED_SECONDS = 20 * 3600
-
-#: With re-attach on, a synchronous pull waits this long for replies before the next one; the subscription's
-#: ack deadline is Pub/Sub's minimum (every message is acknowledged as soon as it was handed on)
-PULL_WAIT_SECONDS = 0.5
-PULLED_ACK_DEADLINE_SECONDS = 10
 
 #: How long after creating a subscription a NOT_FOUND from StreamingPull is taken for the service not having
 #: caught up yet (and the stream re-opened) rather than for a subscription that is gone.
@@ -80,10 +82,9 @@ OnMessage = Callable[[pubsub_v1.subscriber.message.Message], None]
 StreamingPull = pubsub_v1.subscriber.futures.StreamingPullFuture
 
 
-@transient_retry()
-def _create_subscription(subscriber: pubsub_v1.SubscriberClient, request: Mapping[str, Any]) -> None:
+def _create_subscription(subscriber: pubsub_v1.SubscriberClient, request: Mapping[str, Any], timeout: float) -> None:
     try:
-        subscriber.create_subscription(request=request, retry=None, timeout=CREATE_TIMEOUT_SECONDS)
+        subscriber.create_subscription(request=request, retry=None, timeout=timeout)
     except gexc.AlreadyExists:
         pass  # an earlier attempt of this call created it: the name is ours alone (see the module docstring)
 
@@ -113,18 +114,6 @@ def subscription_name(owner: str, *, reattaching: bool) -> str:
     return f"dagster-pipes-{owner}" + (f"-{secrets.token_hex(4)}" if reattaching else "")
 
 
-class _PulledMessage:
-    """A synchronously pulled message, shaped as the streaming pull hands them over; the pull loop acks it."""
-
-    def __init__(self, received: Any):
-        self.message_id = received.message.message_id
-        self.data = received.message.data
-        self.attributes = received.message.attributes
-
-    def ack(self) -> None:
-        """Acknowledged with its batch, once handed on."""
-
-
 class SubscriptionGone(Exception):
     """The subscription to re-open no longer exists (deleted, or expired)."""
 
@@ -137,24 +126,14 @@ def _delete_subscription(subscriber: pubsub_v1.SubscriberClient, path: str) -> N
         pass
 
 
-@transient_retry()
-def _pull_once(subscriber: pubsub_v1.SubscriberClient, path: str) -> list[Any]:
-    try:
-        response = subscriber.pull(
-            request={"subscription": path, "max_messages": MAX_PER_REQUEST}, timeout=PULL_WAIT_SECONDS, retry=None
-        )
-    except gexc.DeadlineExceeded:
-        return []  # nothing arrived meanwhile
-    return list(response.received_messages)
-
-
 class ReplySubscription:
     """A context manager: the subscription exists and is streamed into ``on_message`` inside the block, and
     is deleted when the block ends.
 
     ``retain``: it keeps acknowledged replies (re-attach). ``replay_from``: the subscriptions of the earlier
-    attempts of the step, sought back to their start and pulled into ``on_message`` too, then deleted with it
-    (``SubscriptionGone`` if one is not there any more)."""
+    attempts of the step, sought back to their start and streamed into ``on_message`` too, then deleted with
+    it (``SubscriptionGone`` if one is not there any more). ``create_budget_seconds``: how long creating the
+    subscription retries while Pub/Sub does not answer (then ``GCPUnreachableError``)."""
 
     def __init__(
         self,
@@ -168,6 +147,7 @@ class ReplySubscription:
         ack_deadline_seconds: int = 60,
         retain: bool = False,
         replay_from: Sequence[str] = (),
+        create_budget_seconds: float = 60.0,
     ):
         self._subscriber = subscriber
         self._topic = topic
@@ -178,14 +158,13 @@ class ReplySubscription:
         self._on_message = on_message
         self._log = log
         self._ack_deadline_seconds = ack_deadline_seconds
+        self._create_budget_seconds = create_budget_seconds
         self._lock = threading.Lock()
-        self._streaming: StreamingPull | None = None
+        self._streams: dict[str, StreamingPull] = {}
         self._created_at = 0.0
         self._reopens = 0
         self._reopen: threading.Timer | None = None
         self._closing = False
-        self._puller: threading.Thread | None = None
-        self._pull_error: BaseException | None = None
 
     def __enter__(self) -> ReplySubscription:
         self._create()
@@ -196,13 +175,10 @@ class ReplySubscription:
                     _seek_to_start(self._subscriber, path)
                 except gexc.NotFound as exc:
                     raise SubscriptionGone(f"{path} is gone (deleted, or expired): {exc.message}") from exc
-            if self._retain:
-                self._puller = threading.Thread(target=self._pull_loop, name="pipes-pull", daemon=True)
-                self._puller.start()
-            else:
-                self._open_stream()
+            for path in self.paths:
+                self._open_stream(path)
         except BaseException:
-            self._delete()
+            self.__exit__()
             raise
         return self
 
@@ -211,40 +187,15 @@ class ReplySubscription:
             self._closing = True
             if self._reopen is not None:
                 self._reopen.cancel()
-            streaming = self._streaming
-        if streaming is not None:
+            streams = list(self._streams.values())
+        for streaming in streams:
             streaming.cancel()
+        for streaming in streams:
             try:
                 streaming.result(timeout=CLEANUP_BUDGET_SECONDS)
             except BaseException:  # noqa: BLE001 - the stream's end is not the step's outcome
                 pass
-        if self._puller is not None:
-            self._puller.join(timeout=CLEANUP_BUDGET_SECONDS)
         self._delete()
-
-    def _pull_loop(self) -> None:
-        """Synchronous pull of this subscription and the earlier attempts' until the block ends: each batch
-        is handed on, then acknowledged."""
-        try:
-            while not self._closing:
-                for path in self.paths:
-                    received = self._pull(path)
-                    for message in received:
-                        self._on_message(_PulledMessage(message))  # type: ignore[arg-type]
-                    ack(self._subscriber, path, [message.ack_id for message in received])
-        except BaseException as exc:  # noqa: BLE001 - reported by stopped()
-            self._pull_error = exc
-
-    def _pull(self, path: str) -> list[Any]:
-        """What is waiting, up to ``PULL_WAIT_SECONDS``; nothing while a NOT_FOUND may still be Pub/Sub catching up
-        with the subscription's creation (see the module docstring)."""
-        try:
-            return _pull_once(self._subscriber, path)
-        except gexc.NotFound:
-            if path == self.path and not self._past_grace():
-                time.sleep(REOPEN_FIRST_DELAY_SECONDS)
-                return []
-            raise
 
     @property
     def paths(self) -> list[str]:
@@ -253,55 +204,54 @@ class ReplySubscription:
 
     def stopped(self) -> str | None:
         """Why reading stopped, if it did while it should be running (and is not about to be re-opened)."""
-        if self._pull_error is not None:
-            return f"reading {self.path} stopped: {self._pull_error!r}; check that Pub/Sub is reachable and the subscription exists"
         with self._lock:
-            streaming, reopening = self._streaming, self._reopen is not None
-        if self._closing or streaming is None or not streaming.done() or reopening:
-            return None
-        error = streaming.exception()
-        if isinstance(error, gexc.NotFound):
-            if not self._past_grace():
-                return None  # its done-callback is scheduling the re-open
-            return (
-                f"reading {self.path} stopped: StreamingPull still answered NOT_FOUND "
-                f"{time.monotonic() - self._created_at:.0f}s after the subscription was created "
-                f"({self._reopens} re-opens; {error.message}): it was deleted while the session ran (by another "
-                "process, or a cleanup job matching dagster-pipes-*); check the project's audit log for "
-                "DeleteSubscription"
-            )
-        return (
-            f"reading {self.path} stopped: {error!r}; check that Pub/Sub is reachable and the subscription exists"
-        )
+            if self._closing or self._reopen is not None:
+                return None
+            ended = [(path, streaming) for path, streaming in self._streams.items() if streaming.done()]
+        for path, streaming in ended:
+            error = streaming.exception()
+            if isinstance(error, gexc.NotFound) and path == self.path:
+                if not self._past_grace():
+                    return None  # its done-callback is scheduling the re-open
+                return (
+                    f"reading {path} stopped: StreamingPull still answered NOT_FOUND "
+                    f"{time.monotonic() - self._created_at:.0f}s after the subscription was created "
+                    f"({self._reopens} re-opens; {error.message}): it was deleted while the session ran (by another "
+                    "process, or a cleanup job matching dagster-pipes-*); check the project's audit log for "
+                    "DeleteSubscription"
+                )
+            return f"reading {path} stopped: {error!r}; check that Pub/Sub is reachable and the subscription exists"
+        return None
 
     def _past_grace(self) -> bool:
         return time.monotonic() - self._created_at >= NEW_SUBSCRIPTION_GRACE_SECONDS
 
-    def _open_stream(self) -> None:
+    def _open_stream(self, path: str) -> None:
         with self._lock:
-            self._reopen = None
+            if path == self.path:
+                self._reopen = None
             if self._closing:
                 return
-            self._streaming = self._subscriber.subscribe(
-                self.path,
+            streaming = self._streams[path] = self._subscriber.subscribe(
+                path,
                 self._on_message,
                 flow_control=pubsub_v1.types.FlowControl(max_messages=1000),
                 await_callbacks_on_shutdown=True,
             )
-            streaming = self._streaming
-        streaming.add_done_callback(self._on_stream_end)
+        if path == self.path:
+            streaming.add_done_callback(self._on_stream_end)
 
     def _on_stream_end(self, streaming: StreamingPull) -> None:
-        """A stream ended: re-open it (with jittered exponential backoff) if it ended on NOT_FOUND within the
+        """Our stream ended: re-open it (with jittered exponential backoff) if it ended on NOT_FOUND within the
         grace period after creation; anything else is left for ``stopped()`` to report."""
         if not isinstance(streaming.exception(), gexc.NotFound) or self._past_grace():
             return
         with self._lock:
-            if self._closing or streaming is not self._streaming:
+            if self._closing or streaming is not self._streams.get(self.path):
                 return
             self._reopens += 1
             delay = min(REOPEN_MAX_DELAY_SECONDS, REOPEN_FIRST_DELAY_SECONDS * 2 ** (self._reopens - 1))
-            self._reopen = threading.Timer(delay * random.uniform(0.5, 1.0), self._open_stream)
+            self._reopen = threading.Timer(delay * random.uniform(0.5, 1.0), self._open_stream, args=(self.path,))
             self._reopen.daemon = True
             self._reopen.start()
         self._log.info(
@@ -314,25 +264,32 @@ class ReplySubscription:
             "name": self.path,
             "topic": self._topic,
             "filter": self._filter,
-            # pulled: a pull the client gave up on (its deadline passed while Pub/Sub was unreachable or slow) may
-            # still be answered, into the void; those messages come back after the ack deadline, so keep it short
-            "ack_deadline_seconds": PULLED_ACK_DEADLINE_SECONDS if self._retain else self._ack_deadline_seconds,
+            "ack_deadline_seconds": self._ack_deadline_seconds,
             "expiration_policy": {"ttl": {"seconds": SUBSCRIPTION_TTL_SECONDS}},
             "message_retention_duration": {"seconds": RETAINED_SECONDS if self._retain else 600},
             "retain_acked_messages": self._retain,
         }
         try:
-            _create_subscription(self._subscriber, request)
+            transient_retry(max_seconds=self._create_budget_seconds, max_attempts=None)(
+                _create_subscription
+            )(self._subscriber, request, min(CREATE_TIMEOUT_SECONDS, self._create_budget_seconds))
         except gexc.NotFound as exc:
             raise PipesPubSubConfigError(
-                f"reply topic {self._topic} does not exist: create it "
-                f"(gcloud pubsub topics create {self._topic.rsplit('/', 1)[-1]}) or fix reply_topic"
+                f"reply_topic: topic {self._topic} does not exist; create it (gcloud pubsub topics create "
+                f"{self._topic.rsplit('/', 1)[-1]} --project {self._topic.split('/')[1]}) or fix reply_topic / "
+                "reply_topics / project"
             ) from exc
         except gexc.PermissionDenied as exc:
             raise PipesPubSubConfigError(
                 f"not allowed to create subscription {self.path} on {self._topic}: "
                 "grant the orchestrator's service account roles/pubsub.subscriber and roles/pubsub.editor "
                 f"(or a custom role with pubsub.subscriptions.create/delete) ({exc.message})"
+            ) from exc
+        except TRANSIENT_ERRORS as exc:
+            raise GCPUnreachableError(
+                f"Pub/Sub did not answer within preflight_timeout={self._create_budget_seconds:g}s while creating "
+                f"the reply subscription {self.path} ({exc}); check the network path to Pub/Sub (or that the "
+                f"emulator at PUBSUB_EMULATOR_HOST={os.environ.get('PUBSUB_EMULATOR_HOST', '(unset)')} is running)"
             ) from exc
 
     def _delete(self) -> None:
@@ -355,6 +312,7 @@ class ReplyDemux:
         retain: bool = False,
         replay_from: Sequence[str] = (),
         expect: Iterable[str] = (),
+        create_budget_seconds: float = 60.0,
     ):
         """``replay_from``: the group's subscriptions of earlier attempts, whose shards (``expect``) re-attach."""
         self.group = group
@@ -373,6 +331,7 @@ class ReplyDemux:
             log=log,
             retain=retain,
             replay_from=replay_from,
+            create_budget_seconds=create_budget_seconds,
         )
 
     @property

@@ -134,7 +134,8 @@ def test_bad_payload_fails_before_anything_is_published(stack: LocalStack, paylo
     [
         ({"trigger_topic": "no-such-topic"}, "trigger_topic: topic projects/local-project/topics/no-such-topic does not exist"),
         ({"reply_topic": "no-such-replies"}, "reply_topic: topic projects/local-project/topics/no-such-replies does not exist"),
-        ({"project": "wrong-project"}, "topic projects/wrong-project/topics/test-trigger does not exist"),
+        # the reply subscription is created first (topics are not checked beforehand: no admin operation)
+        ({"project": "wrong-project"}, "topic projects/wrong-project/topics/pipes-replies does not exist"),
         ({"bucket": "no-such-bucket"}, "gs://no-such-bucket does not exist"),
         ({"bucket": "gs://pipes-payloads"}, "must be a bare bucket name"),
         ({"inline_threshold_bytes": 11_000_000}, "inline_threshold_bytes=11000000 is outside"),
