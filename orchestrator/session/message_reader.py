@@ -37,7 +37,12 @@ from google.cloud import pubsub_v1
 from dagster_gcf_pipes.orchestrator.diagnostics.errors import ReplyStreamError
 from dagster_gcf_pipes.orchestrator.session.reassembly import ReassemblyError, SessionReassembler
 from dagster_gcf_pipes.orchestrator.session.reattach import CLOSED_WITH_EXCEPTION_LINE, OPENED_LINE, ReplayFilter
-from dagster_gcf_pipes.orchestrator.session.reply_subscription import ReplyDemux, ReplySubscription, subscription_name
+from dagster_gcf_pipes.orchestrator.session.reply_subscription import (
+    ReplyDemux,
+    ReplySubscription,
+    subscription_name,
+    subscription_problem,
+)
 from dagster_gcf_pipes.orchestrator.session.wait import SessionWaiter
 from dagster_gcf_pipes.orchestrator.diagnostics.tracing import hand_off
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck
@@ -323,6 +328,16 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         trouble = stream_trouble(self._subscription.path) if self._subscription is not None else None
         if trouble is not None and trouble.undeliverable:
             raise ReplyStreamError(f"session {self.session_id}: {undeliverable_hint(trouble.subscription, trouble.error)}")
+
+    def _channel_problem(self) -> str | None:
+        """Ask Pub/Sub about the reply subscription (one GetSubscription, only when a timeout is being raised)."""
+        if self._subscription is None:
+            return None
+        return subscription_problem(self._subscriber or self._demux_subscriber(), self._subscription.path)
+
+    def _demux_subscriber(self) -> pubsub_v1.SubscriberClient:
+        assert self._demux is not None
+        return self._demux.subscriber
 
     def _stream_trouble_since(self, since: float) -> str | None:
         trouble = stream_trouble(self._subscription.path) if self._subscription is not None else None

@@ -108,6 +108,30 @@ def delete_subscription(subscriber: pubsub_v1.SubscriberClient, path: str, log: 
         )
 
 
+#: what Pub/Sub shows as a subscription's topic once that topic was deleted
+DELETED_TOPIC = "_deleted-topic_"
+#: how long the diagnosis of a silent session waits for Pub/Sub
+DIAGNOSIS_TIMEOUT_SECONDS = 5.0
+
+
+def subscription_problem(subscriber: pubsub_v1.SubscriberClient, path: str) -> str | None:
+    """What is wrong with a reply subscription, as Pub/Sub answers a GetSubscription now, or None if nothing
+    is: it is gone, its topic was deleted, or Pub/Sub does not answer."""
+    try:
+        found = subscriber.get_subscription(
+            request={"subscription": path}, retry=None, timeout=DIAGNOSIS_TIMEOUT_SECONDS
+        )
+    except gexc.NotFound:
+        return f"the reply subscription {path} no longer exists (deleted by someone else, or expired)"
+    except gexc.PermissionDenied as exc:
+        return f"not allowed to read the reply subscription {path} any more ({exc.message})"
+    except (*TRANSIENT_ERRORS, gexc.GoogleAPICallError) as exc:
+        return f"Pub/Sub did not answer a GetSubscription of {path} within {DIAGNOSIS_TIMEOUT_SECONDS:g}s ({exc})"
+    if found.topic == DELETED_TOPIC:
+        return f"the reply topic of {path} was deleted: the function's replies have nowhere to go"
+    return None
+
+
 def subscription_name(owner: str, *, reattaching: bool) -> str:
     """``dagster-pipes-OWNER`` (a session id, or ``group-GROUP``); a re-attaching attempt's own one is
     suffixed, since the earlier attempt's still exists."""
@@ -317,6 +341,7 @@ class ReplyDemux:
         """``replay_from``: the group's subscriptions of earlier attempts, whose shards (``expect``) re-attach."""
         self.group = group
         self.topic = topic
+        self.subscriber = subscriber
         #: every session routed through the group, in order (the group's teardown finishes them)
         self.sessions: list[str] = []
         self._routes: dict[str, OnMessage] = {}

@@ -60,6 +60,11 @@ class SessionWaiter:
         then blames the channel, not the function."""
         return None
 
+    def _channel_problem(self) -> str | None:
+        """What a look at the channel itself shows is wrong with it, asked once a timeout is about to blame the
+        function (so it may make a slow call): e.g. the subscription or topic is gone, Pub/Sub does not answer."""
+        return None
+
     def _heard_from_function(self) -> None:
         self._last_heard = (time.monotonic(), time.time())
 
@@ -93,10 +98,12 @@ class SessionWaiter:
                     )
                 if not self.opened:
                     if now - triggered_at > startup_timeout:
+                        problem = self._channel_problem()
                         raise FunctionStartupTimeout(
                             f"the Cloud Function did not start session {self.session_id} within "
                             f"startup_timeout={startup_timeout:g}s of the trigger being sent to {sent_to}. "
                             + self._blame(time.time() - (now - triggered_at), "started", end=" ")
+                            + (f"The reply channel is broken: {problem}; the function may have started, unheard. " if problem else "")
                             + f"{startup_hint}; raise startup_timeout for slow cold starts."
                         )
                 elif self._last_heard is not None and now - self._last_heard[0] > heartbeat_timeout:
@@ -114,6 +121,13 @@ class SessionWaiter:
         blame = self._blame(self._last_heard[1], "running")
         if blame:
             return f"no heartbeat arrived from the Cloud Function: {heard} {blame}"
+        problem = self._channel_problem()
+        if problem:
+            return (
+                f"no heartbeat arrived from the Cloud Function: {heard} The reply channel is broken: {problem}. The "
+                "function may still be running, unheard; fix the channel, then re-execute the step (with reattach "
+                "on, it collects what the session sent)."
+            )
         return (
             f"the Cloud Function stopped sending heartbeats: {heard} Its process probably died (out of memory, a "
             "crash, the instance shut down; a function past its timeout closes the session itself, and a stuck "
