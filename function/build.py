@@ -404,7 +404,8 @@ DEPLOY = """\
   gcloud functions deploy $FUNCTION --gen2 --runtime python311 --region $REGION \\
     --source {source} --entry-point {entry_point} --trigger-topic $TRIGGER_TOPIC \\
     --service-account $FUNCTION_SA --trigger-service-account $TRIGGER_SA \\
-    --timeout 540s --retry
+    --timeout 540s --retry --max-instances 20 --concurrency 1 \\
+    --set-env-vars THREADED_TIMEOUT_ENABLED=true
   gcloud functions add-invoker-policy-binding $FUNCTION --region $REGION --member serviceAccount:$TRIGGER_SA
 """
 

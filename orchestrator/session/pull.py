@@ -27,9 +27,12 @@ def _pull_once(subscriber: pubsub_v1.SubscriberClient, path: str, max_messages: 
     except gexc.DeadlineExceeded:
         return []  # nothing arrived within the timeout
     except gexc.NotFound as exc:
+        project, name = path.split("/")[1], path.rsplit("/", 1)[-1]
         raise PipesPubSubConfigError(
-            f"subscription {path} does not exist: create it (gcloud pubsub subscriptions create "
-            f"{path.rsplit('/', 1)[-1]} --topic TOPIC --ack-deadline 60) or fix the sensor's subscription"
+            f"subscription {path} does not exist: create it (gcloud pubsub subscriptions create {name} --topic TOPIC "
+            f"--project {project} --ack-deadline 60 --expiration-period never) or fix the sensor's subscription. "
+            "If it existed before, it was deleted or expired: without --expiration-period never, Pub/Sub deletes a "
+            "subscription after 31 days without subscriber activity"
         ) from exc
     return list(response.received_messages)
 
