@@ -132,11 +132,12 @@ class PipesPubSubClientSettings(ConfigurableResource):
         default=True,
         description="A step run again after its orchestrator died (re-execution, retry, resumed run) re-attaches to "
         "the sessions the earlier attempt left instead of triggering the function again; needs reply_channel='pubsub'. "
-        "Reply subscriptions then keep acknowledged replies for a day.",
+        "Reply subscriptions then keep acknowledged replies for 20 h (billed as retained storage).",
     )
     preflight_timeout: float = Field(
         default=30.0,
-        description="Seconds to keep retrying while GCP is unreachable: the checks of topics and bucket, and the HTTP POST.",
+        description="Seconds to keep retrying while GCP is unreachable: the bucket's check, creating the reply "
+        "subscription, and the HTTP POST.",
     )
     trace_url_template: str | None = Field(
         default=None,
