@@ -1,6 +1,6 @@
 """The local stack: Google's Pub/Sub emulator, fake-gcs-server and the Functions Framework, on free loopback
 ports, wired the way Eventarc wires a deployed function: the trigger topic's subscription is delivered to the
-function by ``local/dispatcher.py`` (Eventarc-like, ``LocalFunction.concurrency`` at a time), or by an emulator
+function by ``local/dispatcher.py`` (Eventarc-like, up to ``LocalFunction.capacity`` at a time), or by an emulator
 push subscription (``delivery="push"``: at most 2 at a time).
 
 Used by the demo, the benchmark and the test fixtures::
@@ -278,18 +278,42 @@ class LocalFunction:
     function), or, without a trigger topic, invoked over HTTP at ``LocalStack.function_urls[target]``.
 
     ``source`` is the function's ``main.py`` (or any module file), relative to the current folder or absolute.
-    ``concurrency`` is how many deliveries run at once at most, like Eventarc's ``--max-instances`` (times
-    the per-instance concurrency); the Functions Framework gets as many threads unless ``env`` sets THREADS.
-    ``delivery="push"`` uses an emulator push subscription instead of the dispatcher: it delivers at most 2
-    messages at a time, whatever ``concurrency`` says."""
+    Its ``capacity``, the requests it serves at once, is ``max_instances`` × ``instance_concurrency``, as a
+    deployed function's ``--max-instances`` × ``--concurrency`` (defaults 100 × 1, Cloud Run functions'
+    defaults); ``concurrency``, when set, is the capacity itself (the name earlier versions had). The Functions
+    Framework gets as many threads unless ``env`` sets THREADS. The dispatcher (``local/dispatcher.py``)
+    delivers with Eventarc's semantics when ``eventarc`` is true (by default, unless
+    ``GCF_PIPES_PRODUCTION_SEMANTICS=0``): a delivery above the capacity waits up to 10 s for a free instance,
+    then is answered 429, and failures are retried after 10 s doubling to 600 s, for 24 h; without, it pulls
+    no more than the capacity and retries after 1 s doubling to 60 s. ``fail_fast`` (``gcf-pipes dev``/``up``
+    and the pytest plugin set it): a function server that is down, or a function that fails outside its Pipes
+    session, fails the waiting run within seconds, with its error. ``dispatcher_args`` are more of the
+    dispatcher's flags (``--retention=SECONDS``). ``delivery="push"`` uses an emulator push subscription
+    instead of the dispatcher: it delivers at most 2 messages at a time, whatever the capacity."""
 
     source: str | os.PathLike[str]
     target: str
     trigger_topic: str | None = None
     ack_deadline_seconds: int = 600  # >= the function's run time, or Pub/Sub redelivers while it runs
     env: Mapping[str, str] = field(default_factory=dict)
-    concurrency: int = 100
+    concurrency: int | None = None
     delivery: Literal["dispatcher", "push"] = "dispatcher"
+    max_instances: int = 100
+    instance_concurrency: int = 1
+    eventarc: bool | None = None
+    fail_fast: bool = False
+    dispatcher_args: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("concurrency", "max_instances", "instance_concurrency"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise LocalStackError(f"LocalFunction.{name}={value} must be at least 1")
+
+    @property
+    def capacity(self) -> int:
+        """Requests served at once: ``concurrency`` if set, else ``max_instances`` × ``instance_concurrency``."""
+        return self.concurrency if self.concurrency is not None else self.max_instances * self.instance_concurrency
 
 
 @dataclass
@@ -420,8 +444,6 @@ class LocalStack:
     def add_function(self, function: LocalFunction) -> ManagedProcess:
         """Serve ``function`` in its own Functions Framework process, delivered its trigger topic if it has one."""
         self.check()
-        if function.concurrency < 1:
-            raise LocalStackError(f"LocalFunction.concurrency={function.concurrency} must be at least 1")
         port = free_port()
         try:
             server = self._serve(function, port)
@@ -457,7 +479,7 @@ class LocalStack:
         env = {
             **os.environ,
             **self.environment,
-            "THREADS": str(function.concurrency),  # gunicorn's threads: as many requests at once as delivered
+            "THREADS": str(function.capacity),  # gunicorn's threads: as many requests at once as delivered
             # a crashed worker is said in the function's log: its stack (faulthandler) and gunicorn's "Worker
             # (pid:N) was sent SIGSEGV!", which the framework's default level (error) hides
             "PYTHONFAULTHANDLER": "1",
@@ -501,8 +523,11 @@ class LocalStack:
             return
         argv = [
             sys.executable, "-m", "dagster_gcf_pipes.local.dispatcher", f"--subscription={subscription}",
-            f"--topic={topic}", f"--url={url}", f"--concurrency={function.concurrency}",
-            f"--function-log={server.log_path}",
+            f"--topic={topic}", f"--url={url}", f"--capacity={function.capacity}",
+            f"--function={Path(function.source).resolve()}:{function.target}", f"--function-log={server.log_path}",
+            f"--meter={self.workdir / f'dispatcher-{function.trigger_topic}.json'}",  # next to its log: read_meter
+            *([] if function.eventarc is None else ["--eventarc" if function.eventarc else "--no-eventarc"]),
+            *(["--fail-fast"] if function.fail_fast else []), *function.dispatcher_args,
         ]
         env = {**os.environ, **self.environment, "PYTHONUNBUFFERED": "1"}
         dispatcher = self._spawn(f"dispatcher-{function.trigger_topic}", argv, _logged(DISPATCHER_READY), timeout=60, env=env)
