@@ -189,7 +189,9 @@ def local_functions(specs: Sequence[str], topics: Sequence[str], plan: StackPlan
                 f"give each --function its --trigger-topic (the code location names {known or 'no trigger topic'}: "
                 "with one function and one topic they are paired by themselves)"
             )
-    return [LocalFunction(source, target, topic) for (source, target), topic in zip(map(parse_function, specs), topics)]
+    # fail_fast: a run waiting for a function that is down fails within seconds, with its error (dispatcher.py)
+    return [LocalFunction(source, target, topic, fail_fast=True)
+            for (source, target), topic in zip(map(parse_function, specs), topics)]
 
 
 def build_stack(args: argparse.Namespace) -> LocalStack:

@@ -405,10 +405,11 @@ class Dispatcher:
         if first:
             _log.error(
                 "%s message %s of %s with HTTP %d: it failed outside its Pipes session (is its entry point a "
-                "@pipes_function? does it import?), so a run waiting for it fails only at its startup_timeout%s. "
-                "The message is retried. The end of the function's log (%s):\n%s",
+                "@pipes_function? does it import?), %s. The end of the function's log (%s):\n%s",
                 FUNCTION_FAILED, message.message.message_id, self.topic, status,
-                "" if not self.fail_fast else " unless the dispatcher answers in its place (fail-fast)",
+                "so the dispatcher answers in its place: a run waiting for it fails now, with this error"
+                if self.fail_fast else
+                "so a run waiting for it fails only at its startup_timeout. The message is retried",
                 self.function_log, self._function_log_tail(),
             )
 
@@ -444,7 +445,7 @@ class Dispatcher:
         """The error a run fails with when the dispatcher answers in the function's place: which function, what
         happened, what its source says (the build's entry-point check) and the end of its log."""
         if status == REFUSED:
-            what = f"is down: its server ({self.url}) has refused connections for {DOWN_GRACE_SECONDS:g}s"
+            what = f"is down: its server ({self.url}) has refused connections for {DOWN_GRACE_SECONDS:g}s and more"
         else:
             what = (f"answered its trigger with HTTP {status}: it failed outside its Pipes session (is its entry "
                     "point a @pipes_function? does it import?)")

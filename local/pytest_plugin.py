@@ -108,7 +108,9 @@ class _Functions:
             if self.stack is None:
                 self.stack = LocalStack(topics=[REPLY_TOPIC], buckets=[BUCKET]).__enter__()
             topic = "gcf-pipes-trigger-" + hashlib.sha256("/".join(key).encode()).hexdigest()[:12]
-            function = LocalFunction(source, target, topic)
+            # fail_fast: a test of a function that is down, or fails outside its Pipes session, fails within
+            # seconds with its error rather than at its startup_timeout (dispatcher.py)
+            function = LocalFunction(source, target, topic, fail_fast=True)
             self.stack.add_function(function)
             self.served[key] = function
         return self.served[key]

@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 
-from dagster_gcf_pipes.local.dispatcher import BARE, EVENTARC, PRODUCTION_SEMANTICS_ENV, production_semantics, read_meter
+from dagster_gcf_pipes.local.dispatcher import (
+    BARE,
+    EVENTARC,
+    PRODUCTION_SEMANTICS_ENV,
+    production_semantics,
+    read_meter,
+)
 from tests.integration.test_dispatcher import Served, own_function, publish, records  # noqa: F401 - fixtures
 
 STARTS_FUNCTION = """
@@ -80,7 +86,7 @@ def test_eventarcs_semantics_are_on_unless_the_production_semantics_switch_is_of
 # ------------------------------------------------------------------------------------------ capacity
 
 
-def test_above_its_capacity_a_request_gets_429_after_10s_in_the_queue_and_comes_back_10s_later(stack, own_function, records):
+def test_above_its_capacity_a_request_gets_429_after_10s_queued_and_comes_back_10s_later(stack, own_function, records):
     served = own_function(STARTS_FUNCTION, eventarc=True, **CAPACITY_2)
     published = time.time()
     token, _ = publish(stack.project, served.topic, count=5, sleep_until=str(published + 12))
