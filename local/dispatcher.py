@@ -149,7 +149,7 @@ class RetrySchedule:
         """Seconds before the ``attempt``-th failed delivery of a message is retried (1-based), whole: it is
         the message's new ack deadline."""
         base = min(self.first * 2 ** min(attempt - 1, 16), self.cap)
-        return math.ceil(min(base * (1 + self.jitter * rng()), self.cap))
+        return math.ceil(round(min(base * (1 + self.jitter * rng()), self.cap), 6))  # no 11.000000001 -> 12
 
 
 @dataclass(frozen=True)
