@@ -22,6 +22,7 @@ from dagster_gcf_pipes.local.dispatcher import (
     production_semantics,
     read_meter,
 )
+from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStackError
 from tests.integration.test_dispatcher import Served, own_function, publish, records  # noqa: F401 - fixtures
 
 STARTS_FUNCTION = """
@@ -84,6 +85,14 @@ def test_eventarcs_semantics_are_on_unless_the_production_semantics_switch_is_of
 
 
 # ------------------------------------------------------------------------------------------ capacity
+
+
+def test_a_functions_capacity_is_max_instances_times_their_concurrency_or_concurrency_itself():
+    assert LocalFunction("main.py", "main", "t").capacity == 100  # Cloud Run functions' defaults: 100 x 1
+    assert LocalFunction("main.py", "main", "t", max_instances=3, instance_concurrency=4).capacity == 12
+    assert LocalFunction("main.py", "main", "t", concurrency=5).capacity == 5
+    with pytest.raises(LocalStackError, match="LocalFunction.instance_concurrency=0 must be at least 1"):
+        LocalFunction("main.py", "main", "t", instance_concurrency=0)
 
 
 def test_above_its_capacity_a_request_gets_429_after_10s_queued_and_comes_back_10s_later(stack, own_function, records):
