@@ -9,12 +9,15 @@ fed from its trigger topic as Eventarc feeds it, and create what the code locati
 resources name (trigger, reply and detached reply topics, the bucket; ``--topic``, ``--bucket`` and
 ``--subscription NAME=TOPIC`` add more, e.g. the durable subscription a completion sensor reads). When a
 function's source folder changes, its server is restarted at once and the reload is logged, so the next
-trigger runs the new code. Once a second the stack is looked at: a function server that died (a native crash,
+trigger runs the new code (what Dagster and the stack write there themselves is not an edit: ``source_filter``).
+A ``--function`` given as a URL is one the user serves (the built folder in a venv of its own, a debugger): the
+stack pushes its trigger topic there, as Eventarc does, and does not start or watch it. Once a second the stack is looked at: a function server that died (a native crash,
 the OOM killer) is reported with the end of its log and restarted, unless it dies again right after that
 restart (it then waits for the next edit of its folder); an emulator or a dispatcher that died ends the
-command with exit code 1, as nothing can be restarted under a running Dagster. ``dev`` then runs ``dagster
-dev`` on the code location with the emulator variables set; ``up`` prints the variables to export for running
-Dagster (or anything else) your own way. Ctrl-C or SIGTERM stops every process.
+command with exit code 1, as nothing can be restarted under a running Dagster. Both print the variables to export
+for running Dagster, a script or a notebook against the stack; ``dev`` then runs ``dagster dev`` on the code
+location with them set, in a process group that the stack's watchdog kills with the command however it ends
+(SIGKILL included). Ctrl-C or SIGTERM stops every process.
 
 Before anything starts, each ``PipesPubSubClient`` is checked as a step would check it (``config_problems()``),
 and refused if it sets ``function_name`` (a step looks it up in the Cloud Functions API, which the stack does
@@ -36,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +178,29 @@ def parse_function(spec: str) -> tuple[Path, str]:
         raise DevError(f"--function {exc}") from None
 
 
-def local_functions(specs: Sequence[str], topics: Sequence[str], plan: StackPlan) -> list[LocalFunction]:
+@dataclass(frozen=True)
+class ServedElsewhere:
+    """A ``--function`` given as the URL of a Functions Framework the user runs (the built folder in a venv of its
+    own, a debugger): the stack pushes its trigger topic there, as Eventarc does, and neither starts nor
+    watches it."""
+
+    url: str
+    trigger_topic: str
+
+    def push_to(self, stack: LocalStack) -> None:
+        """Create the push subscription that delivers the trigger topic (``stack`` created the topic)."""
+        from google.cloud import pubsub_v1
+
+        topic = f"projects/{stack.project}/topics/{self.trigger_topic}"
+        with stack.activated(), pubsub_v1.SubscriberClient() as subscriber:
+            subscriber.create_subscription(request={
+                "name": stack.trigger_subscription(self.trigger_topic), "topic": topic, "ack_deadline_seconds": 600,
+                # Eventarc's push path: the Functions Framework names the CloudEvent's source after it
+                "push_config": {"push_endpoint": f"{self.url.rstrip('/')}/{topic}"},
+            })
+
+
+def local_functions(specs: Sequence[str], topics: Sequence[str], plan: StackPlan) -> list[LocalFunction | ServedElsewhere]:
     """Pair each ``--function`` with its ``--trigger-topic``; one function may take the code location's only
     trigger topic."""
     if len(topics) > len(specs):
@@ -189,20 +214,30 @@ def local_functions(specs: Sequence[str], topics: Sequence[str], plan: StackPlan
                 f"give each --function its --trigger-topic (the code location names {known or 'no trigger topic'}: "
                 "with one function and one topic they are paired by themselves)"
             )
-    # fail_fast: a run waiting for a function that is down fails within seconds, with its error (dispatcher.py)
-    return [LocalFunction(source, target, topic, fail_fast=True)
-            for (source, target), topic in zip(map(parse_function, specs), topics)]
+    functions: list[LocalFunction | ServedElsewhere] = []
+    for spec, topic in zip(specs, topics):
+        if spec.startswith(("http://", "https://")):
+            functions.append(ServedElsewhere(spec, topic))
+            continue
+        source, target = parse_function(spec)
+        # fail_fast: a run waiting for a function that is down fails within seconds, with its error (dispatcher.py)
+        functions.append(LocalFunction(source, target, topic, fail_fast=True))
+    return functions
 
 
-def build_stack(args: argparse.Namespace) -> LocalStack:
+def build_stack(args: argparse.Namespace) -> tuple[LocalStack, list[ServedElsewhere]]:
+    """The stack to start, and the functions served elsewhere that it pushes to once started."""
     plan = plan_from_code_location(args.module, args.file) if (args.module or args.file) else StackPlan()
     functions = local_functions(args.function or [], args.trigger_topic or [], plan)
+    served = [f for f in functions if isinstance(f, LocalFunction)]
+    elsewhere = [f for f in functions if isinstance(f, ServedElsewhere)]
     subscriptions = dict(item.split("=", 1) for item in args.subscription or [])
-    topics = (plan.topics | set(args.topic or []) | set(subscriptions.values())) - {f.trigger_topic for f in functions}
+    topics = ((plan.topics | set(args.topic or []) | set(subscriptions.values()) | {f.trigger_topic for f in elsewhere})
+              - {f.trigger_topic for f in served})
     buckets = plan.buckets | set(args.bucket or [])
-    return LocalStack(functions=functions, topics=sorted(topics), buckets=sorted(buckets),
-                      subscriptions=subscriptions, project=args.project or plan.project,
-                      workdir=Path(args.logs) if args.logs else None)
+    stack = LocalStack(functions=served, topics=sorted(topics), buckets=sorted(buckets), subscriptions=subscriptions,
+                       project=args.project or plan.project, workdir=Path(args.logs) if args.logs else None)
+    return stack, elsewhere
 
 
 #: how often the stack is looked at for a server that died
@@ -369,16 +404,44 @@ class FailureReports:
         return ["\n".join(record) for record in records]
 
 
+#: what ``dagster dev`` run without DAGSTER_HOME names the instance folder it makes in the current folder
+_DAGSTER_TEMPORARY_HOME = re.compile(r"^\.tmp_dagster_home_")
+#: what a Dagster instance writes in DAGSTER_HOME (its SQLite databases, compute logs, telemetry)
+DAGSTER_HOME_FOLDERS = ("history", "schedules", "storage", "logs", ".logs_queue", ".telemetry", ".nux")
+#: SQLite's side files, which a database being read makes too: never an edit
+_SQLITE_SIDE_FILE = r"-(journal|wal|shm)$"
+
+
+def source_filter(stack: LocalStack) -> Callable[[Any, str], bool]:
+    """What counts as an edit of a function's folder: any file but watchfiles' defaults (caches, VCS, editors'
+    swap files), SQLite's side files, and what Dagster and the stack write themselves when they write there (a
+    flat project runs ``gcf-pipes dev`` from the function's own folder, where ``dagster dev`` keeps its database
+    and writes it every few seconds; ``--logs`` may name a folder inside it)."""
+    from watchfiles import DefaultFilter
+
+    home = os.environ.get("DAGSTER_HOME")
+    ignored = [str(stack.workdir), *(os.path.join(home, name) for name in DAGSTER_HOME_FOLDERS if home)]
+    default = DefaultFilter(ignore_entity_patterns=[*DefaultFilter.ignore_entity_patterns, _SQLITE_SIDE_FILE])
+
+    def is_edit(change: Any, path: str) -> bool:
+        return (default(change, path) and not any(path == root or path.startswith(root + os.sep) for root in ignored)
+                and not any(_DAGSTER_TEMPORARY_HOME.match(part) for part in Path(path).parts))
+
+    return is_edit
+
+
 @contextmanager
 def watching(stack: LocalStack, stop: threading.Event) -> Iterator[StackWatch]:
     """Keep the stack's functions served while the block runs: a function's server restarts as soon as a file
-    under its source folder changes, and when it dies (``StackWatch.run`` looks once a second)."""
+    under its source folder changes (``source_filter``), and when it dies (``StackWatch.run`` looks once a
+    second)."""
     from watchfiles import watch
 
     keepers = [FunctionKeeper(stack, function, stop) for function in stack.functions]
+    is_edit = source_filter(stack)
 
     def reload_on_edit(keeper: FunctionKeeper) -> None:
-        for changes in watch(keeper.folder, stop_event=stop, debounce=200, step=50):
+        for changes in watch(keeper.folder, watch_filter=is_edit, stop_event=stop, debounce=200, step=50):
             keeper.after_edit(changes)
 
     for keeper in keepers:
@@ -410,33 +473,52 @@ def serve(args: argparse.Namespace, run_dagster: bool) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stack = build_stack(args)
+    stack, elsewhere = build_stack(args)
     print("starting the local stack (Pub/Sub emulator, fake-gcs-server, Functions Framework) ...", flush=True)
     with stack, watching(stack, stop) as watch:
+        for function in elsewhere:
+            function.push_to(stack)
         print(f"local stack up; its logs are in {stack.workdir}", flush=True)
-        for function in stack.functions:
-            print(f"  {function.source}:{function.target} <- topic {function.trigger_topic}", flush=True)
-        code = _run_dagster(args, stack, watch) if run_dagster else _wait(stack, watch)
+        for served in stack.functions:
+            print(f"  {served.source}:{served.target} <- topic {served.trigger_topic}", flush=True)
+        for function in elsewhere:
+            print(f"  {function.url} <- topic {function.trigger_topic} (served by you, pushed as Eventarc does)",
+                  flush=True)
+        joining = "Dagster (or anything else)" if not run_dagster else "a script or a notebook"
+        print(f"\nrun {joining} against it with:\n\n{_exports(stack)}\n", flush=True)
+        code = _run_dagster(args, stack, watch) if run_dagster else _wait(watch)
     print(f"the local stack stopped; its logs are in {stack.workdir}", flush=True)
     return code
 
 
-def _wait(stack: LocalStack, watch: StackWatch) -> int:
-    print(f"\nrun Dagster (or anything else) against it with:\n\n{_exports(stack)}\n\nCtrl-C stops it.", flush=True)
+def _wait(watch: StackWatch) -> int:
+    print("Ctrl-C stops it.", flush=True)
     code = watch.run()
     print("stopping the local stack ...", flush=True)
     return code
 
 
+#: ``dagster dev`` warns that ``dg dev`` supersedes it: advice for whoever runs it, here gcf-pipes, which runs it
+#: on any code location (``dg dev`` needs a dg project and the dg CLI); the user would only be puzzled by it. By
+#: its message: ``-W`` cannot name dagster's warning class, which is not importable when the option is read.
+_DEV_IS_SUPERSEDED = "ignore:Function `dev_command` is superseded"
+
+
 def _run_dagster(args: argparse.Namespace, stack: LocalStack, watch: StackWatch) -> int:
     target = ["-m", args.module] if args.module else ["-f", args.file]
-    command = [sys.executable, "-m", "dagster", "dev", *target, "-h", args.host, "-p", str(args.port)]
+    command = [sys.executable, "-W", _DEV_IS_SUPERSEDED, "-m", "dagster", "dev", *target, "-h", args.host,
+               "-p", str(args.port)]
     dagster = subprocess.Popen(command, env={**os.environ, **stack.environment}, start_new_session=True)
+    # dagster dev, its webserver, daemon and code servers share its process group: the watchdog kills it if this
+    # process dies without stopping them (SIGKILL), as it kills the stack's servers
+    assert stack.watchdog is not None
+    stack.watchdog.guard(dagster.pid)
     try:
         return watch.run(dagster)
     finally:
         print("stopping dagster dev, then the local stack ...", flush=True)
         _stop_process_group(dagster)
+        stack.watchdog.release(dagster.pid)
 
 
 def parser(prog: str) -> argparse.ArgumentParser:
@@ -445,7 +527,9 @@ def parser(prog: str) -> argparse.ArgumentParser:
     location.add_argument("-m", "--module", help="the code location's module (as for dagster dev -m)")
     location.add_argument("-f", "--file", help="the code location's file (as for dagster dev -f)")
     parsed.add_argument("--function", action="append", metavar="PATH:ENTRY",
-                        help="a function to serve: its main.py (or folder) and entry point; repeatable")
+                        help="a function to serve: its main.py (or folder) and entry point, or the URL of a "
+                             "Functions Framework you run yourself (the stack pushes its trigger topic there); "
+                             "repeatable")
     parsed.add_argument("--trigger-topic", action="append", metavar="TOPIC",
                         help="the trigger topic of the --function before it (optional when the code location "
                              "names exactly one and there is one function)")

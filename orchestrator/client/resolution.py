@@ -32,6 +32,14 @@ from dagster_gcf_pipes.shared.pubsub import publisher_client
 from dagster_gcf_pipes.shared.retry import TRANSIENT_ERRORS, transient_retry
 
 
+#: the two ways past Google's DefaultCredentialsError, which names neither the local stack nor its variables
+NO_CREDENTIALS_HINT = (
+    "on Google Cloud, run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS); on the "
+    "local stack, run Dagster under `gcf-pipes dev`, or export the PUBSUB_EMULATOR_HOST, STORAGE_EMULATOR_HOST and "
+    "GOOGLE_CLOUD_PROJECT that `gcf-pipes up` prints (in tests: the gcf_pipes fixture's client)"
+)
+
+
 def resolve_project(project: str | None) -> str:
     """The configured project, else ``GOOGLE_CLOUD_PROJECT``, else the project of Application Default Credentials."""
     if project:
@@ -41,7 +49,9 @@ def resolve_project(project: str | None) -> str:
     try:
         _, adc_project = google.auth.default()
     except google.auth.exceptions.DefaultCredentialsError:
-        adc_project = None
+        raise PipesPubSubConfigError(
+            f"no Google Cloud project, and no Application Default Credentials to take one from: {NO_CREDENTIALS_HINT}"
+        ) from None
     if not adc_project:
         raise PipesPubSubConfigError(
             "no Google Cloud project: set `project` on PipesPubSubClient or the GOOGLE_CLOUD_PROJECT environment "
@@ -132,10 +142,14 @@ def resolve_call(
     reply_topics = _reply_topics(settings, project, detached) if reply_channel == REPLY_CHANNEL_PUBSUB else {}
     derived = derived_timeouts(deployed) if deployed is not None else {}
     http = http_session(settings.function_url, settings.http_auth) if settings.invocation == "http" and settings.function_url else None
+    try:
+        publisher, gcs = publisher_client(), storage.Client(project=project)
+    except google.auth.exceptions.DefaultCredentialsError as exc:
+        raise PipesPubSubConfigError(f"no credentials for Pub/Sub and Cloud Storage ({exc}): {NO_CREDENTIALS_HINT}") from exc
     resolved = ResolvedCall(
         project=project,
-        publisher=publisher_client(),
-        gcs=storage.Client(project=project),
+        publisher=publisher,
+        gcs=gcs,
         http=http,
         trigger_topic=trigger_topic,
         reply_channel=reply_channel,

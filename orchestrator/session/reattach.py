@@ -196,7 +196,7 @@ def find_earlier_sessions(context: Context) -> tuple[list[str], dict[SessionKey,
     """The runs searched (oldest first) and, per key, the latest session recorded for this step in them,
     unless it was released. Recorded lines run from the session's first record to the end of the chain."""
     instance, key = context.instance, step_key(context)
-    chain = _run_chain(instance, context.run_id)
+    chain = _run_chain(instance, context.run.run_id)
     records: dict[str, SessionRecord] = {}
     first_seen: dict[str, int] = {}
     latest: dict[SessionKey, str] = {}

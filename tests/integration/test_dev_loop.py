@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,12 +19,15 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, MaterializeResult, asset, materialize
 
+from dagster_gcf_pipes import orchestrator
 from dagster_gcf_pipes.local.local_stack import free_port
 from dagster_gcf_pipes.orchestrator import PipesPubSubClient
 from tests.integration.processes import Output
 from tests.integration.test_local_stack import alive, descendants, process_table
 
 GCF_PIPES = Path(sys.executable).parent / "gcf-pipes"
+#: the Dagster side of the library, as installed (editable: the checkout's orchestrator/)
+LIBRARY = Path(orchestrator.__file__).parent
 
 FUNCTION = '''
     from dagster_gcf_pipes.function import pipes_function
@@ -73,8 +78,8 @@ def project(tmp_path: Path) -> Path:
 def gcf_pipes_command(project: Path) -> Iterator[callable]:
     started: list[subprocess.Popen] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Output]:
-        process = subprocess.Popen([str(GCF_PIPES), *args], cwd=project, stdout=subprocess.PIPE,
+    def start(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[subprocess.Popen, Output]:
+        process = subprocess.Popen([str(GCF_PIPES), *args], cwd=cwd or project, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
                                    start_new_session=True)
         started.append(process)
@@ -330,8 +335,13 @@ def test_the_projects_own_tests_use_the_same_fixture(gcf_pipes):
     def echoed(context, pipes: PipesPubSubClient) -> MaterializeResult:
         return pipes.run(context=context, payload={"n": 42}).get_materialize_result()
 
-    result = materialize([echoed], resources={"pipes": gcf_pipes.client})
+    with warnings.catch_warnings(record=True) as caught:  # as a user's pytest shows them, whatever our config says
+        warnings.simplefilter("always")
+        result = materialize([echoed], resources={"pipes": gcf_pipes.client})
     assert result.success
+    ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+            if issubclass(w.category, DeprecationWarning) and Path(w.filename).is_relative_to(LIBRARY)]
+    assert not ours, ours  # nothing of ours calls what Dagster deprecated
     [materialization] = result.asset_materializations_for_node("echoed")
     assert materialization.metadata["n"].value == 42
     assert os.environ["PUBSUB_EMULATOR_HOST"] == gcf_pipes.stack.environment["PUBSUB_EMULATOR_HOST"]
@@ -482,3 +492,51 @@ def test_up_shows_a_function_that_fails_each_delivery_with_the_end_of_its_log(pr
     assert "TypeError: main() missing 1 required positional argument: 'payload'" in report, report
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
+
+
+# ---------------------------------------------------------------------------------- dagster dev under gcf-pipes dev
+
+
+def test_dev_from_the_functions_own_folder_restarts_it_only_for_the_users_edits(project: Path, gcf_pipes_command):
+    """A flat project (the code location beside main.py) run without DAGSTER_HOME: dagster dev keeps its database
+    in the folder gcf-pipes watches, and writes it every few seconds."""
+    folder = project / "my_function"
+    (project / "my_defs.py").rename(folder / "my_defs.py")
+    env = {key: value for key, value in os.environ.items() if key != "DAGSTER_HOME"}
+    process, output = gcf_pipes_command("dev", "-f", "my_defs.py", "--function", "main.py:main",
+                                        "--port", str(free_port()), env=env, cwd=folder)
+    served = output.wait_for("Serving dagster-webserver", timeout=120)
+    said = "\n".join(output.lines)
+    # the variables a script or a notebook needs to join the stack, as `up` prints them
+    assert "export PUBSUB_EMULATOR_HOST=" in said and "export STORAGE_EMULATOR_HOST=" in said, said
+    assert "dg dev" not in said, said  # Dagster's advice to gcf-pipes, not to its user
+    assert any(p.name.startswith(".tmp_dagster_home") for p in folder.iterdir())  # Dagster's files are in the folder
+
+    time.sleep(8)  # the daemon writes its heartbeats every few seconds
+    assert not [line for line in output.lines[served:] if "restarting the function" in line], output.tail()
+    source = folder / "main.py"
+    source.write_text(source.read_text().replace('VERSION = "one"', 'VERSION = "two"'))
+    output.wait_for("serves the new code", timeout=30, start=served)
+    restarts = [line for line in output.lines[served:] if "restarting the function" in line]
+    assert len(restarts) == 1 and "(main.py)" in restarts[0], output.tail()
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+def test_sigkill_of_dev_leaves_neither_dagster_nor_the_stack_running(project: Path, gcf_pipes_command, tmp_path: Path):
+    port = free_port()
+    process, output = gcf_pipes_command("dev", "-f", "my_defs.py", "--function", "my_function/main.py:main",
+                                        "--port", str(port), env={"DAGSTER_HOME": str(tmp_path)})
+    output.wait_for("Serving dagster-webserver", timeout=120)
+    started = descendants(process.pid)
+    commands = " ".join(started.values())
+    assert "dagster_webserver" in commands and "dagster._daemon" in commands and "dagster api grpc" in commands, commands
+
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 15  # the watchdog sees the end of its pipe, then SIGKILLs each group
+    while alive(started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert alive(started) == {}, "left running after SIGKILL of gcf-pipes dev"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # the webserver's port is free again
