@@ -3,6 +3,15 @@ ports, wired the way Eventarc wires a deployed function: the trigger topic's sub
 function by ``local/dispatcher.py`` (Eventarc-like, up to ``LocalFunction.capacity`` at a time), or by an emulator
 push subscription (``delivery="push"``: at most 2 at a time).
 
+**Production semantics.** Between the clients and the emulator sits the production-semantics layer
+(``local/production_semantics/``, a gRPC proxy): filters applied, pull races, duplicates and no order,
+NOT_FOUND right after CreateSubscription, the admin quota, and a meter of what a run costs. ``pubsub_host`` (what
+``PUBSUB_EMULATOR_HOST`` points at) is the layer's address and ``emulator_host`` the bare emulator's;
+``stack.semantics`` is its control client. ``LocalStack(production_semantics=False)`` or
+``GCF_PIPES_PRODUCTION_SEMANTICS=0`` leaves it out (``pubsub_host`` is then the emulator, ``semantics`` None).
+The stack's own topics and subscriptions are made straight on the emulator (``provisioning()``), as an
+operator makes them before any run.
+
 Used by the demo, the benchmark and the test fixtures::
 
     with LocalStack(functions=[LocalFunction(source="my_function/main.py", target="main", trigger_topic="t")]) as stack:
@@ -45,6 +54,8 @@ from pathlib import Path
 from typing import Literal
 
 from google.api_core.exceptions import AlreadyExists, Conflict
+
+from dagster_gcf_pipes.local.production_semantics import SemanticsClient, enabled_by_environment
 
 PUBSUB_EMULATOR = Path("/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator")
 INSTALL_HINT = (
@@ -327,7 +338,14 @@ class LocalStack:
     #: where the servers' logs go (created if missing); by default a new folder under the system's temporary
     #: folder. Either way it is kept after the stack stops, and logged at start.
     workdir: Path | None = None
+    #: put the production-semantics layer in front of the emulator (see the module docstring)
+    production_semantics: bool = field(default_factory=enabled_by_environment)
+    #: what the clients use (``PUBSUB_EMULATOR_HOST``): the layer, or the emulator when the layer is off
     pubsub_host: str = ""
+    #: the bare emulator
+    emulator_host: str = ""
+    #: the layer's control client (settings, meter); None when the layer is off
+    semantics: SemanticsClient | None = None
     storage_host: str = ""
     servers: dict[str, ManagedProcess] = field(default_factory=dict)
     #: where each function's Functions Framework listens, by trigger topic (by target for HTTP functions)
@@ -403,6 +421,14 @@ class LocalStack:
                 else:
                     os.environ[key] = value
 
+    @contextlib.contextmanager
+    def provisioning(self) -> Iterator[LocalStack]:
+        """``activated()``, with Pub/Sub straight on the emulator: resources made here are made as an operator
+        makes them before any run, outside the production-semantics layer (not metered, no NOT_FOUND window)."""
+        with self.activated():
+            os.environ["PUBSUB_EMULATOR_HOST"] = self.emulator_host
+            yield self
+
     # ------------------------------------------------------------------ the servers
     def _spawn(
         self, name: str, argv: Sequence[str], ready: str | Callable[[ManagedProcess], bool], timeout: float,
@@ -425,7 +451,21 @@ class LocalStack:
         # the launcher script ends with `exec java`: java is the process that PR_SET_PDEATHSIG was set on
         self._spawn("pubsub-emulator", [str(PUBSUB_EMULATOR), "--host=127.0.0.1", f"--port={port}"],
                     f"http://127.0.0.1:{port}/", timeout=60, env=env)
+        self.emulator_host = self.pubsub_host = f"127.0.0.1:{port}"
+        if self.production_semantics:
+            self._start_semantics()
+
+    def _start_semantics(self) -> None:
+        """The production-semantics layer in front of the emulator; the clients use it from now on."""
+        port, control = free_port(), free_port()
+        argv = [
+            sys.executable, "-m", "dagster_gcf_pipes.local.production_semantics", f"--upstream={self.emulator_host}",
+            f"--port={port}", f"--control-port={control}",
+        ]
+        self._spawn("pubsub-semantics", argv, f"http://127.0.0.1:{control}/", timeout=60,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.pubsub_host = f"127.0.0.1:{port}"
+        self.semantics = SemanticsClient(f"http://127.0.0.1:{control}")
 
     def _start_gcs(self) -> None:
         try:
@@ -451,6 +491,9 @@ class LocalStack:
             self._forget(function)  # the stack stays usable: check() does not report the server that never started
             raise
         if function.trigger_topic is not None:
+            if self.semantics is not None and function.delivery == "dispatcher":
+                # the dispatcher plays Eventarc's push: its pulls stand for push deliveries (no pull race)
+                self.semantics.mark_push_delivered(self.trigger_subscription(function.trigger_topic))
             self._deliver(function, server, port)
         return server
 
@@ -541,7 +584,7 @@ class LocalStack:
         from google.cloud import pubsub_v1
 
         self.create_topics(self.topics)
-        with pubsub_v1.SubscriberClient() as subscriber:
+        with self.provisioning(), pubsub_v1.SubscriberClient() as subscriber:
             for name, topic in self.subscriptions.items():
                 subscriber.create_subscription(request={
                     "name": subscriber.subscription_path(self.project, name), "topic": self._topic_path(topic),
@@ -555,7 +598,7 @@ class LocalStack:
         """Create each topic (a name, or ``projects/P/topics/T``) that does not exist yet."""
         from google.cloud import pubsub_v1
 
-        with self.activated(), pubsub_v1.PublisherClient() as publisher:
+        with self.provisioning(), pubsub_v1.PublisherClient() as publisher:
             for topic in topics:
                 with contextlib.suppress(AlreadyExists):
                     publisher.create_topic(request={"name": self._topic_path(topic)})
