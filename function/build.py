@@ -410,6 +410,12 @@ DEPLOY = """\
 """
 
 
+def deploy_guide() -> Path:
+    """docs/deploy.md as installed with the library: the wheel ships the docs as ``dagster_gcf_pipes/docs/``, beside
+    ``dagster_gcf_pipes/function/``, as the checkout has ``docs/`` beside ``function/``."""
+    return Path(__file__).resolve().parent.parent / "docs" / "deploy.md"
+
+
 def report(built: Built, source: Path, out: Path, entry_point: str) -> None:
     print(f"built {out} from {source}")
     if built.skipped:
@@ -420,8 +426,8 @@ def report(built: Built, source: Path, out: Path, entry_point: str) -> None:
         "\ndeploy it with, after setting FUNCTION, REGION, TRIGGER_TOPIC (the topic your Dagster resource's "
         "trigger_topic names), FUNCTION_SA and TRIGGER_SA:\n\n"
         + DEPLOY.format(source=out, entry_point=entry_point)
-        + "\nThe topics, the bucket, the service accounts and their roles: docs/deploy.md (sections 0 to 5) "
-        f"in the {DISTRIBUTION} source repository."
+        + "\nThe topics, the bucket, the service accounts and their roles: sections 0 to 5 of the deployment guide, "
+        f"'Deploying to a Google Cloud project', installed with {DISTRIBUTION} at {deploy_guide()}"
     )
     for warning in built.warnings:
         print(f"build: warning: {warning}", file=sys.stderr)

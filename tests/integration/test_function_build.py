@@ -303,7 +303,12 @@ def test_the_printed_deploy_command_is_the_one_the_deploy_guide_documents(tmp_pa
     invoker = next(line.strip() for line in section_5.splitlines() if "add-invoker-policy-binding" in line)
     assert invoker in result.stdout
     assert f"--source {out}" in result.stdout
-    assert "docs/deploy.md" in result.stdout and "repository" in result.stdout
+    # the rest of the way (topics, bucket, accounts) is in the deployment guide the library installs: its title and path
+    said = re.search(r"'([^']+)', installed with dagster-gcf-pipes at (\S+)$", result.stdout.strip())
+    assert said, result.stdout
+    title, path = said.groups()
+    assert Path(path).is_file() and Path(path).read_text().startswith(f"# {title}\n"), result.stdout
+
 
 
 def warnings_of(result: subprocess.CompletedProcess[str]) -> list[str]:

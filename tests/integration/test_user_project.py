@@ -114,6 +114,10 @@ def test_the_function_side_installs_without_dagster_and_builds_the_users_functio
     build = subprocess.run([str(python.parent / "gcf-pipes"), "build", "my_function", "build/out"], cwd=project,
                            capture_output=True, text=True, timeout=60)
     assert build.returncode == 0, build.stderr
+    # someone with only the wheel has the deployment guide the build's closing hint names: it is installed
+    guide = Path(build.stdout.strip().rsplit(" installed with dagster-gcf-pipes at ", 1)[1])
+    assert guide.is_relative_to(python.parent.parent) and guide.name == "deploy.md", build.stdout
+    assert "## 5. Build and deploy" in guide.read_text(), build.stdout
     out = project / "build" / "out"
     assert (out / "main.py").read_text() == (project / "my_function" / "main.py").read_text()
     assert (out / "helpers.py").is_file() and (out / "data" / "regions.json").is_file()
