@@ -46,7 +46,7 @@ from dagster_gcf_pipes.orchestrator.session.end import end_lease
 from dagster_gcf_pipes.orchestrator.session.message_reader import decode_reply
 from dagster_gcf_pipes.shared.claim_check import MAX_INLINE_THRESHOLD, ClaimCheck, GCSBlobStore
 from dagster_gcf_pipes.shared.layout import context_key, lease_key, session_prefix, trigger_key
-from dagster_gcf_pipes.shared.lease import LeaseRecord, MalformedLease
+from dagster_gcf_pipes.shared.lease import LeaseRecord, MalformedLease, read_lease
 from dagster_gcf_pipes.shared.protocol import (
     BOOTSTRAP_KEYS,
     Attr,
@@ -623,6 +623,10 @@ def test_lease_metadata_the_schema_refuses_is_not_a_lease_to_python(case: str) -
     metadata = INVALID_LEASE_METADATA[case]
     assert errors("lease-metadata", metadata)
     assert refuses(lambda: LeaseRecord.from_metadata(metadata), MalformedLease) or LeaseRecord.from_metadata(metadata) is None
+    blob = storage.Blob("leases/x", bucket=None)  # type: ignore[arg-type]
+    blob.metadata = metadata
+    lease = read_lease(blob)
+    assert lease.ended and lease.reason.startswith("unreadable lease object")
 
 
 INVALID_PUSH_BODIES: dict[str, Any] = {
