@@ -9,8 +9,8 @@ competes with neither the orchestrator's GIL nor its thread count)::
     python -m dagster_gcf_pipes.local.dispatcher --subscription projects/P/subscriptions/S \\
         --topic projects/P/topics/T --url http://127.0.0.1:PORT/ --capacity 100
 
-**Eventarc semantics** (``--eventarc``, the default unless ``GCF_PIPES_PRODUCTION_SEMANTICS=0``), as Google
-documents them:
+**Eventarc semantics** (``--eventarc``: the local stack passes its ``production_semantics`` switch; alone, the
+default unless ``GCF_PIPES_PRODUCTION_SEMANTICS=0``), as Google documents them:
 
 - **Capacity**: a deployed function serves ``--max-instances`` × ``--concurrency`` requests at once
   (``--capacity``). Messages are pulled and pushed as they come, not held back for a free instance; a request
@@ -87,11 +87,10 @@ from google.pubsub_v1.types import ReceivedMessage
 from dagster_gcf_pipes.function.build import entry_point_problem
 from dagster_gcf_pipes.function.session import run_session
 from dagster_gcf_pipes.local.local_stack import log_tail
+from dagster_gcf_pipes.local.production_semantics import ENVIRONMENT_VARIABLE, enabled_by_environment
 from dagster_gcf_pipes.shared.pubsub import subscriber_client
 
 EVENT_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
-#: the local stack's production-semantics switch: "0" (or false/no/off) turns Eventarc's semantics off
-PRODUCTION_SEMANTICS_ENV = "GCF_PIPES_PRODUCTION_SEMANTICS"
 #: Cloud Run: how long a request above the capacity waits for a free instance before it is answered 429
 QUEUE_SECONDS = 10.0
 #: Eventarc's subscriptions keep a message this long (seconds from its publication)
@@ -163,11 +162,6 @@ class Semantics:
 
 EVENTARC = Semantics("eventarc", RetrySchedule(10, 600, jitter=0.1, retention=RETENTION_SECONDS), QUEUE_SECONDS)
 BARE = Semantics("bare", RetrySchedule(1, 60), queue_seconds=None)
-
-
-def production_semantics() -> bool:
-    """The local stack's production-semantics switch, from the environment (on unless turned off)."""
-    return os.environ.get(PRODUCTION_SEMANTICS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def read_meter(dispatcher_log: Path) -> dict[str, Any]:
@@ -504,10 +498,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", required=True, help="the Functions Framework to POST to")
     parser.add_argument("--capacity", type=int, default=100,
                         help="requests the function serves at once: its max instances times their concurrency")
-    parser.add_argument("--eventarc", action=argparse.BooleanOptionalAction, default=production_semantics(),
+    parser.add_argument("--eventarc", action=argparse.BooleanOptionalAction, default=enabled_by_environment(),
                         help=f"Eventarc's semantics (429 above the capacity, retries after 10 s to 600 s for 24 h); "
                              f"without: no more pulled than the capacity, retries after 1 s to 60 s (default: on "
-                             f"unless {PRODUCTION_SEMANTICS_ENV}=0)")
+                             f"unless {ENVIRONMENT_VARIABLE}=0)")
     parser.add_argument("--retention", type=float,
                         help="seconds after its publication a message not accepted is given up (Eventarc: 24 h)")
     parser.add_argument("--fail-fast", action="store_true",

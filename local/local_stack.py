@@ -293,8 +293,8 @@ class LocalFunction:
     deployed function's ``--max-instances`` × ``--concurrency`` (defaults 100 × 1, Cloud Run functions'
     defaults); ``concurrency``, when set, is the capacity itself (the name earlier versions had). The Functions
     Framework gets as many threads unless ``env`` sets THREADS. The dispatcher (``local/dispatcher.py``)
-    delivers with Eventarc's semantics when ``eventarc`` is true (by default, unless
-    ``GCF_PIPES_PRODUCTION_SEMANTICS=0``): a delivery above the capacity waits up to 10 s for a free instance,
+    delivers with Eventarc's semantics when ``eventarc`` is true (by default the stack's
+    ``production_semantics``): a delivery above the capacity waits up to 10 s for a free instance,
     then is answered 429, and failures are retried after 10 s doubling to 600 s, for 24 h; without, it pulls
     no more than the capacity and retries after 1 s doubling to 60 s. ``fail_fast`` (``gcf-pipes dev``/``up``
     and the pytest plugin set it): a function server that is down, or a function that fails outside its Pipes
@@ -569,7 +569,8 @@ class LocalStack:
             f"--topic={topic}", f"--url={url}", f"--capacity={function.capacity}",
             f"--function={Path(function.source).resolve()}:{function.target}", f"--function-log={server.log_path}",
             f"--meter={self.workdir / f'dispatcher-{function.trigger_topic}.json'}",  # next to its log: read_meter
-            *([] if function.eventarc is None else ["--eventarc" if function.eventarc else "--no-eventarc"]),
+            "--eventarc" if (self.production_semantics if function.eventarc is None else function.eventarc)
+            else "--no-eventarc",
             *(["--fail-fast"] if function.fail_fast else []), *function.dispatcher_args,
         ]
         env = {**os.environ, **self.environment, "PYTHONUNBUFFERED": "1"}

@@ -15,13 +15,7 @@ from typing import Any
 
 import pytest
 
-from dagster_gcf_pipes.local.dispatcher import (
-    BARE,
-    EVENTARC,
-    PRODUCTION_SEMANTICS_ENV,
-    production_semantics,
-    read_meter,
-)
+from dagster_gcf_pipes.local.dispatcher import BARE, EVENTARC, read_meter
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStackError
 from tests.integration.test_dispatcher import Served, own_function, publish, records  # noqa: F401 - fixtures
 
@@ -77,11 +71,15 @@ def test_the_bare_schedule_is_1s_doubling_to_60s_forever_and_nothing_waits_for_a
     assert BARE.retry.retention is None and BARE.queue_seconds is None
 
 
-def test_eventarcs_semantics_are_on_unless_the_production_semantics_switch_is_off(monkeypatch):
-    monkeypatch.delenv(PRODUCTION_SEMANTICS_ENV, raising=False)
-    assert production_semantics()
-    monkeypatch.setenv(PRODUCTION_SEMANTICS_ENV, "0")
-    assert not production_semantics()
+@pytest.mark.parametrize(("switch", "eventarc", "semantics"), [
+    (True, None, "eventarc"), (False, None, "bare"), (False, True, "eventarc"), (True, False, "bare"),
+])
+def test_a_functions_delivery_follows_the_production_semantics_switch_unless_it_says_otherwise(
+    stack, own_function, monkeypatch, switch, eventarc, semantics,
+):
+    monkeypatch.setattr(stack, "production_semantics", switch)  # what LocalStack(production_semantics=...) set
+    served = own_function(STARTS_FUNCTION, eventarc=eventarc)
+    assert meter(stack, served)["semantics"] == semantics
 
 
 # ------------------------------------------------------------------------------------------ capacity
