@@ -4,6 +4,9 @@
 * ``<!-- run -->``: the shell command runs there and must succeed;
 * ``<!-- run-until: TEXT -->``: the long-running command runs until it prints TEXT, then gets SIGTERM and
   must exit cleanly;
+* ``<!-- start: TEXT -->``: the long-running command starts, as in a terminal of its own, and keeps running
+  once it printed TEXT, until the end of the guide (then SIGTERM, and it must exit cleanly); the ``export``
+  lines it printed are set for the blocks after it, as the reader exports them;
 * ``<!-- shown: REASON -->``: not run, for the reason given (an install line, a command that needs GCP).
 
 A block without a directive fails the test, so none can go stale unnoticed."""
@@ -42,23 +45,39 @@ def guide_blocks() -> list[Block]:
 
 def test_every_block_of_the_guide_says_how_it_is_checked():
     unmarked = [f"docs/guide.md:{b.line}" for b in guide_blocks()
-                if b.directive not in ("file", "run", "run-until", "shown") or not b.argument and b.directive != "run"]
+                if b.directive not in ("file", "run", "run-until", "start", "shown") or not b.argument and b.directive != "run"]
     assert not unmarked, f"blocks without a directive (see this module's docstring): {unmarked}"
 
 
-def run_until(command: str, text: str, cwd: Path, env: dict[str, str]) -> None:
+@dataclass(frozen=True)
+class Started:
+    """A long-running command of the guide, in its own process group (its terminal)."""
+
+    command: str
+    process: subprocess.Popen
+    output: Output
+
+    def stop(self) -> None:
+        """SIGTERM, as Ctrl-C in its terminal; it must exit within 60 s."""
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            raise AssertionError(f"{self.command!r} did not stop within 60 s of SIGTERM:\n{self.output.tail()}") from None
+
+
+def start(command: str, text: str, cwd: Path, env: dict[str, str]) -> Started:
+    """``command`` started, once it printed ``text``."""
     process = subprocess.Popen(command, shell=True, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    output = Output(process)
+    started = Started(command, process, Output(process))
     try:
-        output.wait_for(text, timeout=180)
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise AssertionError(f"{command!r} did not stop within 60 s of SIGTERM:\n{output.tail()}") from None
+        started.output.wait_for(text, timeout=180)
+    except BaseException:
+        started.stop()
+        raise
+    return started
 
 
 def test_the_guide_runs_from_a_blank_folder(tmp_path: Path):
@@ -67,20 +86,29 @@ def test_the_guide_runs_from_a_blank_folder(tmp_path: Path):
     # the venv running the tests has the library installed: its scripts come first on PATH, as in the
     # reader's activated venv
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    ran = 0
-    for block in guide_blocks():
-        if block.directive == "file":
-            path = project / block.argument
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(block.body)
-        elif block.directive == "run":
-            result = subprocess.run(block.body, shell=True, cwd=project, env=env, capture_output=True, text=True,
-                                    timeout=300)
-            assert result.returncode == 0, f"docs/guide.md:{block.line}: {block.body}\n{result.stdout}{result.stderr}"
-            ran += 1
-        elif block.directive == "run-until":
-            run_until(block.body, block.argument, project, env)
-            ran += 1
+    ran, running = 0, []
+    try:
+        for block in guide_blocks():
+            if block.directive == "file":
+                path = project / block.argument
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(block.body)
+            elif block.directive == "run":
+                result = subprocess.run(block.body, shell=True, cwd=project, env=env, capture_output=True, text=True,
+                                        timeout=300)
+                assert result.returncode == 0, f"docs/guide.md:{block.line}: {block.body}\n{result.stdout}{result.stderr}"
+                ran += 1
+            elif block.directive == "run-until":
+                start(block.body, block.argument, project, env).stop()
+                ran += 1
+            elif block.directive == "start":
+                running.append(started := start(block.body, block.argument, project, env))
+                env.update(line.removeprefix("export ").split("=", 1) for line in started.output.lines
+                           if line.startswith("export "))
+                ran += 1
+    finally:
+        for started in reversed(running):
+            started.stop()
     assert ran >= 4
     built = project / "build" / "my_function"
     assert {"main.py", "tables.py", "sizes.json", "requirements.txt"} <= {p.name for p in built.iterdir()}
