@@ -1,0 +1,178 @@
+"""Materialize the Node.js example function from Dagster on the local stack, by hand (not a test).
+
+    (cd node && npm ci && npm run build) && (cd examples/node_function && npm install)
+    .venv/bin/python examples/node_function/try_local.py
+
+Starts the local stack (the Pub/Sub emulator behind its production-semantics layer, fake-gcs-server),
+serves ``index.js`` in Google's Node.js Functions Framework, delivers the trigger topic to it with the
+local stack's dispatcher (Eventarc's binary CloudEvents), and runs a few Dagster materializations through
+``PipesPubSubClient``: what each one recorded is printed, and the function's log is kept in the stack's
+folder. Until ``LocalFunction`` serves Node.js functions (issue 27, item 4) the server and the dispatcher
+are started here.
+"""
+
+import contextlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from dagster import AssetExecutionContext, DagsterEventType, DagsterInstance, asset, materialize
+from google.cloud import pubsub_v1, storage
+
+from dagster_gcf_pipes.local import LocalStack
+from dagster_gcf_pipes.local.local_stack import DISPATCHER_READY, free_port
+from dagster_gcf_pipes.orchestrator import PipesPubSubClient
+
+HERE = Path(__file__).resolve().parent
+TRIGGER_TOPIC = "node-trigger"
+SECRET = "node-signing-secret"
+DAGSTER_SECRET_ENV = "DAGSTER_PIPES_SIGNING_SECRET"
+
+
+def wait_until(ready: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {timeout:g} s")
+        time.sleep(0.1)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextlib.contextmanager
+def node_function(stack: LocalStack) -> Iterator[Path]:
+    """The Functions Framework serving index.js, and the dispatcher delivering the trigger topic to it."""
+    assert stack.workdir is not None
+    port = free_port()
+    env = {**os.environ, **stack.environment, DAGSTER_SECRET_ENV: SECRET}
+    log_path = stack.workdir / "node-function.log"
+    dispatcher_path = stack.workdir / "node-dispatcher.log"
+    topic = f"projects/{stack.project}/topics/{TRIGGER_TOPIC}"
+    subscription = stack.trigger_subscription(TRIGGER_TOPIC)
+    with stack.activated(), pubsub_v1.SubscriberClient() as subscriber:
+        subscriber.create_subscription(request={"name": subscription, "topic": topic, "ack_deadline_seconds": 600})
+    if stack.semantics is not None:  # the dispatcher's pulls stand for Eventarc's pushes, as LocalStack marks them
+        stack.semantics.mark_push_delivered(subscription)
+    with open(log_path, "w") as log, open(dispatcher_path, "w") as dispatcher_log:
+        server = subprocess.Popen(
+            [str(HERE / "node_modules/.bin/functions-framework"), "--target=main", f"--port={port}",
+             "--host=127.0.0.1"],
+            cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        dispatcher = subprocess.Popen(
+            [sys.executable, "-m", "dagster_gcf_pipes.local.dispatcher", f"--subscription={subscription}",
+             f"--topic={topic}", f"--url=http://127.0.0.1:{port}/{topic}", "--capacity=10",
+             f"--function={HERE / 'index.js'}:main", f"--function-log={log_path}"],
+            env={**env, "PYTHONUNBUFFERED": "1"}, stdout=dispatcher_log, stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(lambda: listening(port), "the Node.js Functions Framework")
+            wait_until(lambda: DISPATCHER_READY in dispatcher_path.read_text(), "the dispatcher")
+            yield log_path
+        finally:
+            for process in (dispatcher, server):
+                process.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(10)
+                process.kill()
+
+
+def client(**overrides: Any) -> PipesPubSubClient:
+    settings: dict[str, Any] = {
+        "trigger_topic": TRIGGER_TOPIC, "reply_topic": "pipes-replies", "bucket": "pipes-payloads",
+        "startup_timeout": 30.0, "heartbeat_timeout": 20.0, "heartbeat_interval": 2.0,
+    }
+    return PipesPubSubClient(**{**settings, **overrides})
+
+
+def run(name: str, payload: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """Materialize one asset with ``payload``; what Dagster recorded."""
+    custom: list[Any] = []
+
+    @asset(name="node_sales")
+    def node_sales(context: AssetExecutionContext, pipes_pubsub: PipesPubSubClient):
+        invocation = pipes_pubsub.run(context=context, payload=payload)
+        custom.extend(invocation.get_custom_messages())
+        return invocation.get_materialize_result()
+
+    printed = io.StringIO()
+    started = time.monotonic()
+    with DagsterInstance.ephemeral() as instance, contextlib.redirect_stdout(printed):
+        result = materialize([node_sales], resources={"pipes_pubsub": client(**overrides)}, instance=instance,
+                             raise_on_error=False)
+        logs = [e.message for e in instance.all_logs(result.run_id) if e.dagster_event is None and e.message]
+    outcome: dict[str, Any] = {
+        "scenario": name, "success": result.success, "seconds": round(time.monotonic() - started, 1),
+        "logs": [line for line in logs if not line.startswith("[pipes] ")][:8],
+        "printed": [line for line in printed.getvalue().splitlines() if "printed by" in line],
+        "custom_messages": custom,
+    }
+    if result.success:
+        (event,) = result.get_asset_materialization_events()
+        outcome["metadata"] = {k: v.value for k, v in event.event_specific_data.materialization.metadata.items()}
+    else:
+        failure = next(e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE)
+        outcome["failure"] = failure.event_specific_data.error.to_string()[-2500:]
+    return outcome
+
+
+def tap(stack: LocalStack) -> str:
+    """A pull subscription on the trigger topic: the triggers Dagster publishes, to publish one again."""
+    path = f"projects/{stack.project}/subscriptions/node-trigger-tap"
+    topic = f"projects/{stack.project}/topics/{TRIGGER_TOPIC}"
+    with stack.activated(), pubsub_v1.SubscriberClient() as subscriber:
+        subscriber.create_subscription(request={"name": path, "topic": topic})
+    return path
+
+
+def redeliver_last_trigger(stack: LocalStack, tap_path: str) -> str:
+    """Publish the last trigger again, bytes and attributes, as a duplicate delivery would bring it."""
+    with stack.activated(), pubsub_v1.SubscriberClient() as subscriber, pubsub_v1.PublisherClient() as publisher:
+        received = subscriber.pull(request={"subscription": tap_path, "max_messages": 10}, timeout=10).received_messages
+        subscriber.acknowledge(request={"subscription": tap_path, "ack_ids": [r.ack_id for r in received]})
+        last = received[-1].message
+        topic = f"projects/{stack.project}/topics/{TRIGGER_TOPIC}"
+        publisher.publish(topic, last.data, **dict(last.attributes)).result()
+        return last.attributes["dagster_pipes_session"]
+
+
+def main() -> None:
+    if not (HERE / "node_modules/@dagster-gcf-pipes/function/dist/index.js").exists():
+        sys.exit("build the package and install the example first: (cd node && npm ci && npm run build) && "
+                 "(cd examples/node_function && npm install)")
+    stack = LocalStack(topics=("pipes-replies", TRIGGER_TOPIC))
+    with stack, node_function(stack) as log_path, stack.activated():
+        tap_path = tap(stack)
+        outcomes = [
+            run("materialize", {"dl_bucket": "gs://data-lake", "rows": 5}),
+            run("handler throws", {"fail": "on purpose"}),
+            run("claim-checked replies and signed", {"rows": 3, "padding": "x" * 5000},
+                inline_threshold_bytes=200, signing_secret=SECRET),
+            run("function timeout (15 s) while the handler works for 60 s", {"rows": 1, "work_seconds": 60},
+                function_timeout=15.0),
+        ]
+        session = redeliver_last_trigger(stack, tap_path)
+        time.sleep(3)
+        for outcome in outcomes:
+            print("\n== " + outcome.pop("scenario"))
+            for key, value in outcome.items():
+                print(f"  {key}: {value}")
+        with stack.activated():
+            objects = [b.name for b in storage.Client().list_blobs("pipes-payloads")]
+            lake = [b.name for b in storage.Client().list_blobs("data-lake")]
+        print(f"\n== pipes-payloads after the runs: {objects}\n== data-lake: {lake}")
+        print(f"\n== the function's log ({log_path}), the redelivered session {session}:")
+        print("\n".join(line for line in log_path.read_text().splitlines() if session in line or "dropping" in line))
+
+
+if __name__ == "__main__":
+    main()
