@@ -11,6 +11,7 @@ folder. Until ``LocalFunction`` serves Node.js functions (issue 27, item 4) the 
 are started here.
 """
 
+import concurrent.futures
 import contextlib
 import io
 import os
@@ -28,6 +29,8 @@ from google.cloud import pubsub_v1, storage
 from dagster_gcf_pipes.local import LocalStack
 from dagster_gcf_pipes.local.local_stack import DISPATCHER_READY, free_port
 from dagster_gcf_pipes.orchestrator import PipesPubSubClient
+from dagster_gcf_pipes.orchestrator.session.end import end_lease
+from dagster_gcf_pipes.shared.lease import read_lease
 
 HERE = Path(__file__).resolve().parent
 TRIGGER_TOPIC = "node-trigger"
@@ -125,6 +128,29 @@ def run(name: str, payload: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     return outcome
 
 
+def end_the_running_session(reason: str) -> str:
+    """End the lease of the session running now, as the orchestrator does when its run is terminated."""
+    gcs = storage.Client()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for blob in gcs.list_blobs("pipes-payloads", prefix="dagster-pipes/leases/"):
+            if not read_lease(blob).ended:
+                session = blob.name.rsplit("/", 1)[1]
+                end_lease(gcs, "pipes-payloads", "dagster-pipes", session, start_window=120, reason=reason)
+                return session
+        time.sleep(0.2)
+    raise TimeoutError("no session started")
+
+
+def run_and_cancel(name: str, payload: dict[str, Any], after: float) -> dict[str, Any]:
+    """``run``, its session ended ``after`` seconds after it started."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(run, name, payload)
+        time.sleep(after)
+        end_the_running_session("the run was terminated (by try_local.py)")
+        return outcome.result()
+
+
 def tap(stack: LocalStack) -> str:
     """A pull subscription on the trigger topic: the triggers Dagster publishes, to publish one again."""
     path = f"projects/{stack.project}/subscriptions/node-trigger-tap"
@@ -159,6 +185,9 @@ def main() -> None:
                 inline_threshold_bytes=200, signing_secret=SECRET),
             run("function timeout (15 s) while the handler works for 60 s", {"rows": 1, "work_seconds": 60},
                 function_timeout=15.0),
+            run("12 s of quiet work under a 5 s heartbeat timeout", {"rows": 1, "work_seconds": 12},
+                heartbeat_interval=1.0, heartbeat_timeout=5.0),
+            run_and_cancel("the lease ended 4 s into 30 s of work", {"rows": 1, "work_seconds": 30}, after=4.0),
         ]
         session = redeliver_last_trigger(stack, tap_path)
         time.sleep(3)
