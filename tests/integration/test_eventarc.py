@@ -17,7 +17,13 @@ import pytest
 
 from dagster_gcf_pipes.local.dispatcher import BARE, EVENTARC, read_meter
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStackError
-from tests.integration.test_dispatcher import Served, own_function, publish, records  # noqa: F401 - fixtures
+from tests.integration.test_dispatcher import (  # noqa: F401 - fixtures
+    Served,
+    one_delivery_per_attempt,
+    own_function,
+    publish,
+    records,
+)
 
 STARTS_FUNCTION = """
 import json, os, pathlib, time, uuid

@@ -67,7 +67,7 @@ def test_a_local_function_that_is_down_fails_the_step_within_seconds_naming_it_a
     assert f"the local function {served.source}:main (trigger topic " in error and "is down" in error, error
     assert "RuntimeError: the settings file is missing" in error, error  # the end of its log: why it is down
     assert "FunctionStartupTimeout" not in error, error
-    assert read_meter(stack.servers[f"dispatcher-{served.topic}"].log_path)["stood_in"] == 1
+    assert read_meter(stack.servers[f"dispatcher-{served.topic}"].log_path)["stood_in"] >= 1  # a duplicate too
 
 
 def test_a_function_that_fails_outside_its_session_fails_the_step_within_seconds_with_its_error(stack, own_function):
