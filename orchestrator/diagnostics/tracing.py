@@ -68,7 +68,7 @@ def _step_span(context: Any, name: str, client: Any, project: str, *, log: bool)
     from opentelemetry import trace
 
     step = context.op_execution_context.get_step_execution_context().step.key
-    attributes = {"dagster.run_id": context.run_id, "dagster.step_key": step}
+    attributes = {"dagster.run_id": context.run.run_id, "dagster.step_key": step}
     with tracing.tracer(_SERVICE_NAME).start_as_current_span(f"dagster step {step}{name}", attributes=attributes) as span:
         if log:
             trace_id = trace.format_trace_id(span.get_span_context().trace_id)

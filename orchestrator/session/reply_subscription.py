@@ -278,7 +278,8 @@ class ReplySubscription:
             self._reopen = threading.Timer(delay * random.uniform(0.5, 1.0), self._open_stream, args=(self.path,))
             self._reopen.daemon = True
             self._reopen.start()
-        self._log.info(
+        # expected on Pub/Sub right after a creation (see the module docstring): not worth a line in every step
+        self._log.debug(
             f"[pipes] StreamingPull answered NOT_FOUND for {self.path}, created "
             f"{time.monotonic() - self._created_at:.1f}s ago; re-opening the stream (attempt {self._reopens})"
         )

@@ -123,7 +123,7 @@ def created_subscriptions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, An
 def test_a_session_rides_out_not_found_from_a_just_created_subscription(stack: LocalStack, streams_not_found) -> None:
     budget = streams_not_found(3)
 
-    outcome = run_asset(make_client(reattach=False), payload={"n": 31, "log_lines": 5})  # streams: re-attach off
+    outcome = run_asset(make_client(), payload={"n": 31, "log_lines": 5})
 
     assert outcome.result.success, outcome.failure_message
     assert outcome.metadata["n"] == 31
