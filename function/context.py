@@ -7,6 +7,8 @@ import sys
 import threading
 import traceback
 from contextlib import AbstractContextManager
+from traceback import TracebackException
+from types import TracebackType
 from typing import Any
 
 from dagster_pipes import PipesContext, PipesContextLoader, PipesException, PipesMessageWriter, PipesParamsLoader
@@ -55,6 +57,11 @@ class CloudFunctionPipesContext(PipesContext):
         under it the same way."""
         return tracing.user_span(name, attributes)
 
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc_value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close(pipes_exception(TracebackException.from_exception(exc_value)) if exc_value is not None else None)
+
     def close(self, exc: PipesException | None = None) -> None:
         # the deadline closes the session from the watcher's thread while the handler may be closing it too
         with self._close_lock:
@@ -69,3 +76,23 @@ class CloudFunctionPipesContext(PipesContext):
             message=f"{SessionTimeout.__name__}: {message}\n", stack=stack, name=SessionTimeout.__name__,
             cause=None, context=None,
         ))
+
+
+def pipes_exception(tb: TracebackException) -> PipesException:
+    """The ``closed`` message's exception, chained as Python prints it: the cause (``raise ... from exc``), or
+    else the context (an exception raised while handling another) unless it is suppressed (``raise ... from
+    None``). dagster-pipes sends a suppressed context too, and Dagster then shows what the handler hid."""
+    context = tb.__context__ if tb.__cause__ is None and not tb.__suppress_context__ else None
+    return PipesException(
+        message="".join(tb.format_exception_only()),
+        stack=tb.stack.format(),
+        name=_type_name(tb),
+        cause=pipes_exception(tb.__cause__) if tb.__cause__ is not None else None,
+        context=pipes_exception(context) if context is not None else None,
+    )
+
+
+def _type_name(tb: TracebackException) -> str | None:
+    if sys.version_info >= (3, 13):  # exc_type is deprecated there
+        return tb.exc_type_str.rsplit(".", 1)[-1]
+    return tb.exc_type.__name__ if tb.exc_type is not None else None

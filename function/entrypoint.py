@@ -69,14 +69,17 @@ def pubsub_message_from_push_body(body: Any) -> PushedMessage:
             "the request carries no Pub/Sub message: deploy the function with --trigger-topic "
             "(event type google.cloud.pubsub.topic.v1.messagePublished), or POST {\"message\": {...}} to .http"
         )
+    encoded, attributes = message.get("data") or "", message.get("attributes") or {}
+    if not isinstance(encoded, str):
+        raise ValueError(f"the Pub/Sub message's data must be a base64 string, got a JSON {type(encoded).__name__}")
+    if not isinstance(attributes, dict) or not all(isinstance(v, str) for v in attributes.values()):
+        raise ValueError("the Pub/Sub message's attributes must be an object of strings")
     try:
-        data = base64.b64decode(message.get("data") or "", validate=True)
+        data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"the Pub/Sub message's data is not base64: {exc}") from exc
-    return PushedMessage(
-        data, dict(message.get("attributes") or {}), str(message.get("messageId", "")),
-        parse_publish_time(message.get("publishTime")),
-    )
+    message_id, publish_time = str(message.get("messageId", "")), parse_publish_time(message.get("publishTime"))
+    return PushedMessage(data, attributes, message_id, publish_time)
 
 
 def _run(handler: Handler, message: PushedMessage, trace_id: str | None) -> SessionOutcome:

@@ -14,12 +14,12 @@ import os
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dagster_pipes import PipesMappingParamsLoader, PipesMessageWriter
+from dagster_pipes import PipesMessageWriter
+from google.api_core import exceptions as gexc
 
 from dagster_gcf_pipes.function import clients
 from dagster_gcf_pipes.function.cancellation import Cancellation, deadline_margin, watch_session
@@ -31,9 +31,15 @@ from dagster_gcf_pipes.function.logs import current_trace
 from dagster_gcf_pipes.function.message_writer import PubSubMessageWriter
 from dagster_gcf_pipes.function.stdio import capture_output
 from dagster_gcf_pipes.function.tracing import handler_span, invocation_span
-from dagster_gcf_pipes.shared.claim_check import ClaimCheck
+from dagster_gcf_pipes.function.trigger import PERMANENT_GCS_ERRORS, read_trigger
 from dagster_gcf_pipes.shared.layout import lease_key
-from dagster_gcf_pipes.shared.protocol import REPLY_CHANNEL_GCS, ProtocolError, ReplyChannelParams, Trigger
+from dagster_gcf_pipes.shared.protocol import (
+    CLOCK_SKEW_ALLOWANCE_SECONDS,
+    REPLY_CHANNEL_GCS,
+    ProtocolError,
+    ReplyChannelParams,
+    Trigger,
+)
 from dagster_gcf_pipes.shared.retry import TRANSIENT_ERRORS
 from dagster_gcf_pipes.shared.signing import SECRET_ENV_VAR
 
@@ -50,16 +56,12 @@ class SessionOutcome:
     error: BaseException | None = None
 
 
-def decode_trigger(data: bytes, attributes: Mapping[str, str]) -> Trigger:
-    # Only reads: a claim-check pointer names its own bucket, so the store needs no default one.
-    body = ClaimCheck(clients.blob_store(bucket="")).unwrap(data, attributes)
-    return Trigger.decode(body, attributes)
-
-
 def _ended_session(data: bytes, attributes: Mapping[str, str]) -> tuple[str, str] | None:
     try:
         return ended_session_of_claim(clients.storage_client(), data, attributes)
-    except TRANSIENT_ERRORS as exc:  # cannot tell: report the undecodable trigger as it is
+    except PERMANENT_GCS_ERRORS:  # no such bucket: no session ended there
+        return None
+    except (gexc.GoogleAPIError, *TRANSIENT_ERRORS) as exc:  # cannot tell: report the undecodable trigger as it is
         _log.warning("could not read the session lease of an undecodable trigger: %s", exc)
         return None
 
@@ -72,7 +74,12 @@ def _refusal(
     The start window counts from the message's ``publishTime``, stamped by Pub/Sub's servers: the
     orchestrator's clock never enters the comparison, so a skewed orchestrator cannot make every trigger
     look late (or a late one look fresh). Without a ``publishTime`` (an HTTP invocation) the window is not
-    checked; the session lease's durable end still refuses a delivery after the session ended."""
+    checked; the session lease's durable end still refuses a delivery after the session ended.
+
+    A re-published trigger (a dead-letter re-drive, a replay tool) gets a fresh ``publishTime``: its own
+    deadline refuses it, ``issued_at`` + ``start_window`` by the orchestrator's clock, with
+    ``CLOCK_SKEW_ALLOWANCE_SECONDS`` of slack for the two clocks, by when its session's tombstone may have
+    been swept (docs/reliability.md, guarantee 1)."""
     if settings.start_window is not None and publish_time is not None:
         late_by = time.time() - (publish_time + settings.start_window)
         if late_by > 0:
@@ -80,6 +87,14 @@ def _refusal(
                 f"session {trigger.session_id}: delivered {late_by:.1f}s after its start window (start_window="
                 f"{settings.start_window:g}s from the trigger's publishTime; the orchestrator stopped waiting for it "
                 "to start): a late duplicate or a backlog; not running it"
+            )
+    if settings.start_window is not None and settings.issued_at is not None:
+        late_by = time.time() - (settings.issued_at + settings.start_window + CLOCK_SKEW_ALLOWANCE_SECONDS)
+        if late_by > 0:
+            return (
+                f"session {trigger.session_id}: {late_by:.1f}s past the trigger's own deadline (issued_at + "
+                f"start_window={settings.start_window:g}s + {CLOCK_SKEW_ALLOWANCE_SECONDS:g}s allowed for clock "
+                "skew): a re-published or replayed trigger of a session that is over; not running it"
             )
     if settings.signed and not signing_secret:
         return (
@@ -100,8 +115,11 @@ def run_session(
 ) -> SessionOutcome:
     """Run ``handler`` for one trigger message. Never raises for a handler error: that is reported to Dagster
     through ``closed`` (with its traceback) and returned, so the platform does not redeliver a trigger
-    whose failure Dagster already knows about. A trigger that cannot run (malformed, late, a duplicate) is
-    logged and returned too: redelivering it could never help. ``trace_id`` is the request's trace, if any:
+    whose failure Dagster already knows about. A trigger that cannot run (malformed in any field, late, a
+    duplicate, its bucket missing) is logged in one line and returned too: redelivering it could never help.
+    It raises only what a redelivery may fix (Cloud Storage unreachable past its retry budget, permission
+    denied, anything unforeseen while taking the lease): the push path answers an error, the worker backs
+    off; the start window bounds how long either keeps trying. ``trace_id`` is the request's trace, if any:
     the session's log lines carry it and Dagster records it. ``publish_time`` is the trigger message's
     ``publishTime`` (epoch seconds, Pub/Sub's server clock), which the start window counts from. With
     tracing on, the session's trace is the trigger's (``function/tracing.py``), and its id replaces ``trace_id``."""
@@ -125,17 +143,16 @@ def _run_session(
     arrived = time.monotonic()
     invocation_id = uuid.uuid4().hex
     try:
-        trigger = decode_trigger(data, attributes)
-        params_loader = PipesMappingParamsLoader(trigger.bootstrap)
-        settings = ReplyChannelParams.from_params(params_loader.load_messages_params())
-    except (ProtocolError, ValueError, zlib.error) as exc:
-        ended = _ended_session(data, attributes) if isinstance(exc, ProtocolError) else None
+        read = read_trigger(data, attributes)
+    except ProtocolError as exc:
+        ended = _ended_session(data, attributes)
         if ended is not None:  # its claim-checked body went with the session: a late delivery, not a bad one
             _log.info("dropping trigger message %s: session %s already ended (%s): this delivery is late and does "
                       "not run", message_id or "?", *ended)
             return SessionOutcome(ended[0], invocation_id, ran=False)
         _log.error("dropping trigger message %s: %s", message_id or "?", exc)
         return SessionOutcome(None, invocation_id, ran=False, error=exc)
+    trigger, settings = read.trigger, read.settings
 
     signing_secret = os.environ.get(SECRET_ENV_VAR) or None
     refusal = _refusal(trigger, settings, signing_secret, publish_time)
@@ -145,7 +162,16 @@ def _run_session(
 
     gcs = clients.storage_client()
     key = lease_key(settings.prefix, trigger.session_id)
-    claim = claim_lease(gcs, settings.bucket, key, invocation_id, settings.lease_seconds)
+    try:
+        claim = claim_lease(gcs, settings.bucket, key, invocation_id, settings.lease_seconds)
+    except PERMANENT_GCS_ERRORS as exc:  # no such bucket (or no valid name): no redelivery creates it
+        problem = ProtocolError(
+            f"session {trigger.session_id}: its lease gs://{settings.bucket}/{key} cannot be written ({exc.code} "
+            f"{type(exc).__name__}): the orchestrator's bucket={settings.bucket!r} must be a bucket this function can "
+            "reach (the same project, or the same emulator); not running it"
+        )
+        _log.error("dropping trigger message %s: %s", message_id or "?", problem)
+        return SessionOutcome(trigger.session_id, invocation_id, ran=False, error=problem)
     if claim is not Claim.CLAIMED:
         return SessionOutcome(trigger.session_id, invocation_id, ran=False)
 
@@ -162,7 +188,7 @@ def _run_session(
     try:
         with (
             handler_span(trigger.session_id),  # the session's replies and the user's spans nest under it
-            CloudFunctionPipesContext(params_loader, PipesInlineOrGCSContextLoader(gcs), writer, cancellation) as pipes,
+            CloudFunctionPipesContext(read.params, PipesInlineOrGCSContextLoader(gcs), writer, cancellation) as pipes,
             watch_session(
                 functools.partial(why_stop, gcs, settings.bucket, key, invocation_id),
                 cancellation,
@@ -179,7 +205,10 @@ def _run_session(
         if not handler_started and isinstance(exc, SessionCancelled):
             _log.warning("session %s: the handler was not started: %s", trigger.session_id, exc)
             return SessionOutcome(trigger.session_id, invocation_id, ran=False, error=exc)
-        _log.exception("session %s: the handler raised; reported to Dagster", trigger.session_id)
+        if isinstance(exc, SessionCancelled):  # a terminated run, not a failure: no ERROR, no traceback
+            _log.info("session %s: the handler stopped: %s; reported to Dagster", trigger.session_id, exc)
+        else:
+            _log.exception("session %s: the handler raised; reported to Dagster", trigger.session_id)
         return SessionOutcome(trigger.session_id, invocation_id, ran=True, error=exc)
     return SessionOutcome(trigger.session_id, invocation_id, ran=True)
 

@@ -17,10 +17,12 @@ the emulator one worker held and ran all 6 of 6 triggers while a second worker i
 
 What is acked when:
 * the session ran (the handler returned, or raised and the error reached Dagster through ``closed``): ack;
-* the trigger cannot run (malformed, past its start deadline, its lease held by another attempt): ack,
-  since a redelivery could never help (the reason is logged);
-* the session could not be set up (``run_session`` itself raised, e.g. Cloud Storage unreachable while
-  taking the lease): nack, so Pub/Sub redelivers it to this or another worker.
+* the trigger cannot run (malformed in any field, past its start deadline, its bucket missing, its lease
+  held by another attempt): ack, since a redelivery could never help (the reason is logged, once);
+* the session could not be set up (``run_session`` itself raised, e.g. Cloud Storage unreachable past its
+  retry budget while taking the lease): handed back with a backoff, its ack deadline set to
+  ``retry_backoff(attempt)`` (10 s doubling to 600 s, jittered), so Pub/Sub redelivers it to this or another
+  worker then, never at once; the trigger's start window ends the retries (a late delivery is acked).
 
 On SIGTERM or SIGINT the worker pulls no more (a message a pull returns meanwhile is nacked at once) and
 gives running sessions ``--shutdown-grace`` seconds to end, their leases still extended; a session that
@@ -44,6 +46,7 @@ import argparse
 import importlib
 import logging
 import os
+import random
 import signal
 import sys
 import threading
@@ -57,7 +60,7 @@ from google.cloud import pubsub_v1
 from dagster_gcf_pipes.function.logs import LOGGER_NAME, configure_function_logging
 from dagster_gcf_pipes.function.session import Handler, SessionOutcome, run_session
 from dagster_gcf_pipes.shared.pubsub import subscriber_client
-from dagster_gcf_pipes.shared.retry import transient_retry
+from dagster_gcf_pipes.shared.retry import TRANSIENT_ERRORS, transient_retry
 
 _log = logging.getLogger(f"{LOGGER_NAME}.function.worker")  # not __name__: run as __main__ by python -m
 
@@ -75,6 +78,20 @@ PULL_TIMEOUT = 10.0
 ACK_BUDGET = 10.0
 #: Seconds at most between two looks of the main thread at SIGTERM/SIGINT (see ``serve``).
 SIGNAL_POLL = 0.5
+#: Seconds before a trigger whose session could not be set up comes back: doubling from the first to the
+#: last (Pub/Sub's longest ack deadline), as Eventarc retries a push delivery
+RETRY_BACKOFF_MIN = 10
+RETRY_BACKOFF_MAX = 600
+#: failed set-ups remembered per message id (when the subscription has no dead-letter policy, whose
+#: delivery_attempt would count them), the oldest forgotten first
+_FAILURES_KEPT = 10_000
+
+
+def retry_backoff(attempt: int) -> int:
+    """Seconds before the ``attempt``-th failed set-up of a trigger is retried (1-based): drawn from the upper
+    half of the doubled delay, so workers that failed together do not come back together."""
+    ceiling = min(RETRY_BACKOFF_MIN * 2 ** min(attempt - 1, 16), RETRY_BACKOFF_MAX)
+    return random.randint(ceiling // 2, ceiling)
 
 
 def load_handler(target: str) -> Handler:
@@ -146,6 +163,7 @@ class Worker:
         self._stopping = False
         self._closed = threading.Event()
         self._pull_error: BaseException | None = None
+        self._failures: dict[str, int] = {}  # message id -> failed set-ups so far (insertion order: oldest first)
         self.sessions_run = 0
 
     def serve(self, stop: threading.Event, shutdown_grace: float) -> int:
@@ -206,13 +224,13 @@ class Worker:
 
     def _run(self, received: Any) -> None:
         message = received.message
-        outcome: SessionOutcome | None = None
+        outcome: SessionOutcome | BaseException
         try:
             # the start window is counted from Pub/Sub's publish time, never from this machine's clock
             outcome = run_session(self._handler, message.data, dict(message.attributes), message_id=message.message_id,
                                   publish_time=message.publish_time.timestamp())
-        except Exception:  # noqa: BLE001 - setting the session up failed: let Pub/Sub redeliver it
-            _log.exception("trigger message %s: the session could not be set up", message.message_id)
+        except Exception as exc:  # noqa: BLE001 - what a redelivery may fix (run_session's contract): back off
+            outcome = exc
         try:
             if self._begin_settling(received.ack_id):
                 self._settle(received, outcome)
@@ -232,11 +250,13 @@ class Worker:
             lease.settling = True
             return True
 
-    def _settle(self, received: Any, outcome: SessionOutcome | None) -> None:
+    def _settle(self, received: Any, outcome: SessionOutcome | BaseException) -> None:
         message_id = received.message.message_id
-        if outcome is None:
-            self._hand_back([received.ack_id], f"trigger message {message_id}: nacked for redelivery")
+        if isinstance(outcome, BaseException):
+            self._back_off(received, outcome)
             return
+        with self._lock:
+            self._failures.pop(message_id, None)
         try:
             _acknowledge(self._subscriber, self._subscription, received.ack_id)
         except Exception as exc:  # noqa: BLE001 - the session is over either way; a redelivery meets its lease
@@ -246,6 +266,26 @@ class Worker:
         with self._lock:
             self.sessions_run += outcome.ran
         _log.info("trigger message %s acked (session %s, ran=%s)", message_id, outcome.session_id, outcome.ran)
+
+    def _back_off(self, received: Any, error: BaseException) -> None:
+        """Hand the message back to come again after ``retry_backoff``: a failure that may pass (an outage, a
+        permission being granted) is retried, never in a tight loop."""
+        message_id = received.message.message_id
+        with self._lock:
+            attempt = received.delivery_attempt or self._failures.get(message_id, 0) + 1
+            self._failures.pop(message_id, None)
+            self._failures[message_id] = attempt
+            if len(self._failures) > _FAILURES_KEPT:
+                del self._failures[next(iter(self._failures))]
+        delay = retry_backoff(attempt)
+        foreseen = isinstance(error, (gexc.GoogleAPIError, *TRANSIENT_ERRORS))  # an unforeseen one shows its stack
+        _log.warning("trigger message %s: the session could not be set up (attempt %d): %r; handed back, to come "
+                     "again in %ds", message_id, attempt, error, delay, exc_info=None if foreseen else error)
+        try:
+            _set_deadline(self._subscriber, self._subscription, [received.ack_id], delay)
+        except Exception as exc:  # noqa: BLE001 - its ack deadline (extended to LEASE_EXTENSION) lapses instead
+            _log.warning("trigger message %s: setting its retry delay failed (%r): it comes again when its ack "
+                         "deadline lapses", message_id, exc)
 
     # -- leases ------------------------------------------------------------------------------------------
 

@@ -5,8 +5,8 @@ session; when the session ends, the orchestrator rewrites it **ended** (with a g
 creates it ended if no function ever claimed it). An ended lease is the session's tombstone: a later
 delivery of the same trigger cannot claim it, so it never runs, and the function polls it to learn that
 the session was cancelled or abandoned. The tombstone is kept ``keep_seconds`` after it was written (the
-trigger's start window plus a margin; after that the start window refuses every delivery by itself) and
-then swept.
+trigger's start window plus a margin: after that the trigger's start window refuses every late delivery of
+it, and its own deadline every re-publish of it) and then swept.
 
 The record is the object's custom metadata (one metadata GET reads it; a listing returns it for every
 lease at once); the body repeats it as JSON for people reading the bucket.
@@ -15,6 +15,7 @@ lease at once); the body repeats it as JSON for people reading the bucket.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -47,23 +48,44 @@ class LeaseRecord:
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str] | None) -> LeaseRecord | None:
-        """The record in an object's metadata; None for an object that is not a lease (or predates them)."""
+        """The record in an object's metadata; None for an object that is not a lease (or predates them);
+        ``MalformedLease`` for a record that does not parse (anyone with write access to the bucket wrote it)."""
         values = {key[len(_FIELD):]: value for key, value in (metadata or {}).items() if key.startswith(_FIELD)}
         if "state" not in values:
             return None
+        if values["state"] not in (HELD, ENDED):
+            raise MalformedLease(f"state {values['state'][:40]!r} is neither {HELD!r} nor {ENDED!r}")
         return cls(
             state=values["state"],
             invocation_id=values.get("invocation_id", ""),
-            expires_at=float(values.get("expires_at") or 0.0),
+            expires_at=_seconds(values, "expires_at"),
             reason=values.get("reason", ""),
-            keep_seconds=float(values.get("keep_seconds") or 0.0),
+            keep_seconds=_seconds(values, "keep_seconds"),
         )
 
 
+class MalformedLease(ValueError):
+    """A lease object whose record does not parse; the text says which field."""
+
+
+def _seconds(values: Mapping[str, str], key: str) -> float:
+    try:
+        number = float(values.get(key) or 0.0)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise MalformedLease(f"{key} {values[key][:40]!r} is not a finite, non-negative number of seconds")
+    return number
+
+
 def read_lease(blob: storage.Blob) -> LeaseRecord:
-    """The record of a lease object as listed or fetched; an object without one counts as ended (nothing
-    may claim a lease it cannot read)."""
-    return LeaseRecord.from_metadata(blob.metadata) or LeaseRecord(ENDED, reason="unreadable lease object")
+    """The record of a lease object as listed or fetched; an object without one, or with one that does not
+    parse, counts as ended (nothing may claim a lease it cannot read)."""
+    try:
+        record = LeaseRecord.from_metadata(blob.metadata)
+    except MalformedLease as exc:
+        return LeaseRecord(ENDED, reason=f"unreadable lease object: {exc}")
+    return record or LeaseRecord(ENDED, reason="unreadable lease object")
 
 
 def write_lease(blob: storage.Blob, record: LeaseRecord, generation: int) -> None:

@@ -17,8 +17,10 @@ a message that names the problem.
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,13 @@ REPLY_CHANNELS = (REPLY_CHANNEL_PUBSUB, REPLY_CHANNEL_GCS)
 
 #: Default claim-check threshold: well under the 4 MiB that a default gRPC channel will receive.
 DEFAULT_INLINE_THRESHOLD = 1_000_000
+
+#: How far the orchestrator's clock (which stamps a trigger's ``issued_at``) may be from the function's before
+#: a trigger's own deadline misjudges it: the function accepts a trigger until ``issued_at + start_window`` plus
+#: this, and the orchestrator keeps a session's tombstone for twice this past the start window (see
+#: ``orchestrator/session/end.py``), so a clock off by less than this either way neither refuses a fresh
+#: trigger nor lets a re-published one run.
+CLOCK_SKEW_ALLOWANCE_SECONDS = 600.0
 
 
 class Attr:
@@ -120,6 +129,8 @@ def _loads(data: bytes, what: str) -> Any:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"{what} is not UTF-8 JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ProtocolError(f"{what} is nested too deeply to decode: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------- trigger
@@ -240,9 +251,17 @@ class ReplyChannelParams:
     start_window: float | None = None
     #: whether the orchestrator verifies an HMAC on every reply (both sides then need the same secret)
     signed: bool = False
+    #: when the orchestrator built the trigger (epoch seconds, its own clock): with ``start_window``, the
+    #: trigger's own deadline, which a re-publish of the same bytes (a fresh ``publishTime``) cannot move;
+    #: checked with ``CLOCK_SKEW_ALLOWANCE_SECONDS`` of slack. None in triggers of earlier releases
+    issued_at: float | None = None
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> ReplyChannelParams:
+    def from_params(cls, params: Any) -> ReplyChannelParams:
+        """The params as sent, each field checked for its type (``ProtocolError`` naming the first that is
+        wrong); keys this release does not know are ignored (a newer orchestrator's)."""
+        if not isinstance(params, Mapping):
+            raise ProtocolError(f"DAGSTER_PIPES_MESSAGES must be a JSON object, got a JSON {type(params).__name__}")
         channel = params.get("channel", REPLY_CHANNEL_PUBSUB)
         if channel not in REPLY_CHANNELS:
             raise ProtocolError(f"unknown reply channel {channel!r} (expected one of {list(REPLY_CHANNELS)})")
@@ -250,7 +269,44 @@ class ReplyChannelParams:
         missing = [k for k in required if k not in params]
         if missing:
             raise ProtocolError(f"DAGSTER_PIPES_MESSAGES lacks {missing}: the trigger was not sent by PipesPubSubClient")
-        return cls(**{k: v for k, v in params.items() if k in cls.__dataclass_fields__})
+        known = {k: v for k, v in params.items() if k in cls.__dataclass_fields__}
+        for key, value in known.items():
+            problem = _field_problem(key, value)
+            if problem:
+                raise ProtocolError(f"DAGSTER_PIPES_MESSAGES field {key!r} = {repr(value)[:80]}: {problem}")
+        return cls(**known)
 
     def to_params(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+#: fields that must be above zero (a zero heartbeat interval or batch size would spin), and that the
+#: orchestrator never sends as zero
+_POSITIVE_FIELDS = frozenset(
+    {"heartbeat_interval", "max_batch_messages", "max_batch_bytes", "publish_timeout", "lease_seconds"}
+)
+_FIELD_TYPES = typing.get_type_hints(ReplyChannelParams)
+
+
+def _field_problem(key: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for the field ``key``, or None: strings are strings, booleans booleans,
+    numbers finite and not negative (and above zero where zero makes no sense), integers whole; None only
+    where the field is optional."""
+    hint = _FIELD_TYPES[key]
+    kinds = typing.get_args(hint) or (hint,)
+    if value is None:
+        return None if type(None) in kinds else "must not be null"
+    if str in kinds:
+        return None if isinstance(value, str) else "must be a string"
+    if bool in kinds:
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(value, bool) or not isinstance(value, int if int in kinds else (int, float)):
+        return "must be a whole number" if int in kinds else "must be a number"
+    try:
+        number = float(value)
+    except OverflowError:
+        return "is too large"
+    if key in _POSITIVE_FIELDS:
+        return None if math.isfinite(number) and number > 0 else "must be a finite number above zero"
+    return None if math.isfinite(number) and number >= 0 else "must be a finite number, not negative"
+    return None

@@ -434,6 +434,8 @@ class SessionLifecycle:
             # after it finds nobody waiting for it
             start_window=self.settings.startup_timeout,
             signed=bool(self.settings.signing_secret),
+            # with start_window, the trigger's own deadline: a re-publish (a fresh publishTime) cannot move it
+            issued_at=time.time(),
         )
 
     def _cancel(

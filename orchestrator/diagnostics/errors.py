@@ -51,16 +51,30 @@ class CloudFunctionError(PipesPubSubError):
         )
 
 
+#: Python's words between two exceptions of a chain, the earlier one printed first
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
 def format_remote_traceback(exception: Mapping[str, Any]) -> str:
-    """Render a dagster-pipes ``PipesException`` and its causes the way Python prints them: root cause first."""
-    chain: list[Mapping[str, Any]] = []
+    """Render a dagster-pipes ``PipesException`` and the exceptions chained to it the way Python prints them:
+    root first, a ``cause`` joined as the direct cause, a ``context`` as raised during its handling (a function
+    of this release sends no context that ``raise ... from None`` suppressed; one of an earlier release does,
+    and it shows)."""
+    parts: list[str] = []
     current: Mapping[str, Any] | None = exception
     while current:
-        chain.append(current)
-        current = current.get("cause") or current.get("context")
-    # dagster-pipes' `message` is Python's format_exception_only(): it already starts with the exception's name
-    blocks = [f"{''.join(e.get('stack') or [])}{str(e.get('message', '')).strip()}\n" for e in chain]
-    return "\nThe above exception was the direct cause of the following exception:\n\n".join(reversed(blocks))
+        # dagster-pipes' `message` is Python's format_exception_only(): it already starts with the exception's name
+        parts.append(f"{''.join(current.get('stack') or [])}{str(current.get('message', '')).strip()}\n")
+        if current.get("cause"):
+            parts.append(_CAUSE)
+            current = current["cause"]
+        elif current.get("context"):
+            parts.append(_CONTEXT)
+            current = current["context"]
+        else:
+            current = None
+    return "".join(reversed(parts))
 
 
 class FunctionHttpError(PipesPubSubError):

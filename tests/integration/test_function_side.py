@@ -3,17 +3,27 @@ invocation (no process-wide singleton left behind), exactly one run per trigger,
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import json
 import logging
+import uuid
+import zlib
 
 import pytest
 from dagster import DagsterEventType
-from dagster_pipes import PipesContext
+from dagster_pipes import PipesContext, encode_param
+from google.cloud import storage
 
+from dagster_gcf_pipes.function.context import SessionCancelled
+from dagster_gcf_pipes.function.entrypoint import pipes_function
 from dagster_gcf_pipes.function.logs import LOGGER_NAME, CloudLoggingFormatter, trace_id_from
 from dagster_gcf_pipes.local.local_stack import LocalStack
+from dagster_gcf_pipes.orchestrator.diagnostics.errors import CloudFunctionError
+from dagster_gcf_pipes.orchestrator.session.end import end_lease
+from tests.conftest import PAYLOAD_BUCKET
 from tests.functions.main import main as scenario_function
+from tests.functions.main import wait_for_mark
 from tests.integration.function_harness import FunctionHarness
 from tests.integration.helpers import make_client, run_asset
 
@@ -82,22 +92,113 @@ def test_handler_exception_is_reported_through_closed_and_acknowledged(harness):
     assert not PipesContext.is_initialized()
 
 
+@pipes_function
+def chaining(pipes, payload):
+    """Raises a ValueError while handling a KeyError, chained as ``payload["chain"]`` says."""
+    try:
+        {}["missing"]
+    except KeyError as exc:
+        if payload["chain"] == "from_none":
+            raise ValueError("the key is not there") from None
+        if payload["chain"] == "from_exc":
+            raise ValueError("the key is not there") from exc
+        raise ValueError("the key is not there")
+
+
 @pytest.mark.parametrize(
-    ("data", "attributes", "expected"),
+    ("chain", "joined_by"),
     [
-        (b"not json", None, "the trigger is not UTF-8 JSON"),
-        (b"{}", None, "lacks the Pipes bootstrap params"),
-        (None, {"dagster_pipes_version": "1"}, "missing attribute 'dagster_pipes_session'"),
-        (None, {"dagster_pipes_session": "0" * 32, "dagster_pipes_version": "99"}, "unsupported protocol version '99'"),
+        ("from_none", None),  # before: the suppressed KeyError was shown as the "direct cause"
+        ("implicit", "During handling of the above exception, another exception occurred"),
+        ("from_exc", "The above exception was the direct cause of the following exception"),
     ],
 )
-def test_malformed_triggers_are_logged_and_acknowledged(harness, caplog, data, attributes, expected):
-    h = harness()
+def test_the_remote_traceback_chains_exceptions_as_python_prints_them(harness, chain, joined_by):
+    h = harness({"chain": chain})
+    assert chaining(h.cloud_event()).ran
+    closed = h.read_until_closed()[-1]
+    remote = str(CloudFunctionError(h.session_id, closed["params"]["exception"])).partition("Remote traceback:\n")[2]
+    assert remote.rstrip().endswith("ValueError: the key is not there")
+    if joined_by is None:
+        assert "KeyError" not in remote and "direct cause" not in remote and "During handling" not in remote
+    else:
+        assert remote.index("KeyError: 'missing'") < remote.index(joined_by) < remote.index("ValueError: the key")
+        assert remote.count("The above exception") + remote.count("During handling") == 1
+
+
+def test_a_cancelled_session_is_logged_as_a_cancellation_not_as_an_error(stack, harness, caplog):
+    """Before: the handler's SessionCancelled was logged at ERROR with its traceback, which trips error-based
+    alerts in Cloud Logging for every terminated run. Dagster still gets it through `closed`."""
+    token = uuid.uuid4().hex
+    h = harness({"scenario": "wait_for_cancel", "token": token, "sleep": 30})
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, caplog.at_level(logging.INFO, logger=LOGGER_NAME):
+        running = pool.submit(scenario_function, h.cloud_event())
+        wait_for_mark("started", token)
+        end_lease(storage.Client(project=stack.project), PAYLOAD_BUCKET, "harness", h.session_id, start_window=60.0,
+                  reason="the Dagster run was terminated")
+        outcome = running.result(timeout=30)
+    assert outcome.ran and isinstance(outcome.error, SessionCancelled)
+    assert "SessionCancelled" in h.read_until_closed()[-1]["params"]["exception"]["message"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+    stopped = [r for r in caplog.records if f"session {h.session_id}: the handler stopped" in r.getMessage()]
+    assert len(stopped) == 1 and stopped[0].levelno == logging.INFO
+    assert "the Dagster run was terminated" in stopped[0].getMessage()
+
+
+def zlib_bomb() -> str:
+    """A bootstrap param of 100 kB that inflates to 100 MB."""
+    return base64.b64encode(zlib.compress(b"[" + b" " * 100_000_000 + b"]", 9)).decode()
+
+
+@pytest.mark.parametrize(
+    ("data", "attributes", "channel", "expected"),
+    [
+        (b"not json", None, {}, "the trigger is not UTF-8 JSON"),
+        (b"{}", None, {}, "lacks the Pipes bootstrap params"),
+        (None, {"dagster_pipes_version": "1"}, {}, "missing attribute 'dagster_pipes_session'"),
+        (None, {"dagster_pipes_session": "0" * 32, "dagster_pipes_version": "99"}, {}, "unsupported protocol version '99'"),
+        # every field the function reads is checked for its type before anything acts on it
+        (b"[" * 100_000 + b"]" * 100_000, None, {}, "nested too deeply"),
+        (None, None, {"start_window": "x"}, "field 'start_window' = 'x': must be a number"),
+        (None, None, {"heartbeat_interval": 0}, "field 'heartbeat_interval' = 0: must be a finite number above zero"),
+        (None, None, {"max_batch_messages": 1.5}, "field 'max_batch_messages' = 1.5: must be a whole number"),
+        (None, None, {"signed": "yes"}, "field 'signed' = 'yes': must be true or false"),
+        (None, None, {"issued_at": float("nan")}, "field 'issued_at' = nan: must be a finite number"),
+        (None, {"dagster_pipes_session": "f" * 32, "dagster_pipes_version": "1"}, {}, f"the message's attributes '{'f' * 32}'"),
+        (None, None, {"inline_threshold": 9_000_000}, "inline_threshold_bytes=9000000 is outside"),
+        ("bootstrap", {"DAGSTER_PIPES_MESSAGES": encode_param([1, 2])}, {}, "must decode to a JSON object, got a JSON list"),
+        ("bootstrap", {"DAGSTER_PIPES_CONTEXT": encode_param({"path": "/etc/passwd"})}, {}, "DAGSTER_PIPES_CONTEXT must be"),
+        ("bootstrap", {"DAGSTER_PIPES_MESSAGES": "not base64!"}, {}, "is not a Pipes param"),
+        ("bootstrap", {"DAGSTER_PIPES_MESSAGES": zlib_bomb()}, {}, "DAGSTER_PIPES_MESSAGES inflates to more than"),
+    ],
+)
+def test_malformed_triggers_are_logged_and_acknowledged(harness, caplog, data, attributes, channel, expected):
+    h = harness(**channel)
+    if data == "bootstrap":  # the harness's trigger with one bootstrap param replaced
+        trigger = json.loads(h.data)
+        data, attributes = json.dumps({**trigger, **attributes}).encode(), None
     with caplog.at_level(logging.ERROR, logger="dagster_gcf_pipes.function"):
         outcome = scenario_function(h.cloud_event(message_id="m-1", data=data, attributes=attributes))
     assert not outcome.ran
     assert expected in str(outcome.error)
-    assert any("m-1" in r.getMessage() and expected in r.getMessage() for r in caplog.records)
+    (line,) = [r for r in caplog.records if "m-1" in r.getMessage()]  # one line, naming the problem, no traceback
+    assert expected in line.getMessage() and line.exc_info is None
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ({"data": 12}, "data must be a base64 string, got a JSON int"),
+        ({"data": "", "attributes": ["dagster_pipes_session"]}, "attributes must be an object of strings"),
+        ({"data": "", "attributes": {"dagster_pipes_seq": 1}}, "attributes must be an object of strings"),
+    ],
+)
+def test_a_push_body_of_the_wrong_shape_is_refused_clearly(message, expected):
+    from cloudevents.http import CloudEvent
+
+    event = CloudEvent({"type": "google.cloud.pubsub.topic.v1.messagePublished", "source": "//pubsub"}, {"message": message})
+    outcome = scenario_function(event)
+    assert not outcome.ran and expected in str(outcome.error)
 
 
 def test_an_event_without_a_pubsub_message_is_refused_clearly():

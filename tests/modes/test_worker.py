@@ -1,7 +1,10 @@
 """The pull worker on the local stack: a session longer than the subscription's ack deadline runs once,
 SIGTERM lets a running session finish, a session still running after the grace is abandoned (the worker
-exits, the message goes back to Pub/Sub unacked), and two workers on one subscription share the triggers."""
+exits, the message goes back to Pub/Sub unacked), two workers on one subscription share the triggers, a
+poison trigger is acked once with one log line, and one whose session cannot be set up comes back only after
+a backoff."""
 
+import http.server
 import os
 import re
 import signal
@@ -17,9 +20,11 @@ from typing import Any
 import pytest
 from google.cloud import pubsub_v1, storage
 
-from dagster_gcf_pipes.function.worker import EXIT_ABANDONED, EXIT_OK
+from dagster_gcf_pipes.function.worker import EXIT_ABANDONED, EXIT_OK, RETRY_BACKOFF_MIN
 from tests import REPO_ROOT
 from tests.conftest import LAKE_BUCKET
+from tests.faults.poison import poison_triggers
+from tests.faults.poison import trigger as build_trigger
 from tests.integration.helpers import make_client, run_asset
 from tests.modes.test_fanout import run_fan_out_asset
 
@@ -60,9 +65,9 @@ def start_worker(stack: Any, tmp_path: Path) -> Iterator[StartWorker]:
     _, subscription = create_subscription(stack.project, name)
     started: list[subprocess.Popen] = []
 
-    def start(*options: str) -> RunningWorker:
+    def start(*options: str, env: dict[str, str] | None = None) -> RunningWorker:
         log = tmp_path / f"worker-{len(started)}.log"
-        env = {**os.environ, **stack.environment, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **stack.environment, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
         with log.open("w") as out:
             process = subprocess.Popen(
                 [sys.executable, "-m", "dagster_gcf_pipes.function.worker", "--subscription", name,
@@ -212,3 +217,77 @@ def test_two_workers_share_the_triggers_of_one_subscription(start_worker: StartW
         w.process.send_signal(signal.SIGTERM)
     assert [w.process.wait(timeout=30) for w in workers] == [EXIT_OK, EXIT_OK]
     assert leftovers(workers[0].subscription) == []
+
+
+def test_poison_triggers_are_acked_once_with_one_log_line_each(stack: Any, worker: RunningWorker) -> None:
+    """Before: each was nacked with no backoff and pulled straight back, about 67 deliveries a second, never
+    acked (the list params' AttributeError, the missing bucket's NotFound, a RecursionError, a TypeError)."""
+    token = uuid.uuid4().hex
+    poisons = poison_triggers(stack.project, token)
+    topic = f"projects/{stack.project}/topics/{worker.topic}"
+    with pubsub_v1.PublisherClient() as publisher:
+        message_ids = {name: publisher.publish(topic, data, **attributes).result(timeout=30)
+                       for name, (data, attributes, _) in poisons.items()}
+    deadline = time.monotonic() + 30
+    while not all(f"trigger message {mid} acked" in worker.log.read_text() for mid in message_ids.values()):
+        assert time.monotonic() < deadline, worker.log.read_text()
+        time.sleep(0.1)
+    time.sleep(3)  # a message handed back would have come again by now (it did, at once, about 67 times a second)
+
+    for name, message_id in message_ids.items():
+        (line,) = [line for line in worker.lines() if f"message {message_id}:" in line]
+        assert poisons[name][2] in line, (name, line)
+    assert "Traceback" not in worker.log.read_text(), worker.log.read_text()
+    assert not storage.Client().bucket(LAKE_BUCKET).blob(f"started/{token}").exists()
+    worker.process.send_signal(signal.SIGTERM)
+    assert worker.process.wait(timeout=30) == EXIT_OK, worker.log.read_text()
+
+
+class ForbiddenStorage(http.server.BaseHTTPRequestHandler):
+    """Cloud Storage as a function without the bucket's roles sees it: every request answered 403 at once (no
+    IAM runs in the local stack). A redelivery may succeed once the role is granted."""
+
+    def _forbid(self) -> None:
+        body = b'{"error": {"code": 403, "message": "caller does not have storage.objects.create access"}}'
+        self.send_response(403)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forbid
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_trigger_whose_session_cannot_be_set_up_comes_back_after_a_backoff(
+    stack: Any, start_worker: StartWorker
+) -> None:
+    """Before: handed back at once (its ack deadline set to 0), so a worker that could not reach Cloud Storage
+    pulled it straight back. Now it comes back after retry_backoff(1): at least RETRY_BACKOFF_MIN / 2 seconds."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ForbiddenStorage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        worker = start_worker(env={"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{server.server_address[1]}"})
+        data, attributes = build_trigger(stack.project)
+        with pubsub_v1.PublisherClient() as publisher:
+            topic = f"projects/{stack.project}/topics/{worker.topic}"
+            message_id = publisher.publish(topic, data, **attributes).result(timeout=30)
+        deadline = time.monotonic() + 60
+        while not (failed := re.search(rf"trigger message {message_id}: the session could not be set up \(attempt 1\): "
+                                       r"Forbidden.*to come again in (\d+)s", worker.log.read_text())):
+            assert time.monotonic() < deadline, worker.log.read_text()
+            time.sleep(0.05)
+        failed_at, delay = time.monotonic(), int(failed[1])
+        worker.process.send_signal(signal.SIGTERM)  # nothing held: it stops at once, and pulls no more
+        assert worker.process.wait(timeout=30) == EXIT_OK, worker.log.read_text()
+    finally:
+        server.shutdown()
+
+    assert RETRY_BACKOFF_MIN // 2 <= delay <= RETRY_BACKOFF_MIN
+    while not (back := leftovers(worker.subscription)):
+        assert time.monotonic() < failed_at + delay + 15, "the trigger never came back"
+    came_back_after = time.monotonic() - failed_at
+    assert back == [message_id] and came_back_after > delay - 1, (back, came_back_after, delay)
+    assert "Traceback" not in worker.log.read_text()  # a foreseen failure: one line, no stack

@@ -599,9 +599,6 @@ def test_pointers_the_schema_refuses_the_reader_refuses(case: str) -> None:
 
 
 @pytest.mark.parametrize("case", ["no bucket", "empty key", "bucket name invalid"])
-@pytest.mark.xfail(strict=True, reason="the function reads a claim-checked trigger's pointer with the GCS client, which "
-                   "raises IndexError/ValueError for these: read_trigger lets them out as errors a retry could fix "
-                   "(docs/protocol.md section 17 says: acknowledge), so the push path answers 5xx for ever")
 def test_trigger_pointers_the_schema_refuses_the_function_refuses(case: str) -> None:
     with pytest.raises(ProtocolError):
         read_trigger(INVALID_POINTERS[case].encode(), {**GOOD_ATTRIBUTES, Attr.BODY: "claim"})
