@@ -28,7 +28,6 @@ from dagster import (
     asset,
     materialize,
 )
-from google.api_core.exceptions import NotFound
 from google.cloud import pubsub_v1, storage
 
 from dagster_gcf_pipes.function.cancellation import Cancellation
@@ -54,26 +53,18 @@ PREFIX = "dagster-pipes"
 
 
 class Spy:
-    """A subscription of the test's own on ``topic``, read by streaming pull: a copy of everything published there."""
+    """A subscription of the test's own on ``topic``, read by streaming pull: a copy of everything published
+    there. A wiretap, not a party to the session: it reads the emulator itself, beneath the local stack's
+    production-semantics layer (no NOT_FOUND window after its creation, no pull races, no hold-backs)."""
 
-    def __init__(self, project: str, topic: str):
-        self._subscriber = subscriber_client()
-        self.path = self._subscriber.subscription_path(project, f"spy-{uuid.uuid4().hex[:12]}")
-        self._subscriber.create_subscription(request={"name": self.path, "topic": f"projects/{project}/topics/{topic}"})
+    def __init__(self, stack: LocalStack, topic: str):
+        with stack.provisioning():
+            self._subscriber = subscriber_client()
+        self.path = self._subscriber.subscription_path(stack.project, f"spy-{uuid.uuid4().hex[:12]}")
+        self._subscriber.create_subscription(request={"name": self.path, "topic": f"projects/{stack.project}/topics/{topic}"})
         self.messages: list[Any] = []
         self._arrived = threading.Condition()
-        self._closing = False
-        self._open()
-
-    def _open(self) -> None:
         self._stream = self._subscriber.subscribe(self.path, self._take)
-        self._stream.add_done_callback(self._reopen)
-
-    def _reopen(self, stream: Any) -> None:
-        """StreamingPull answers NOT_FOUND for a moment after CreateSubscription (as on Pub/Sub): open it again."""
-        if not self._closing and isinstance(stream.exception(), NotFound):
-            time.sleep(0.2)
-            self._open()
 
     def _take(self, message: Any) -> None:
         with self._arrived:
@@ -89,7 +80,6 @@ class Spy:
             return list(self.messages)
 
     def close(self) -> None:
-        self._closing = True
         self._stream.cancel()
         self._subscriber.delete_subscription(request={"subscription": self.path})
         self._subscriber.close()
@@ -100,7 +90,7 @@ def spies(stack: LocalStack) -> Iterator[Any]:
     made: list[Spy] = []
 
     def spy(topic: str) -> Spy:
-        made.append(Spy(stack.project, topic))
+        made.append(Spy(stack, topic))
         return made[-1]
 
     yield spy
@@ -112,9 +102,11 @@ def of_session(messages: list[Any], session_id: str) -> list[tuple[bytes, dict[s
     return [(m.data, dict(m.attributes)) for m in messages if m.attributes.get(Attr.SESSION) == session_id]
 
 
-def has_closed(replies: list[tuple[bytes, dict[str, str]]], gcs: storage.Client | None) -> bool:
-    return any(b'"method":"closed"' in (body(data, attributes, gcs) or b"") for data, attributes in replies
-               if attributes[Attr.KIND] == "batch")
+def complete(replies: list[tuple[bytes, dict[str, str]]], gcs: storage.Client | None) -> bool:
+    """Whether every batch up to the one holding ``closed`` arrived (Pub/Sub delivers them in any order)."""
+    batches = {int(a[Attr.SEQ]): (data, a) for data, a in replies if a[Attr.KIND] == "batch"}
+    last = [seq for seq, (data, a) in batches.items() if b'"method":"closed"' in (body(data, a, gcs) or b"")]
+    return bool(last) and set(range(last[0] + 1)) <= set(batches)
 
 
 def body(data: bytes, attributes: dict[str, str], gcs: storage.Client | None) -> bytes | None:
@@ -230,7 +222,7 @@ def test_a_whole_session_on_the_wire_validates(stack: LocalStack, spies: Any, si
         session_id = trigger.attributes[Attr.SESSION]
         wait_for_lease(gcs, PREFIX, session_id)
         held = check_lease(gcs, PREFIX, session_id, "held")
-        captured = replies.pull_until(lambda m: has_closed(of_session(m, session_id), None))
+        captured = replies.pull_until(lambda m: complete(of_session(m, session_id), None))
         result = run.result(timeout=60)
     assert result.success
 
@@ -298,7 +290,7 @@ def test_the_function_writer_sends_every_method_and_metadata_type_valid(stack: L
             except ValueError as exc:
                 raise RuntimeError("the handler failed") from exc
 
-    captured = replies.pull_until(lambda m: has_closed(of_session(m, session_id), gcs))
+    captured = replies.pull_until(lambda m: complete(of_session(m, session_id), gcs))
     try:
         messages = check_replies(of_session(captured, session_id), gcs, session_id=session_id, prefix=prefix, secret=SECRET)
         assert {m["method"] for m in messages} == {"opened", "log", "log_external_stream", "report_asset_materialization",
