@@ -48,9 +48,11 @@ class Behaviours:
     #: share of delivered messages held back to a later response, by up to ``hold_back_ms``
     hold_back_rate: float = 0.05
     hold_back_ms: float = 200.0
-    #: Pull and StreamingPull answer NOT_FOUND for this long after CreateSubscription
-    #: (googleapis/java-pubsub#81, googleapis/google-cloud-go#9723)
+    #: StreamingPull answers NOT_FOUND for this long after CreateSubscription (googleapis/java-pubsub#81,
+    #: googleapis/google-cloud-go#9723: both report it of streaming pull)
     new_subscription_not_found_seconds: float = 1.0
+    #: unary Pull too (no source reports it of Pull; off unless a test wants it)
+    new_subscription_not_found_on_pull: bool = False
     #: share of admin operations performed but answered UNAVAILABLE (the caller's retry then meets
     #: ALREADY_EXISTS or NOT_FOUND)
     lost_admin_response_rate: float = 0.0

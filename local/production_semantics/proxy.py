@@ -15,8 +15,9 @@ back with its code and details. Intercepted:
   screened; it ends its upstream stream when its client's ends, whichever way (see ``_Stream``);
 - Acknowledge, ModifyAckDeadline: screened (late and duplicate ack ids), metered.
 
-Pull and StreamingPull answer NOT_FOUND for ``new_subscription_not_found_seconds`` after the subscription was
-created through the layer (googleapis/java-pubsub#81, googleapis/google-cloud-go#9723). A subscription the
+StreamingPull (and Pull, with ``new_subscription_not_found_on_pull``) answers NOT_FOUND for
+``new_subscription_not_found_seconds`` after the subscription was created through the layer
+(googleapis/java-pubsub#81, googleapis/google-cloud-go#9723). A subscription the
 local stack marks as push-delivered (read by its Eventarc stand-in, ``local/dispatcher.py``) is exempt from
 what only a Pull call meets (the race, empty answers, NOT_FOUND after creation): production delivers it by push.
 """
@@ -36,7 +37,7 @@ from dagster_gcf_pipes.local.production_semantics.admin import TokenBucket, is_a
 from dagster_gcf_pipes.local.production_semantics.behaviours import Behaviours
 from dagster_gcf_pipes.local.production_semantics.delivery import Deliveries
 from dagster_gcf_pipes.local.production_semantics.filters import FilterError, compile_filter
-from dagster_gcf_pipes.local.production_semantics.meter import Meter, message_bytes
+from dagster_gcf_pipes.local.production_semantics.meter import MIN_BILLED_REQUEST_BYTES, Meter, message_bytes
 from dagster_gcf_pipes.local.production_semantics.subscriptions import Registry, Subscription, wait_any
 
 _log = logging.getLogger(__name__)
@@ -173,8 +174,6 @@ class Proxy(grpc.GenericRpcHandler):
         parsed = pb_class.FromString(request) if pb_class is not None else None
         subscription, topic = resources(method, parsed) if parsed is not None else (None, None)
         layer.meter.admin_op(name, subscription=subscription, topic=topic)
-        if name == "Seek":
-            layer.meter.count(subscription=subscription, seeks=1)
         if not layer.bucket.take(settings.admin_ops_per_minute):
             layer.meter.count(subscription=subscription, topic=topic, admin_quota_refused=1)
             await context.abort(
@@ -200,6 +199,7 @@ class Proxy(grpc.GenericRpcHandler):
         elif name == "DeleteSubscription" and subscription:
             layer.registry.forget(subscription)
         elif name == "Seek" and subscription:
+            layer.meter.count(subscription=subscription, seeks=1)
             layer.registry.state(subscription).signal.notify()  # messages may be available again
         if layer.rng.random() < settings.lost_admin_response_rate:
             layer.meter.count(subscription=subscription, topic=topic, lost_admin_responses=1)
@@ -208,11 +208,15 @@ class Proxy(grpc.GenericRpcHandler):
             )
         return answer
 
-    async def _refuse_if_new(self, subscription: Subscription, context: grpc.aio.ServicerContext) -> None:
-        """NOT_FOUND from a pull within ``new_subscription_not_found_seconds`` of the subscription's creation."""
-        window = self.layer.settings.new_subscription_not_found_seconds
+    async def _refuse_if_new(self, subscription: Subscription, context: grpc.aio.ServicerContext, *, pull: bool) -> None:
+        """NOT_FOUND from a StreamingPull (a Pull with ``new_subscription_not_found_on_pull``) within
+        ``new_subscription_not_found_seconds`` of the subscription's creation."""
+        settings = self.layer.settings
         created = subscription.created_at
-        if subscription.push_delivered or created is None or asyncio.get_running_loop().time() - created >= window:
+        if (
+            subscription.push_delivered or created is None or (pull and not settings.new_subscription_not_found_on_pull)
+            or asyncio.get_running_loop().time() - created >= settings.new_subscription_not_found_seconds
+        ):
             return
         self.layer.meter.count(subscription=subscription.path, not_found=1)
         await context.abort(grpc.StatusCode.NOT_FOUND, _not_found(subscription.path))
@@ -225,7 +229,7 @@ class Proxy(grpc.GenericRpcHandler):
         meter = self.layer.meter
         meter.count(
             topic=parsed.topic, publish_requests=1, messages_published=len(parsed.messages), bytes_published=size,
-            billed_publish_bytes=max(size, 1000),
+            billed_publish_bytes=max(size, MIN_BILLED_REQUEST_BYTES),
         )
         for subscription in self.layer.registry.on_topic(parsed.topic):
             if subscription.retain_acked:
@@ -240,16 +244,16 @@ class Proxy(grpc.GenericRpcHandler):
         client and stays outstanding until its ack deadline (googleapis/google-cloud-python#8087,
         google-cloud-php#710, python-pubsub#1414). Some Pulls answer empty at once (``empty_pull_rate``).
 
-        The emulator answers an empty Pull at once or after a few seconds, and a client deadline that passes
-        returns its messages: here the emulator is asked with ``return_immediately`` and the layer does the
-        holding."""
+        The emulator answers an empty Pull about a second before its client's deadline (at once when that is
+        under a second), so it never meets the race: here the emulator is asked with ``return_immediately`` and
+        the layer does the holding."""
         layer = self.layer
         parsed = PullRequest.FromString(request)
         layer.meter.count(subscription=parsed.subscription, pull_calls=1)
         subscription = await layer.registry.configured(parsed.subscription)
         if subscription is None:
             return await self._forward(method, request, context)  # the emulator says it does not exist
-        await self._refuse_if_new(subscription, context)
+        await self._refuse_if_new(subscription, context, pull=True)
         settings = layer.settings
         pulled = not subscription.push_delivered
         if pulled and layer.rng.random() < settings.empty_pull_rate:
@@ -343,7 +347,7 @@ class Proxy(grpc.GenericRpcHandler):
         layer = self.layer
         layer.meter.count(subscription=parsed.subscription, streaming_pulls_opened=1)
         subscription = await layer.registry.configured(parsed.subscription) or layer.registry.state(parsed.subscription)
-        await self._refuse_if_new(subscription, context)
+        await self._refuse_if_new(subscription, context, pull=False)
         await _Stream(layer, subscription, context, parsed.stream_ack_deadline_seconds).run(parsed)
 
 

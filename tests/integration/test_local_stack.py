@@ -50,6 +50,7 @@ def test_stack_stops_every_process_it_started_and_keeps_its_logs_in_a_new_workdi
         pids = [server.process.pid for server in stack.servers.values()]
         assert sorted(stack.servers) == [
             "dispatcher-stack-test-trigger", "fake-gcs-server", "function-stack-test-trigger", "pubsub-emulator",
+            "pubsub-semantics",  # the production-semantics layer, on by default
         ]
     for pid in pids:
         with pytest.raises(ProcessLookupError):

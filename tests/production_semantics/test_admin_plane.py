@@ -1,7 +1,7 @@
 """Behaviour 4, the admin plane and dead subscribers.
 
-- StreamingPull (and Pull) can answer NOT_FOUND for a short while after CreateSubscription
-  (googleapis/java-pubsub#81, googleapis/google-cloud-go#9723).
+- StreamingPull can answer NOT_FOUND for a short while after CreateSubscription (googleapis/java-pubsub#81,
+  googleapis/google-cloud-go#9723); unary Pull only when a test asks for it.
 - An admin call performed whose response is lost: the caller's retry meets ALREADY_EXISTS (create) or
   NOT_FOUND (delete).
 - The "Administrator operations" quota (https://cloud.google.com/pubsub/quotas): RESOURCE_EXHAUSTED past it.
@@ -28,23 +28,29 @@ from tests.production_semantics.conftest import PubSub
 
 def test_a_new_subscription_is_not_found_for_a_while(layer: PubSub, semantics: SemanticsClient) -> None:
     with semantics.behaving(new_subscription_not_found_seconds=2.0):
-        topic = layer.topic()
-        subscription = layer.subscription(topic)
-        with pytest.raises(gexc.NotFound):
-            layer.subscriber.pull(request={"subscription": subscription, "max_messages": 1}, timeout=5, retry=None)
+        topic, subscription = layer.topic_and_subscription()
         stream = layer.subscriber.subscribe(subscription, lambda message: message.ack())
         with pytest.raises(gexc.NotFound):  # google-cloud-pubsub ends the stream for good on NOT_FOUND
             stream.result(timeout=10)
+        layer.publish(topic, b"pulled")
+        assert [m.message.data for m in layer.pull(subscription)] == [b"pulled"]  # unary Pull is not affected ...
         time.sleep(2)
-        layer.publish(topic, b"now")
-        assert [m.message.data for m in layer.pull(subscription)] == [b"now"]
-    assert semantics.meter().subscription(subscription).not_found == 2
+        layer.publish(topic, b"streamed")
+        assert [m.data for m in layer.stream_for(subscription, 2)] == [b"streamed"]
+    with semantics.behaving(new_subscription_not_found_seconds=2.0, new_subscription_not_found_on_pull=True):
+        topic, subscription = layer.topic_and_subscription()
+        with pytest.raises(gexc.NotFound):  # ... unless asked
+            layer.subscriber.pull(request={"subscription": subscription, "max_messages": 1}, timeout=5, retry=None)
+    assert semantics.meter().total.not_found == 2
 
 
-def test_the_bare_emulator_serves_a_new_subscription_at_once(bare: PubSub) -> None:
+def test_the_bare_emulator_streams_a_new_subscription_at_once(bare: PubSub) -> None:
     topic, subscription = bare.topic_and_subscription()
+    stream = bare.subscriber.subscribe(subscription, lambda message: message.ack())
     bare.publish(topic, b"now")
-    assert [m.message.data for m in bare.pull(subscription)] == [b"now"]
+    time.sleep(2)
+    stream.cancel()
+    stream.result(timeout=10)  # no NotFound
 
 
 def test_a_lost_admin_response_makes_the_retry_meet_what_was_done(layer: PubSub, semantics: SemanticsClient) -> None:
