@@ -88,7 +88,7 @@ def decode_reply(
 def _seq_of(attributes: Mapping[str, str]) -> int | None:
     """A reply's ``seq`` attribute, if it is a plain number (anything else is left to ``Reply.decode``)."""
     seq = attributes.get(Attr.SEQ, "")
-    return int(seq) if seq.isdigit() else None
+    return int(seq) if seq.isascii() and seq.isdigit() else None
 
 
 def with_log_prefix(pipes_message: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:

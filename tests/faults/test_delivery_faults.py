@@ -50,6 +50,12 @@ def test_duplicated_and_reordered_batches_reach_dagster_once_in_order(stack, scr
 
 
 def test_a_second_invocation_is_fenced_off_with_a_warning_naming_both(stack, scripted):
+    # the second invocation's replies must reach the reader before the first's `closed` ends the session
+    with stack.semantics.behaving(reorder=False, hold_back_rate=0.0):
+        _second_invocation_fenced_off(scripted)
+
+
+def _second_invocation_fenced_off(scripted):
     f, run = scripted()
     f.batch("first", 0, [opened()])
     f.batch("second", 0, [opened(), log("from the second")])
@@ -66,20 +72,31 @@ def test_a_second_invocation_is_fenced_off_with_a_warning_naming_both(stack, scr
 
 
 def test_poison_and_foreign_messages_are_logged_once_by_id_and_never_reach_dagster(stack, scripted):
+    # each poison must reach the reader before `closed` ends the session: no reordering or hold-back for this
+    # test (the reader's order handling has tests of its own)
+    with stack.semantics.behaving(reorder=False, hold_back_rate=0.0, duplicate_rate=0.0):
+        _poison_and_foreign_messages(stack, scripted)
+
+
+def _poison_and_foreign_messages(stack, scripted):
     f, run = scripted()
     sid = f.params.session_id
     f.batch("inv", 0, [opened()])
-    good = Reply(sid, "inv", 1).attributes()
+    # a seq the session never takes: a poison reusing a taken (invocation, seq) is dropped as a duplicate
+    # before its body is read, silently
+    good = Reply(sid, "inv", 7).attributes()
     poison = {
         f.raw(b"{not json", good): "is not UTF-8 JSON",
         f.raw(b"[]", {**good, Attr.VERSION: "99"}): "unsupported protocol version '99'",
-        f.raw(b"[]", {Attr.VERSION: "1", Attr.SEQ: "1"}): "missing attribute 'dagster_pipes_session'",
         f.raw(b"[]", {**good, Attr.SEQ: "one"}): "non-numeric 'dagster_pipes_seq'",
         f.raw(b"[]", {**good, Attr.SEQ: "\u00b2"}): "non-numeric 'dagster_pipes_seq'",  # "²".isdigit() is True
         f.raw(f"gs://{PAYLOAD_BUCKET}/dagster-pipes/{sid}/missing.json".encode(), {**good, Attr.BODY: "claim"}):
             "does not exist",
         f.raw(b'[{"no": "method"}]', good): "must be a JSON list of Pipes messages",
     }
+    # no session attribute: the subscription's filter keeps it out, as Pub/Sub's does (the reader's own check,
+    # for a subscription without one, has a unit test)
+    unfiltered = f.raw(b"[]", {Attr.VERSION: "1", Attr.SEQ: "1"})
     foreign = f.raw(b'[{"method": "log", "params": {"message": "foreign", "level": "INFO"}}]',
                     Reply(new_session_id(), "other", 0).attributes())
     f.batch("inv", 1, [log("after the poison"), materialization(f.asset_key, ok=True), closed()])
@@ -90,6 +107,7 @@ def test_poison_and_foreign_messages_are_logged_once_by_id_and_never_reach_dagst
     for message_id, problem in poison.items():
         mentions = [m for m in logs if f"dropped reply message {message_id}:" in m]
         assert len(mentions) == 1 and problem in mentions[0], (message_id, problem, mentions)
+    assert not any(f"dropped reply message {unfiltered}:" in m for m in logs)
     assert "foreign" not in logs  # another session's reply: ignored, not handed to Dagster
     assert not any(f"dropped reply message {foreign}:" in m for m in logs)  # and not treated as poison
     assert "after the poison" in logs
