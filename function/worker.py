@@ -72,8 +72,15 @@ EXIT_ABANDONED = 3
 #: Seconds each extension sets a running session's ack deadline to; renewed every quarter of it. A worker
 #: killed outright (SIGKILL, node loss) has its messages redelivered within this time.
 LEASE_EXTENSION = 60
-#: Seconds one pull waits for messages (an empty subscription answers at this deadline).
-PULL_TIMEOUT = 10.0
+#: Seconds one pull waits for messages (an empty subscription answers at this deadline). Long, not short: a
+#: pull whose client deadline passes just as Pub/Sub assigns it a trigger leaves that trigger outstanding until
+#: the subscription's ack deadline (googleapis/google-cloud-python#8087); the fewer deadlines pass, the rarer
+#: that is, and the maintainers advise against short pull timeouts (googleapis/python-pubsub#1414).
+PULL_TIMEOUT = 60.0
+#: The longest ack deadline a worker subscription should have: a trigger lost to a pull the worker gave up on
+#: (that race, a worker stopped mid-pull) comes back only after it, and must still be inside the orchestrator's
+#: start window (startup_timeout, 120 s by default). The worker extends a pulled message's deadline itself.
+MAX_SUBSCRIPTION_ACK_DEADLINE = 60
 #: Seconds an ack already being sent when the grace ends may still take (its retry budget).
 ACK_BUDGET = 10.0
 #: Seconds at most between two looks of the main thread at SIGTERM/SIGINT (see ``serve``).
@@ -169,6 +176,7 @@ class Worker:
     def serve(self, stop: threading.Event, shutdown_grace: float) -> int:
         """Pull until ``stop`` is set (or pulling fails); then shut down, giving running sessions
         ``shutdown_grace`` seconds. Returns the exit code (see the module docstring)."""
+        self._check_ack_deadline()
         threading.Thread(target=self._pull_loop, args=(stop,), name="pipes-pull", daemon=True).start()
         threading.Thread(target=self._lease_loop, name="pipes-lease", daemon=True).start()
         _log.info("pulling %s (at most %d sessions at once)", self._subscription, self._max_sessions)
@@ -184,6 +192,25 @@ class Worker:
             return EXIT_ABANDONED
         _log.info("stopped after %d session(s)", self.sessions_run)
         return EXIT_OK
+
+    def _check_ack_deadline(self) -> None:
+        """Warn once at start about an ack deadline a lost trigger could not come back within (one
+        GetSubscription; a worker that may not read its subscription's settings says so and goes on)."""
+        try:
+            found = self._subscriber.get_subscription(request={"subscription": self._subscription}, retry=None, timeout=10)
+        except gexc.GoogleAPICallError as exc:
+            _log.info("could not read %s's ack deadline (%s); it should be at most %d s",
+                      self._subscription, exc, MAX_SUBSCRIPTION_ACK_DEADLINE)
+            return
+        if found.ack_deadline_seconds > MAX_SUBSCRIPTION_ACK_DEADLINE:
+            _log.warning(
+                "%s has an ack deadline of %d s: a trigger assigned to a pull this worker gave up on (a network blip, "
+                "a worker stopped mid-pull) comes back only after it, past the orchestrator's start window "
+                "(startup_timeout, 120 s by default), and its step fails. The worker extends the deadline of what it "
+                "runs itself: set it to %d s or less (gcloud pubsub subscriptions update %s --ack-deadline %d)",
+                self._subscription, found.ack_deadline_seconds, MAX_SUBSCRIPTION_ACK_DEADLINE,
+                self._subscription.rsplit("/", 1)[-1], MAX_SUBSCRIPTION_ACK_DEADLINE,
+            )
 
     # -- pulling: only into free slots ---------------------------------------------------------------------
 
@@ -203,7 +230,8 @@ class Worker:
                 self._pull_error = exc
                 _log.error(
                     "pulling %s failed: %r. Check that the subscription exists (gcloud pubsub subscriptions create "
-                    "NAME --topic TRIGGER_TOPIC) and that the worker's identity has roles/pubsub.subscriber on it",
+                    "NAME --topic TRIGGER_TOPIC --ack-deadline 60 --expiration-period never) and that the worker's "
+                    "identity has roles/pubsub.subscriber on it",
                     self._subscription, exc,
                 )
                 stop.set()

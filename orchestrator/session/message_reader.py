@@ -97,8 +97,12 @@ def with_log_prefix(pipes_message: Mapping[str, Any], prefix: str) -> Mapping[st
     method = pipes_message.get("method")
     if not prefix or method not in ("log", "log_external_stream"):
         return pipes_message
-    params = pipes_message["params"]
+    params = pipes_message.get("params")
+    if not isinstance(params, Mapping):
+        return pipes_message  # malformed: Dagster's handler reports it as it is
     if method == "log":
+        if not isinstance(params.get("message"), str):
+            return pipes_message
         return {**pipes_message, "params": {**params, "message": f"{prefix}{params['message']}"}}
     text = params.get("text") if isinstance(params, Mapping) else None
     if not isinstance(text, str):

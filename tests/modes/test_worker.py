@@ -17,8 +17,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from google.cloud import pubsub_v1, storage
+from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
 from dagster_gcf_pipes.function.worker import EXIT_ABANDONED, EXIT_OK, RETRY_BACKOFF_MIN
 from tests import REPO_ROOT
@@ -63,6 +65,7 @@ def start_worker(stack: Any, tmp_path: Path) -> Iterator[StartWorker]:
     """Start worker processes on one new subscription; each is killed at the end if it is still running."""
     name = f"worker-{uuid.uuid4().hex[:8]}"
     _, subscription = create_subscription(stack.project, name)
+    _EMULATOR[0] = stack.emulator_host
     started: list[subprocess.Popen] = []
 
     def start(*options: str, env: dict[str, str] | None = None) -> RunningWorker:
@@ -97,11 +100,18 @@ def worker(start_worker: StartWorker) -> RunningWorker:
 
 
 def leftovers(subscription: str) -> list[str]:
-    """Ids of the messages waiting on ``subscription``, pulled and left unacked. What the emulator answers (it
-    answers an empty subscription after about 4 s); a pull that gets no answer raises, never reads as "none"."""
-    with pubsub_v1.SubscriberClient() as subscriber:
+    """Ids of the messages waiting on ``subscription``, pulled and left unacked. What the emulator itself answers,
+    beneath the production-semantics layer (through which an empty pull proves nothing, as on Pub/Sub: a test
+    reads the emulator's state like a wiretap); it answers an empty subscription after about 4 s, and a pull that
+    gets no answer raises, never reads as "none"."""
+    transport = SubscriberGrpcTransport(channel=grpc.insecure_channel(_EMULATOR[0]), host=_EMULATOR[0])
+    with pubsub_v1.SubscriberClient(transport=transport) as subscriber:
         response = subscriber.pull(request={"subscription": subscription, "max_messages": 10}, timeout=60)
     return [received.message.message_id for received in response.received_messages]
+
+
+#: the bare emulator's address, set by ``start_worker``
+_EMULATOR: list[str] = [""]
 
 
 def abandoned_message_ids(text: str) -> list[str]:
@@ -291,3 +301,36 @@ def test_a_trigger_whose_session_cannot_be_set_up_comes_back_after_a_backoff(
     came_back_after = time.monotonic() - failed_at
     assert back == [message_id] and came_back_after > delay - 1, (back, came_back_after, delay)
     assert "Traceback" not in worker.log.read_text()  # a foreseen failure: one line, no stack
+
+
+def test_a_subscription_whose_ack_deadline_outlasts_the_start_window_is_warned_about(
+    stack: Any, start_worker: StartWorker
+) -> None:
+    """A trigger assigned to a pull the worker gave up on comes back only after the subscription's ack deadline
+    (googleapis/google-cloud-python#8087): above 60 s it misses the orchestrator's start window (issue 23,
+    item 4). The worker extends what it runs itself, so the subscription's own deadline should be short."""
+    short = start_worker()  # the fixture's subscription: ACK_DEADLINE (10 s)
+    name = f"worker-long-{uuid.uuid4().hex[:8]}"
+    with pubsub_v1.PublisherClient() as publisher, pubsub_v1.SubscriberClient() as subscriber:
+        topic = publisher.create_topic(request={"name": publisher.topic_path(stack.project, name)}).name
+        subscriber.create_subscription(request={
+            "name": subscriber.subscription_path(stack.project, name), "topic": topic, "ack_deadline_seconds": 600,
+        })
+    log = Path(short.log.parent) / "worker-long.log"
+    env = {**os.environ, **stack.environment, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dagster_gcf_pipes.function.worker", "--subscription", name,
+             "--target", "tests.functions.main:main"],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "pulling" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+    finally:
+        process.kill()
+        process.wait()
+    assert "has an ack deadline of 600 s" in log.read_text() and "--ack-deadline 60" in log.read_text()
+    assert "ack deadline of" not in short.log.read_text()
