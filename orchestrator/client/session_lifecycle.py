@@ -258,7 +258,9 @@ class SessionLifecycle:
         started = time.monotonic()
         ended_because = "the session closed"
         try:
-            with open_pipes_session(context=context, context_injector=injector, message_reader=reader, extras=run.extras) as session:
+            # the op context: Dagster's pipes code reads run_id from it, which AssetExecutionContext deprecates
+            op_context = getattr(context, "op_execution_context", context)
+            with open_pipes_session(context=op_context, context_injector=injector, message_reader=reader, extras=run.extras) as session:
                 if attach is None:
                     assert payload is not None
                     triggered_at = time.monotonic()
