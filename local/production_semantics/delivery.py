@@ -64,10 +64,12 @@ class Deliveries:
 
     # ------------------------------------------------------------------------------------------------ out
     def received(
-        self, subscription: Subscription, messages: Sequence[Any], ack_deadline_seconds: float, *, lose: bool = False
+        self, subscription: Subscription, messages: Sequence[Any], ack_deadline_seconds: float, *,
+        lose: bool = False, limit: int | None = None,
     ) -> list[Any]:
         """The messages of a batch the emulator handed out that go to the subscriber now, with those of the
-        subscription's backlog that are due; the rest is acknowledged (filtered out) or waits in the backlog.
+        subscription's backlog that are due (up to ``limit`` in all: a Pull's ``max_messages``; the batch
+        itself is never larger); the rest is acknowledged (filtered out) or waits in the backlog.
 
         ``lose``: the batch was assigned to a pull that cannot return it (its client's deadline is about to
         pass, or the client went away): its messages are billed and filtered, and the others are neither
@@ -109,7 +111,7 @@ class Deliveries:
                 copy.CopyFrom(message)
                 copy.ack_id = f"{SYNTHETIC_ACK_PREFIX}{next(_serial)}"
                 self._hold(subscription, Held(due + self._rng.uniform(0.0, settings.duplicate_delay_ms / 1000), copy, True))
-        return self._arranged(ready + self._take_due(subscription))
+        return self._arranged(ready + self._take_due(subscription, None if limit is None else max(0, limit - len(ready))))
 
     def due(self, subscription: Subscription, limit: int | None = None) -> list[Any]:
         """Up to ``limit`` messages of the subscription's backlog that are due, in the order a response has."""
@@ -130,13 +132,6 @@ class Deliveries:
                 taken.append(held.message)
         subscription.backlog = kept
         return taken
-
-    def give_back(self, subscription: Subscription, messages: Iterable[Any]) -> None:
-        """Messages taken but not handed out (more than the pull asked for): due at once, to the next taker."""
-        now = asyncio.get_running_loop().time()
-        subscription.backlog.extend(
-            Held(now, message, synthetic=message.ack_id.startswith(SYNTHETIC_ACK_PREFIX)) for message in messages
-        )
 
     def _arranged(self, messages: list[Any]) -> list[Any]:
         if self._settings().reorder:

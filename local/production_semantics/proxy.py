@@ -268,10 +268,9 @@ class Proxy(grpc.GenericRpcHandler):
         while True:
             ready = [] if deadline - loop.time() < window else layer.deliveries.due(subscription, parsed.max_messages)
             if not ready:
-                ready = await self._pull_upstream(subscription, upstream, deadline, window, context)
+                ready = await self._pull_upstream(subscription, upstream, parsed.max_messages, deadline, window, context)
             if ready:
-                layer.deliveries.give_back(subscription, ready[parsed.max_messages:])
-                return PullResponse(received_messages=ready[: parsed.max_messages]).SerializeToString()
+                return PullResponse(received_messages=ready).SerializeToString()
             remaining = deadline - loop.time()
             if remaining <= 0:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
@@ -280,7 +279,7 @@ class Proxy(grpc.GenericRpcHandler):
             )
 
     async def _pull_upstream(
-        self, subscription: Subscription, request: bytes, deadline: float, window: float,
+        self, subscription: Subscription, request: bytes, max_messages: int, deadline: float, window: float,
         context: grpc.aio.ServicerContext,
     ) -> list[Any]:
         """One ``return_immediately`` Pull of the emulator; what it hands out within ``window`` of ``deadline``,
@@ -300,7 +299,9 @@ class Proxy(grpc.GenericRpcHandler):
             await context.abort(exc.code(), exc.details() or "")
         messages = PullResponse.FromString(answer).received_messages
         lose = deadline - loop.time() < window
-        return layer.deliveries.received(subscription, messages, subscription.ack_deadline_seconds, lose=lose)
+        return layer.deliveries.received(
+            subscription, messages, subscription.ack_deadline_seconds, lose=lose, limit=max_messages
+        )
 
     def _lost(self, subscription: Subscription, call: asyncio.Future[bytes]) -> None:
         if not call.cancelled() and call.exception() is None:
