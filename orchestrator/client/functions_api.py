@@ -23,6 +23,8 @@ from dagster_gcf_pipes.shared.retry import transient_retry
 
 DEFAULT_FUNCTION_TIMEOUT = 60.0  # Cloud Functions' own default when service_config.timeout_seconds is unset
 DEFAULT_HEARTBEAT_TIMEOUT = 60.0
+#: Cloud Run functions' default --max-instances when the deployment sets none
+DEFAULT_MAX_INSTANCES = 100
 MAX_ATTEMPTS = 5
 CALL_TIMEOUT = 10.0  # per GetFunction attempt, so a hung call becomes a retried DeadlineExceeded
 PUBSUB_EVENT_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
@@ -39,6 +41,9 @@ class DeployedFunction:
     timeout_seconds: float
     url: str  # may be "" (not yet assigned)
     state: str
+    #: how many sessions it runs at once: max instances x each one's request concurrency (Cloud Run's defaults
+    #: when unset: 100 instances, 1 request each). Above it Cloud Run answers 429 and Eventarc backs off 10-600 s.
+    capacity: int = DEFAULT_MAX_INSTANCES
 
 
 _cache: dict[str, DeployedFunction] = {}
@@ -111,6 +116,8 @@ def resolve_function(
         timeout_seconds=float(function.service_config.timeout_seconds or DEFAULT_FUNCTION_TIMEOUT),
         url=function.service_config.uri or function.url,
         state=state,
+        capacity=(function.service_config.max_instance_count or DEFAULT_MAX_INSTANCES)
+        * max(1, function.service_config.max_instance_request_concurrency or 1),
     )
     with _cache_lock:
         _cache[name] = resolved

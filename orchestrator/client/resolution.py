@@ -106,6 +106,8 @@ class ResolvedCall:
     reply_topics: tuple[str, ...]  # projects/P/topics/T the sessions reply to, one or more; () on the GCS channel
     function_timeout: float
     heartbeat_timeout: float
+    #: sessions the deployed function runs at once (max instances x concurrency), when read from function_name
+    function_capacity: int | None = None
 
 
     def reply_topic_of(self, owner: str) -> str:
@@ -156,6 +158,7 @@ def resolve_call(
         reply_topics=tuple(reply_topics),
         function_timeout=settings.function_timeout or derived.get("function_timeout", DEFAULT_FUNCTION_TIMEOUT),
         # a silence longer than the function's whole timeout cannot be a live function; never under 2 intervals
+        function_capacity=deployed.capacity if deployed is not None else None,
         heartbeat_timeout=max(
             min(settings.heartbeat_timeout, derived.get("heartbeat_timeout", settings.heartbeat_timeout)),
             2 * settings.heartbeat_interval,

@@ -5,6 +5,7 @@ session itself runs on the local stack."""
 from __future__ import annotations
 
 import threading
+import uuid
 import time
 from typing import Any
 
@@ -107,3 +108,37 @@ def test_a_late_start_does_not_cut_short_a_session_that_closes_within_the_functi
 
     assert outcome.result.success, outcome.failure_message
     assert outcome.metadata["n"] == 3 and outcome.metadata["pipes_session_seconds"] > 11
+
+
+def test_run_many_runs_no_more_shards_at_once_than_the_deployed_function_can_take(stack, fake):
+    """Above --max-instances x --concurrency Cloud Run answers 429 and Eventarc retries after 10 s doubling to
+    600 s (the local dispatcher plays both): run_many lowers max_concurrency to the capacity the Cloud Functions
+    API reports, says so, and no shard meets a 429 (issue 23, item 5)."""
+    from dagster_gcf_pipes.local.dispatcher import read_meter
+    from dagster_gcf_pipes.local.local_stack import LocalFunction
+    from tests.modes.test_fanout import run_fan_out_asset
+
+    topic = f"capacity-{uuid.uuid4().hex[:8]}"
+    stack.add_function(LocalFunction("tests/functions/main.py", "main", topic, max_instances=2, instance_concurrency=1))
+    fake.add(functions_v2.Function(
+        name=NAME,
+        state=functions_v2.Function.State.ACTIVE,
+        service_config=functions_v2.ServiceConfig(timeout_seconds=120, max_instance_count=2, max_instance_request_concurrency=1),
+        event_trigger=functions_v2.EventTrigger(
+            event_type="google.cloud.pubsub.topic.v1.messagePublished", pubsub_topic=f"projects/{stack.project}/topics/{topic}"
+        ),
+    ))
+    try:
+        started = time.monotonic()
+        result, logs, _ = run_fan_out_asset(named_client(fake), [{"n": i, "sleep": 1.5} for i in range(6)], max_concurrency=6)
+        seconds = time.monotonic() - started
+        meter = read_meter(stack.servers[f"dispatcher-{topic}"].log_path)
+    finally:
+        stack.servers.pop(f"function-{topic}").stop()  # its dispatcher with it
+        stack.servers.pop(f"dispatcher-{topic}", None)
+        with pubsub_v1.SubscriberClient() as subscriber:
+            subscriber.delete_subscription(request={"subscription": stack.trigger_subscription(topic)})
+    assert result.success
+    assert any("max_concurrency=6 is above the capacity of the deployed function (2 sessions at once" in m for m in logs)
+    assert meter["rejected"] == 0 and meter["queued"] == 0 and meter["deliveries"] >= 6, meter
+    assert seconds < 19.5, seconds  # a 429 alone costs 10 s queued + 10 s before its retry
