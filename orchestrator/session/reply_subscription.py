@@ -37,6 +37,7 @@ Two things production Pub/Sub does that the emulator never shows are handled her
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -187,7 +188,7 @@ class ReplySubscription:
         self._streams: dict[str, StreamingPull] = {}
         self._created_at = 0.0
         self._reopens = 0
-        self._reopen: threading.Timer | None = None
+        self._reopening: dict[str, threading.Timer] = {}  # by path
         self._closing = False
 
     def __enter__(self) -> ReplySubscription:
@@ -209,8 +210,8 @@ class ReplySubscription:
     def __exit__(self, *exc: object) -> None:
         with self._lock:
             self._closing = True
-            if self._reopen is not None:
-                self._reopen.cancel()
+            for timer in self._reopening.values():
+                timer.cancel()
             streams = list(self._streams.values())
         for streaming in streams:
             streaming.cancel()
@@ -229,12 +230,15 @@ class ReplySubscription:
     def stopped(self) -> str | None:
         """Why reading stopped, if it did while it should be running (and is not about to be re-opened)."""
         with self._lock:
-            if self._closing or self._reopen is not None:
+            if self._closing:
                 return None
-            ended = [(path, streaming) for path, streaming in self._streams.items() if streaming.done()]
+            ended = [
+                (path, streaming) for path, streaming in self._streams.items()
+                if streaming.done() and path not in self._reopening
+            ]
         for path, streaming in ended:
             error = streaming.exception()
-            if isinstance(error, gexc.NotFound) and path == self.path:
+            if isinstance(error, gexc.NotFound):
                 if not self._past_grace():
                     return None  # its done-callback is scheduling the re-open
                 return (
@@ -252,8 +256,7 @@ class ReplySubscription:
 
     def _open_stream(self, path: str) -> None:
         with self._lock:
-            if path == self.path:
-                self._reopen = None
+            self._reopening.pop(path, None)
             if self._closing:
                 return
             streaming = self._streams[path] = self._subscriber.subscribe(
@@ -262,25 +265,25 @@ class ReplySubscription:
                 flow_control=pubsub_v1.types.FlowControl(max_messages=1000),
                 await_callbacks_on_shutdown=True,
             )
-        if path == self.path:
-            streaming.add_done_callback(self._on_stream_end)
+        streaming.add_done_callback(functools.partial(self._on_stream_end, path))
 
-    def _on_stream_end(self, streaming: StreamingPull) -> None:
-        """Our stream ended: re-open it (with jittered exponential backoff) if it ended on NOT_FOUND within the
-        grace period after creation; anything else is left for ``stopped()`` to report."""
+    def _on_stream_end(self, path: str, streaming: StreamingPull) -> None:
+        """A stream ended: re-open it (with jittered exponential backoff) if it ended on NOT_FOUND within the
+        grace period after we created ours (an earlier attempt's, sought just now, exists too: the service has
+        not caught up with it yet); anything else is left for ``stopped()`` to report."""
         if not isinstance(streaming.exception(), gexc.NotFound) or self._past_grace():
             return
         with self._lock:
-            if self._closing or streaming is not self._streams.get(self.path):
+            if self._closing or streaming is not self._streams.get(path):
                 return
             self._reopens += 1
-            delay = min(REOPEN_MAX_DELAY_SECONDS, REOPEN_FIRST_DELAY_SECONDS * 2 ** (self._reopens - 1))
-            self._reopen = threading.Timer(delay * random.uniform(0.5, 1.0), self._open_stream, args=(self.path,))
-            self._reopen.daemon = True
-            self._reopen.start()
+            delay = min(REOPEN_MAX_DELAY_SECONDS, REOPEN_FIRST_DELAY_SECONDS * 2 ** min(self._reopens - 1, 8))
+            timer = self._reopening[path] = threading.Timer(delay * random.uniform(0.5, 1.0), self._open_stream, args=(path,))
+            timer.daemon = True
+            timer.start()
         # expected on Pub/Sub right after a creation (see the module docstring): not worth a line in every step
         self._log.debug(
-            f"[pipes] StreamingPull answered NOT_FOUND for {self.path}, created "
+            f"[pipes] StreamingPull answered NOT_FOUND for {path}, {self.path} created "
             f"{time.monotonic() - self._created_at:.1f}s ago; re-opening the stream (attempt {self._reopens})"
         )
 
