@@ -116,12 +116,19 @@ def _poison_and_foreign_messages(stack, scripted):
 
 
 def test_unsigned_and_badly_signed_replies_are_dropped_when_signing_is_on(stack, scripted):
+    # each bad reply must reach the reader before `closed` ends the session
+    with stack.semantics.behaving(reorder=False, hold_back_rate=0.0, duplicate_rate=0.0):
+        _unsigned_and_badly_signed(scripted)
+
+
+def _unsigned_and_badly_signed(scripted):
     secret = "s3cret"
     f, run = scripted(signing_secret=secret)
     assert f.params.signed
     f.batch("inv", 0, [opened()], secret=secret)
-    f.batch("inv", 1, [log("unsigned")])                         # no signature: dropped
-    f.batch("inv", 1, [log("forged")], secret="not the secret")  # wrong key: dropped
+    # seqs never taken: a bad reply reusing a taken (invocation, seq) is dropped as a duplicate, unread
+    f.batch("inv", 5, [log("unsigned")])                         # no signature: dropped
+    f.batch("inv", 6, [log("forged")], secret="not the secret")  # wrong key: dropped
     f.batch("inv", 1, [log("signed")], secret=secret)
     f.batch("inv", 2, [materialization(f.asset_key), closed()], secret=secret)
 
