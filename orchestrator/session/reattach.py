@@ -59,6 +59,9 @@ SESSION, TRIGGERED, OPENED, RELEASED = "session", "triggered", "opened", "releas
 OPENED_LINE = "[pipes] external process successfully opened dagster pipes."
 CLOSED_WITH_EXCEPTION_LINE = "[pipes] external process pipes closed with exception"
 
+#: the reason an attempt writes into the lease of a session whose function never claimed it
+NEVER_STARTED = "never started; ended by a later attempt of its step"
+
 #: how far up the parent_run_id chain to look (a re-execution of a re-execution of ...)
 MAX_ANCESTORS = 20
 
@@ -298,7 +301,7 @@ def probe(
     blob = gcs.bucket(bucket).blob(lease_key(prefix, record.session_id))
     held = gcs.bucket(bucket).get_blob(blob.name)
     if held is None:
-        ended = LeaseRecord(ENDED, reason="never started; ended by a later attempt of its step",
+        ended = LeaseRecord(ENDED, reason=NEVER_STARTED,
                             keep_seconds=start_window + TOMBSTONE_MARGIN_SECONDS)
         try:
             write_lease(blob, ended, generation=0)
@@ -306,6 +309,10 @@ def probe(
             return Probe(True, "its function claimed it just now")
         return Probe(False, "its function had not started it; it is ended now, so its trigger can never start it")
     lease = read_lease(held)
+    if lease.ended and lease.reason == NEVER_STARTED:
+        # written by this probe (a retry after the answer to its write was lost) or by another attempt's: either
+        # way no function ever ran the session, and there is nothing to collect
+        return Probe(False, "its function had not started it; it is ended, so its trigger can never start it")
     if lease.ended:
         return Probe(True, f"its lease is ended ({lease.reason}): collecting what it sent")
     if lease.expires_at < time.time():
