@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -121,9 +122,39 @@ class SessionRecord:
 
     @classmethod
     def from_metadata(cls, values: Mapping[str, Any], run_id: str) -> SessionRecord:
+        """The record, checked: ``CorruptRecord`` if a field is missing or of the wrong type, or if a
+        subscription it names is not one of its own session's (or group's) reply subscriptions, which a
+        re-execution would otherwise drain and delete."""
         known = {f.name for f in fields(cls)}
         kwargs = {name[len("pipes_"):]: value for name, value in values.items() if name[len("pipes_"):] in known}
-        return cls(**{**kwargs, "subscriptions": tuple(json.loads(kwargs["subscriptions"])), "run_id": run_id})
+        try:
+            record = cls(**{**kwargs, "subscriptions": tuple(json.loads(kwargs["subscriptions"])), "run_id": run_id})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptRecord(f"unreadable ({exc!r})") from exc
+        record._check()
+        return record
+
+    def _check(self) -> None:
+        texts = ("session_id", "function", "partition_key", "payload_sha256", "group", "reply_topic", "trigger_message_id")
+        wrong = [name for name in texts if not isinstance(getattr(self, name), str)]
+        wrong += [name for name in ("shard",) if not isinstance(self.shard, int) or isinstance(self.shard, bool)]
+        wrong += [name for name in ("triggered_at",) if not isinstance(self.triggered_at, (int, float))]
+        if wrong:
+            raise CorruptRecord(f"fields of the wrong type: {', '.join(wrong)}")
+        if not _SESSION_ID.fullmatch(self.session_id) or (self.group and not self.session_id.startswith(self.group)):
+            raise CorruptRecord(f"session id {self.session_id!r} is not a session id (of group {self.group!r})")
+        owner = f"group-{self.group}" if self.group else self.session_id
+        mine = re.compile(rf"projects/[^/]+/subscriptions/dagster-pipes-{re.escape(owner)}(-[0-9a-f]{{8}})?")
+        foreign = [s for s in self.subscriptions if not isinstance(s, str) or not mine.fullmatch(s)]
+        if not self.subscriptions or foreign:
+            raise CorruptRecord(f"it names subscriptions that are not its reply subscriptions: {foreign or '(none)'}")
+
+
+class CorruptRecord(ValueError):
+    """A session record in the event log that cannot be the library's: skipped (and said), never acted on."""
+
+
+_SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass
@@ -220,7 +251,14 @@ def find_earlier_sessions(context: Context) -> tuple[list[str], dict[SessionKey,
             lines.append((index, ""))  # a record is no line of a session, but it orders them
             session_id = str(values.get("pipes_session_id", ""))
             if kind == SESSION:
-                record = SessionRecord.from_metadata(values, run_id)
+                try:
+                    record = SessionRecord.from_metadata(values, run_id)
+                except CorruptRecord as exc:
+                    context.log.warning(
+                        f"[pipes] ignoring a session record of step {key} in run {run_id}: {exc}; it was not written "
+                        "by this library as it is now (edited, or corrupt): its session is not re-attached to"
+                    )
+                    continue
                 earlier = records.get(session_id)
                 if earlier is not None:  # re-attached: keep what the first attempts learned
                     record = _merge(record, earlier)
@@ -229,11 +267,11 @@ def find_earlier_sessions(context: Context) -> tuple[list[str], dict[SessionKey,
                 latest.pop(record.key, None)
                 latest[record.key] = session_id
             elif kind == TRIGGERED and session_id in records:
-                records[session_id] = _merge(records[session_id], trigger_message_id=str(values["pipes_trigger_message_id"]))
+                records[session_id] = _merge(records[session_id], trigger_message_id=str(values.get("pipes_trigger_message_id", "")))
             elif kind == OPENED and session_id in records:
-                records[session_id] = _merge(records[session_id], invocation_id=str(values["pipes_invocation_id"]))
+                records[session_id] = _merge(records[session_id], invocation_id=str(values.get("pipes_invocation_id", "")))
             elif kind == RELEASED:
-                released.update(json.loads(str(values.get("pipes_session_ids", "[]"))))
+                released.update(_session_ids(values.get("pipes_session_ids", "[]")))
     found_sessions = {
         session_key: EarlierSession(
             records[session_id], [text for index, text in lines if index > first_seen[session_id] and text]
@@ -242,6 +280,15 @@ def find_earlier_sessions(context: Context) -> tuple[list[str], dict[SessionKey,
         if session_id not in released
     }
     return chain, found_sessions
+
+
+def _session_ids(listed: Any) -> list[str]:
+    """The session ids a ``released`` record lists; none from one that does not parse."""
+    try:
+        ids = json.loads(str(listed))
+    except ValueError:
+        return []
+    return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
 
 
 def _merge(record: SessionRecord, earlier: SessionRecord | None = None, **changes: str) -> SessionRecord:
