@@ -444,7 +444,7 @@ class Dispatcher:
             what = (f"answered its trigger with HTTP {status}: it failed outside its Pipes session (is its entry "
                     "point a @pipes_function? does it import?)")
         source, _, target = self.function.rpartition(":")
-        problem = entry_point_problem(Path(source), target) if source else None
+        problem = entry_point_problem(Path(source), target) if source.endswith(".py") else None  # not Node.js
         return (
             f"the local function {self.function or self.url} (trigger topic {self.topic}) {what}. The local "
             "stack answered this trigger in its place so that the run fails now rather than at its "

@@ -115,6 +115,17 @@ def _answers(url: str) -> Callable[[ManagedProcess], bool]:
     return ready
 
 
+def _accepts(port: int) -> Callable[[ManagedProcess], bool]:
+    """Ready once the port accepts connections (the Node.js Functions Framework answers a bare GET with 500)."""
+
+    def ready(_: ManagedProcess) -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    ready.__doc__ = f"accepting connections on port {port}"
+    return ready
+
+
 def log_tail(path: Path, lines: int = 30) -> str:
     """The last ``lines`` lines of a server's log file."""
     try:
@@ -263,16 +274,34 @@ class ManagedProcess:
         self.process = None
 
 
+Runtime = Literal["python", "nodejs"]
+
+#: the files a Node.js function's source may be (else a folder with a package.json)
+NODE_SUFFIXES = (".js", ".mjs", ".cjs")
+
+
+def detect_runtime(source: Path) -> Runtime:
+    """``nodejs`` for a ``.js``/``.mjs``/``.cjs`` file or a folder with a package.json, else ``python``."""
+    if source.suffix in NODE_SUFFIXES or (source.is_dir() and (source / "package.json").is_file()):
+        return "nodejs"
+    return "python"
+
+
 def parse_function_spec(spec: str, base: Path) -> tuple[Path, str]:
-    """``path/to/main.py:entry`` (or a folder holding ``main.py``; entry defaults to ``main``), relative to
-    ``base`` -> (the source file, the entry point). The dev command and the pytest plugin name functions so."""
+    """``path/to/main.py:entry`` or ``path/to/index.js:entry`` (or a folder holding ``main.py`` or a
+    package.json; entry defaults to ``main``), relative to ``base`` -> (the source, the entry point). The dev
+    command and the pytest plugin name functions so."""
     path, _, target = spec.partition(":")
     source = (base / path).resolve()
+    target = target or "main"
+    if detect_runtime(source) == "nodejs":
+        if not source.exists():
+            raise LocalStackError(f"{spec}: {source} does not exist; name the function as path/to/index.js:entry_point")
+        return source, target
     if source.is_dir():
         source = source / "main.py"
     if not source.is_file():
         raise LocalStackError(f"{spec}: {source} is not a file; name the function as path/to/main.py:entry_point")
-    target = target or "main"
     # the build's check of the entry point, before a server starts: one line with the fix, rather than the
     # Functions Framework's traceback or (an entry point that is not a @pipes_function) a run's startup timeout
     from dagster_gcf_pipes.function.build import entry_point_problem  # the function side: only when one is named
@@ -283,12 +312,42 @@ def parse_function_spec(spec: str, base: Path) -> tuple[Path, str]:
     return source, target
 
 
+def node_functions_framework(folder: Path, log_path: Path) -> Path:
+    """The Functions Framework of the Node.js function in ``folder``, installed first (``npm ci``, or ``npm
+    install`` without a lock file, output in ``log_path``) when its node_modules lacks it."""
+    binary = folder / "node_modules" / ".bin" / "functions-framework"
+    if binary.exists():
+        return binary
+    if not (folder / "package.json").is_file():
+        raise LocalStackError(
+            f"{folder} has no package.json: a Node.js function's folder declares its dependencies "
+            "(@dagster-gcf-pipes/function, @google-cloud/functions-framework) in a package.json"
+        )
+    if shutil.which("npm") is None:
+        raise LocalStackError(f"npm is not on PATH: install Node.js 20+ and npm to serve the function in {folder}")
+    command = ["npm", "ci" if (folder / "package-lock.json").is_file() else "install", "--no-audit", "--no-fund"]
+    _log.info("local stack: %s in %s", " ".join(command), folder)
+    with open(log_path, "ab") as log:
+        installed = subprocess.run(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if installed.returncode != 0:
+        raise LocalStackError(f"`{' '.join(command)}` in {folder} failed:\n{log_tail(log_path)}")
+    if not binary.exists():
+        raise LocalStackError(
+            f"{folder}'s package.json does not depend on @google-cloud/functions-framework: "
+            "`npm install @google-cloud/functions-framework` there"
+        )
+    return binary
+
+
 @dataclass(frozen=True)
 class LocalFunction:
     """A function served by the Functions Framework: delivered its trigger topic's messages (a CloudEvent
     function), or, without a trigger topic, invoked over HTTP at ``LocalStack.function_urls[target]``.
 
-    ``source`` is the function's ``main.py`` (or any module file), relative to the current folder or absolute.
+    ``source`` is the function's ``main.py`` (or any module file), relative to the current folder or absolute;
+    or, for a Node.js function, its ``.js`` file or its folder (with a package.json naming the main file).
+    ``runtime`` is read from ``source`` unless given (``detect_runtime``): a Node.js function is served by
+    Google's Node.js Functions Framework from its folder's node_modules (``npm ci`` there first if missing).
     Its ``capacity``, the requests it serves at once, is ``max_instances`` × ``instance_concurrency``, as a
     deployed function's ``--max-instances`` × ``--concurrency`` (defaults 100 × 1, Cloud Run functions'
     defaults); ``concurrency``, when set, is the capacity itself (the name earlier versions had). The Functions
@@ -314,6 +373,7 @@ class LocalFunction:
     eventarc: bool | None = None
     fail_fast: bool = False
     dispatcher_args: Sequence[str] = ()
+    runtime: Runtime | None = None
 
     def __post_init__(self) -> None:
         for name in ("concurrency", "max_instances", "instance_concurrency"):
@@ -325,6 +385,15 @@ class LocalFunction:
     def capacity(self) -> int:
         """Requests served at once: ``concurrency`` if set, else ``max_instances`` × ``instance_concurrency``."""
         return self.concurrency if self.concurrency is not None else self.max_instances * self.instance_concurrency
+
+    @property
+    def language(self) -> Runtime:
+        """The runtime that serves it: ``runtime``, or what ``source`` is."""
+        return self.runtime or detect_runtime(Path(self.source))
+
+
+def _signature_type(function: LocalFunction) -> str:
+    return f"--signature-type={'cloudevent' if function.trigger_topic else 'http'}"
 
 
 @dataclass
@@ -519,6 +588,18 @@ class LocalStack:
         return self.servers[f"function-{function.trigger_topic or function.target}"]
 
     def _serve(self, function: LocalFunction, port: int) -> ManagedProcess:
+        name = function.trigger_topic or function.target
+        if function.language == "nodejs":
+            argv, env = self._node_server(function, port)
+            ready: str | Callable[[ManagedProcess], bool] = _accepts(port)
+        else:
+            argv, env = self._python_server(function, port)
+            ready = f"http://127.0.0.1:{port}/"
+        server = self._spawn(f"function-{name}", argv, ready, timeout=60, env=env)
+        self.function_urls[name] = f"http://127.0.0.1:{port}/"
+        return server
+
+    def _python_server(self, function: LocalFunction, port: int) -> tuple[list[str], dict[str, str]]:
         env = {
             **os.environ,
             **self.environment,
@@ -533,14 +614,24 @@ class LocalStack:
             "PYTHONUNBUFFERED": "1",
         }
         argv = [
-            sys.executable, "-m", "functions_framework", f"--target={function.target}",
-            f"--signature-type={'cloudevent' if function.trigger_topic else 'http'}",
+            sys.executable, "-m", "functions_framework", f"--target={function.target}", _signature_type(function),
             f"--source={Path(function.source).resolve()}", "--host=127.0.0.1", f"--port={port}",
         ]
-        name = function.trigger_topic or function.target
-        server = self._spawn(f"function-{name}", argv, f"http://127.0.0.1:{port}/", timeout=60, env=env)
-        self.function_urls[name] = f"http://127.0.0.1:{port}/"
-        return server
+        return argv, env
+
+    def _node_server(self, function: LocalFunction, port: int) -> tuple[list[str], dict[str, str]]:
+        """Google's Node.js Functions Framework from the function's folder (one process: its event loop serves
+        the requests at once, as a deployed instance with ``--concurrency`` above 1 does)."""
+        assert self.workdir is not None
+        source = Path(function.source).resolve()
+        folder = source if source.is_dir() else source.parent
+        log_path = self.workdir / f"function-{function.trigger_topic or function.target}.log"  # _spawn's
+        binary = node_functions_framework(folder, log_path)
+        argv = [
+            str(binary), f"--target={function.target}", _signature_type(function), f"--source={source}",
+            "--host=127.0.0.1", f"--port={port}",
+        ]
+        return argv, {**os.environ, **self.environment, **function.env}
 
     def trigger_subscription(self, trigger_topic: str) -> str:
         """The subscription that delivers ``trigger_topic`` to its function (Eventarc's push subscription)."""
