@@ -38,15 +38,25 @@ def bait(stack) -> Iterator[tuple[str, str]]:
         gcs.bucket(bucket).blob(key).delete()
 
 
+@pytest.fixture(autouse=True)
+def in_publish_order(stack) -> Iterator[None]:
+    """These scenarios script the order in which a forger's and the function's replies arrive, and each hostile
+    reply must reach the reader before `closed` ends the session: the production-semantics layer delivers in
+    publish order here (no reordering, hold-back or duplicates); the reader's order handling has its own tests."""
+    with stack.semantics.behaving(reorder=False, hold_back_rate=0.0, duplicate_rate=0.0):
+        yield
+
+
 def test_claim_check_pointers_outside_the_session_folder_are_not_fetched(stack, scripted, bait):
     lake_key, other_session = bait
     f, run = scripted()
     sid = f.params.session_id
     f.batch("inv", 0, [opened()])
+    # seqs never taken: a pointer reusing a taken (invocation, seq) is dropped as a duplicate before any fetch
     pointers = {
-        claim(f, f"gs://{LAKE_BUCKET}/{lake_key}"): "another bucket",
-        claim(f, f"gs://{PAYLOAD_BUCKET}/{other_session}"): "another session's folder",
-        claim(f, f"gs://{PAYLOAD_BUCKET}/dagster-pipes/{sid}/../{other_session[len('dagster-pipes/'):]}"): "climbing out",
+        claim(f, f"gs://{LAKE_BUCKET}/{lake_key}", seq=5): "another bucket",
+        claim(f, f"gs://{PAYLOAD_BUCKET}/{other_session}", seq=6): "another session's folder",
+        claim(f, f"gs://{PAYLOAD_BUCKET}/dagster-pipes/{sid}/../{other_session[len('dagster-pipes/'):]}", seq=7): "climbing out",
     }
     f.batch("inv", 1, [log("the real line"), materialization(f.asset_key), closed()])
 
@@ -65,7 +75,7 @@ def test_a_claim_check_object_over_the_cap_is_refused_before_download(stack, scr
     key = f"dagster-pipes/{f.params.session_id}/replies/inv/1.json"
     storage.Client(project=stack.project).bucket(PAYLOAD_BUCKET).blob(key).upload_from_string(b" " * (MAX_CLAIM_BYTES + 1))
     f.batch("inv", 0, [opened()])
-    huge = claim(f, f"gs://{PAYLOAD_BUCKET}/{key}")
+    huge = claim(f, f"gs://{PAYLOAD_BUCKET}/{key}", seq=5)  # a seq never taken: never dropped unread as a duplicate
     f.batch("inv", 1, [materialization(f.asset_key), closed()])
 
     outcome = finished(run)
