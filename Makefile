@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install demo dev test bench clean
+.PHONY: install node-test demo dev test bench clean
 
 # the library with every side and the test tooling, plus the example function's own requirements (polars)
 EXAMPLE_REQUIREMENTS := examples/sales/function/requirements.txt
@@ -28,7 +28,18 @@ dev: install
 		--subscription pipes-detached-completions=pipes-detached-replies \
 		--subscription landing-objects=landing-notifications
 
-test: install
+# the Node.js function side (node/): installed from its lock file, built and unit-tested (node/Makefile); and
+# the Node.js example installed (its package links node/), which tests/integration/test_node_function.py serves
+NODE_EXAMPLE := examples/node_function
+
+node-test:
+	$(MAKE) -C node test
+
+$(NODE_EXAMPLE)/node_modules/.installed: $(NODE_EXAMPLE)/package.json $(NODE_EXAMPLE)/package-lock.json
+	cd $(NODE_EXAMPLE) && npm ci --no-audit --no-fund
+	touch $@
+
+test: install node-test $(NODE_EXAMPLE)/node_modules/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # the table, the chaos soak (bench/soak.py), then their charts in docs/img/ (BENCH_ARGS=--quick: short runs, charts in bench/results/quick/img/)
@@ -36,4 +47,5 @@ bench: install
 	$(PY) -m bench $(BENCH_ARGS) && $(PY) -m bench.soak $(BENCH_ARGS) && $(PY) -m bench.plots $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis $(NODE_EXAMPLE)/node_modules
+	$(MAKE) -C node clean

@@ -1,33 +1,27 @@
 """Materialize the Node.js example function from Dagster on the local stack, by hand (not a test).
 
-    (cd node && npm ci && npm run build) && (cd examples/node_function && npm install)
+    make -C node build          # the function side; the stack runs `npm ci` here if node_modules is missing
     .venv/bin/python examples/node_function/try_local.py
 
 Starts the local stack (the Pub/Sub emulator behind its production-semantics layer, fake-gcs-server),
-serves ``index.js`` in Google's Node.js Functions Framework, delivers the trigger topic to it with the
-local stack's dispatcher (Eventarc's binary CloudEvents), and runs a few Dagster materializations through
-``PipesPubSubClient``: what each one recorded is printed, and the function's log is kept in the stack's
-folder. Until ``LocalFunction`` serves Node.js functions (issue 27, item 4) the server and the dispatcher
-are started here.
+which serves ``index.js`` in Google's Node.js Functions Framework (``LocalFunction`` reads the runtime from
+the ``.js`` source) and delivers the trigger topic to it with its dispatcher (Eventarc's binary CloudEvents),
+and runs a few Dagster materializations through ``PipesPubSubClient``: what each one recorded is printed, and
+the function's log is kept in the stack's folder.
 """
 
 import concurrent.futures
 import contextlib
 import io
-import os
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from dagster import AssetExecutionContext, DagsterEventType, DagsterInstance, asset, materialize
 from google.cloud import pubsub_v1, storage
 
-from dagster_gcf_pipes.local import LocalStack
-from dagster_gcf_pipes.local.local_stack import DISPATCHER_READY, free_port
+from dagster_gcf_pipes.local import LocalFunction, LocalStack
 from dagster_gcf_pipes.orchestrator import PipesPubSubClient
 from dagster_gcf_pipes.orchestrator.session.end import end_lease
 from dagster_gcf_pipes.shared.lease import read_lease
@@ -36,57 +30,6 @@ HERE = Path(__file__).resolve().parent
 TRIGGER_TOPIC = "node-trigger"
 SECRET = "node-signing-secret"
 DAGSTER_SECRET_ENV = "DAGSTER_PIPES_SIGNING_SECRET"
-
-
-def wait_until(ready: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not ready after {timeout:g} s")
-        time.sleep(0.1)
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
-@contextlib.contextmanager
-def node_function(stack: LocalStack) -> Iterator[Path]:
-    """The Functions Framework serving index.js, and the dispatcher delivering the trigger topic to it."""
-    assert stack.workdir is not None
-    port = free_port()
-    env = {**os.environ, **stack.environment, DAGSTER_SECRET_ENV: SECRET}
-    log_path = stack.workdir / "node-function.log"
-    dispatcher_path = stack.workdir / "node-dispatcher.log"
-    topic = f"projects/{stack.project}/topics/{TRIGGER_TOPIC}"
-    subscription = stack.trigger_subscription(TRIGGER_TOPIC)
-    with stack.activated(), pubsub_v1.SubscriberClient() as subscriber:
-        subscriber.create_subscription(request={"name": subscription, "topic": topic, "ack_deadline_seconds": 600})
-    if stack.semantics is not None:  # the dispatcher's pulls stand for Eventarc's pushes, as LocalStack marks them
-        stack.semantics.mark_push_delivered(subscription)
-    with open(log_path, "w") as log, open(dispatcher_path, "w") as dispatcher_log:
-        server = subprocess.Popen(
-            [str(HERE / "node_modules/.bin/functions-framework"), "--target=main", f"--port={port}",
-             "--host=127.0.0.1"],
-            cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        dispatcher = subprocess.Popen(
-            [sys.executable, "-m", "dagster_gcf_pipes.local.dispatcher", f"--subscription={subscription}",
-             f"--topic={topic}", f"--url=http://127.0.0.1:{port}/{topic}", "--capacity=10",
-             f"--function={HERE / 'index.js'}:main", f"--function-log={log_path}"],
-            env={**env, "PYTHONUNBUFFERED": "1"}, stdout=dispatcher_log, stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_until(lambda: listening(port), "the Node.js Functions Framework")
-            wait_until(lambda: DISPATCHER_READY in dispatcher_path.read_text(), "the dispatcher")
-            yield log_path
-        finally:
-            for process in (dispatcher, server):
-                process.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(10)
-                process.kill()
 
 
 def client(**overrides: Any) -> PipesPubSubClient:
@@ -172,11 +115,12 @@ def redeliver_last_trigger(stack: LocalStack, tap_path: str) -> str:
 
 
 def main() -> None:
-    if not (HERE / "node_modules/@dagster-gcf-pipes/function/dist/index.js").exists():
-        sys.exit("build the package and install the example first: (cd node && npm ci && npm run build) && "
-                 "(cd examples/node_function && npm install)")
-    stack = LocalStack(topics=("pipes-replies", TRIGGER_TOPIC))
-    with stack, node_function(stack) as log_path, stack.activated():
+    if not (HERE.parent.parent / "node/dist/index.js").exists():
+        sys.exit("build the function side first: make -C node build")
+    function = LocalFunction(HERE / "index.js", "main", TRIGGER_TOPIC, env={DAGSTER_SECRET_ENV: SECRET})
+    stack = LocalStack(functions=[function], topics=("pipes-replies", TRIGGER_TOPIC))
+    with stack, stack.activated():
+        log_path = stack.server_of(function).log_path
         tap_path = tap(stack)
         outcomes = [
             run("materialize", {"dl_bucket": "gs://data-lake", "rows": 5}),
