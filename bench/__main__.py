@@ -3,13 +3,17 @@
     python -m bench [--quick]      (make bench)
 
 Rows: (a) ours, Pub/Sub trigger + Pub/Sub replies, the function in the Functions Framework fed by a push
-subscription; (b) the earlier design, the same function invoked over HTTP with its replies as GCS chunks,
+subscription, three times: through the local stack's production-semantics layer at the emulator's latency,
+through it with 100 ms added per hop (production's "on the order of 100 ms"), and on the bare emulator
+(a second stack, ``production_semantics=False``); (b) the earlier design, the same function invoked over HTTP with its replies as GCS chunks,
 at dagster-pipes' default interval (10 s) and at 1 s; (c) the floor, ``PipesSubprocessClient`` running the same handler as a local process;
-(d) the raw emulator publish -> streaming-pull receive round trip. Times come from the timestamps Dagster
-recorded in its event log, so they are what Dagster handled, not what was sent.
+(d) the raw emulator publish -> streaming-pull receive round trip, on the bare emulator. Times come from the
+timestamps Dagster recorded in its event log, so they are what Dagster handled, not what was sent. Through the layer, its meter
+is reset before each measured run and read after it: the Pub/Sub calls, admin operations, deliveries and
+publishes per session (``bench/meter.py``) and per 1,000 shards of a fan-out.
 
 The raw samples go to ``--results`` (JSON; by default ``bench/results/bench.json``, ``bench/results/quick/``
-under ``--quick``), which ``python -m bench.plots`` draws.
+under ``--quick``), which ``python -m bench.plots`` draws and ``python -m bench.cost_model`` reads.
 """
 
 import argparse
@@ -37,6 +41,7 @@ from dagster import (
 from google.cloud import pubsub_v1
 
 from bench.fanout import fan_out_seconds
+from bench.meter import figures, metered, table
 from bench.plots import results_dir
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
 from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
@@ -45,7 +50,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 TOPIC = "bench-trigger"
 RAW_TOPIC = "bench-raw"
+REPLY_TOPIC = "pipes-replies"
 OURS = "ours (Pub/Sub)"
+OURS_LATENCY = "ours, 100 ms per hop"
+OURS_BARE = "ours, bare emulator"
+#: production's per-hop delivery latency ("on the order of 100 ms", Pub/Sub's overview), added by the layer
+PRODUCTION_LATENCY_MS = 100
 EARLIER_DEFAULT = "earlier design (HTTP + GCS chunks, 10 s)"
 EARLIER_1S = "earlier design (HTTP + GCS chunks, 1 s)"
 FLOOR = "floor (subprocess)"
@@ -121,20 +131,47 @@ def raw_round_trips(project: str, count: int) -> list[float]:
     return times
 
 
-def fan_out_with_cpu(client: PipesPubSubClient, shards: int) -> dict[str, float]:
-    """``fan_out_seconds`` plus the CPU seconds this (the orchestrator's) process spent on it."""
+def meter_figures(stack: LocalStack, reading: Any, units: float) -> dict[str, Any] | None:
+    return figures(reading.meter, units, trigger_subscription=stack.trigger_subscription(TOPIC), reply_topic=REPLY_TOPIC)
+
+
+def fan_out_with_cpu(stack: LocalStack, client: PipesPubSubClient, shards: int) -> dict[str, Any]:
+    """``fan_out_seconds`` plus the CPU seconds this (the orchestrator's) process spent on it and the meter's
+    counts per 1,000 shards."""
     cpu = time.process_time()
-    seconds, threads, rss_mb = fan_out_seconds(client, shards, min(shards, 100))
-    return {"shards": shards, "seconds": seconds, "threads": threads, "rss_mb": rss_mb, "cpu_seconds": time.process_time() - cpu}
+    with metered(stack) as reading:
+        seconds, threads, rss_mb = fan_out_seconds(client, shards, min(shards, 100))
+    return {
+        "shards": shards, "seconds": seconds, "threads": threads, "rss_mb": rss_mb, "cpu_seconds": time.process_time() - cpu,
+        "meter_per_1000_shards": meter_figures(stack, reading, shards / 1000),
+    }
 
 
-def write_results(path: Path, rows: dict[str, dict[str, Any]], raw: list[float], fan: list[dict[str, float]]) -> None:
-    """The raw samples behind the tables, for ``bench/plots.py``."""
+def measure_row(
+    stack: LocalStack, run: Callable[[dict[str, Any]], dict[str, Any]], sessions: int, log_lines: int, payload_sizes: list[int]
+) -> dict[str, Any]:
+    """One row: ``sessions`` trivial sessions and one bulk one, each metered, then one per payload size."""
+    run({})  # warm up
+    with metered(stack) as trivial_reading:
+        trivial = [run({}) for _ in range(sessions)]
+    with metered(stack) as bulk_reading:
+        bulk = run({"log_lines": log_lines})
+    sized = {}
+    for size in payload_sizes:
+        outcome = run({"metadata_bytes": size})
+        sized[size] = (outcome["step"], peak_rss_mb())
+    meter = {"trivial": meter_figures(stack, trivial_reading, sessions), "bulk": meter_figures(stack, bulk_reading, 1)}
+    return {"trivial": trivial, "bulk": bulk, "sized": sized, "meter": meter}
+
+
+def write_results(path: Path, rows: dict[str, dict[str, Any]], raw: list[float], fan: list[dict[str, Any]]) -> None:
+    """The raw samples behind the tables, for ``bench/plots.py``; the meter's counts, for ``bench/cost_model.py``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "cores": os.cpu_count(),
         "first_log": {name: [t["first_log"] for t in row["trivial"]] for name, row in rows.items()},
         "step": {name: [t["step"] for t in row["trivial"]] for name, row in rows.items()},
+        "meter": {name: row["meter"] for name, row in rows.items()},
         "raw_round_trip": raw,
         "fan_out": fan,
     }, indent=1))
@@ -160,8 +197,8 @@ def main() -> None:
         LocalFunction("bench/cloud_handler.py", "main", TOPIC, env={"THREADS": "64"}),
         LocalFunction("bench/cloud_handler.py", "main_http", env={"THREADS": "64"}),
     ]
-    with LocalStack(functions=functions) as stack, stack.activated():
-        client = PipesPubSubClient(trigger_topic=TOPIC, reply_topic="pipes-replies", bucket="pipes-payloads")
+    with LocalStack(functions=functions, production_semantics=True) as stack, stack.activated():
+        client = PipesPubSubClient(trigger_topic=TOPIC, reply_topic=REPLY_TOPIC, bucket="pipes-payloads")
         earlier = {
             "invocation": "http", "function_url": stack.function_urls["main_http"], "http_auth": "none",
             "reply_channel": "gcs", "bucket": "pipes-payloads",
@@ -172,18 +209,14 @@ def main() -> None:
             EARLIER_1S: ours(PipesPubSubClient(**earlier, chunk_interval=1.0)),
             FLOOR: floor(),
         }
-        rows: dict[str, dict[str, Any]] = {}
-        for name, run in runners.items():
-            run({})  # warm up
-            trivial = [run({}) for _ in range(sessions)]
-            bulk = run({"log_lines": log_lines})
-            sized = {}
-            for size in payload_sizes:
-                outcome = run({"metadata_bytes": size})
-                sized[size] = (outcome["step"], peak_rss_mb())
-            rows[name] = {"trivial": trivial, "bulk": bulk, "sized": sized}
-        raw = raw_round_trips(stack.project, sessions)
-        fan = [fan_out_with_cpu(client, n) for n in fan_outs]
+        rows = {name: measure_row(stack, run, sessions, log_lines, payload_sizes) for name, run in runners.items()}
+        with stack.semantics.behaving(delivery_latency_ms=PRODUCTION_LATENCY_MS):
+            rows[OURS_LATENCY] = measure_row(stack, ours(client), sessions, log_lines, payload_sizes)
+        fan = [fan_out_with_cpu(stack, client, n) for n in fan_outs]
+    with LocalStack(functions=functions[:1], production_semantics=False) as bare, bare.activated():
+        client = PipesPubSubClient(trigger_topic=TOPIC, reply_topic=REPLY_TOPIC, bucket="pipes-payloads")
+        rows[OURS_BARE] = measure_row(bare, ours(client), sessions, log_lines, payload_sizes)
+        raw = raw_round_trips(bare.project, sessions)  # the emulator's own round trip: the transport's floor
 
     print(f"\nlocal stack, {os.cpu_count()} cores, {sessions} sessions per figure, {log_lines} log lines for throughput")
     print("\n| path | first log median / p95 s | step median / p95 s | logs/s handled (received/sent) |"
@@ -205,6 +238,8 @@ def main() -> None:
     print(f"| ours first log / raw round trip | {first_median[OURS] / statistics.median(raw):.1f}× |")
     print(f"| ours step − floor step | {step_median[OURS] - step_median[FLOOR]:+.3f} s |")
     print(f"| ours step / floor step | {step_median[OURS] / step_median[FLOOR]:.2f}× |")
+    for other in (OURS_LATENCY, OURS_BARE):
+        print(f"| {other}: first log / ours, step / ours | {first_median[other] / first_median[OURS]:.2f}×, {step_median[other] / step_median[OURS]:.2f}× |")
     for earlier in (EARLIER_DEFAULT, EARLIER_1S):
         print(f"| {earlier}: first log / ours, step / ours | {first_median[earlier] / first_median[OURS]:.1f}×, {step_median[earlier] / step_median[OURS]:.1f}× |")
 
@@ -213,13 +248,18 @@ def main() -> None:
     for row in fan:
         print(f"| {row['shards']} | {row['seconds']:.2f} | {row['seconds'] / fan[0]['seconds']:.2f} | {row['cpu_seconds']:.2f} | "
               f"{1000 * row['cpu_seconds'] / row['shards']:.1f} | {row['threads']} | {row['rss_mb']:.0f} |")
+
+    print("\nThe production-semantics layer's meter, per session (trivial sessions; one bulk session of "
+          f"{log_lines:,} log lines), from a reset before the run to a reading after it:\n")
+    print(table({f"{name}, {kind}": row["meter"][kind] for name, row in rows.items() for kind in ("trivial", "bulk")}, "per session"))
+    print("\nPer 1,000 shards of a fan-out (`run_many`, at most 100 at once):\n")
+    print(table({f"{row['shards']} shards": row["meter_per_1000_shards"] for row in fan}, "per 1,000 shards"))
     results = args.results or results_dir(args.quick) / "bench.json"
     write_results(results, rows, raw, fan)
     print(f"\nraw samples in {results}; bench took {time.monotonic() - started:.0f}s")
-    if not args.quick:  # another stack and six sessions: left out of the quick (CI) variant
-        from bench.cost_model import measured_volumes, report
+    from bench.cost_model import from_results, report
 
-        print("\n" + report(measured_volumes(3)))
+    print("\n" + report(from_results(results)))
 
 
 if __name__ == "__main__":

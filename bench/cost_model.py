@@ -1,11 +1,12 @@
-"""The cost and quota model of the reply channel ("Cost and quotas" in docs/architecture.md), from measured
-reply volumes.
+"""The cost and quota model of the reply channel ("Cost and quotas" in docs/architecture.md), from the
+production-semantics layer's meter as ``python -m bench`` recorded it.
 
-    python -m bench.cost_model [--session-seconds 60]     measure sessions on the local stack, print the model
+    python -m bench.cost_model [--results bench/results/bench.json] [--session-seconds 60]
     python -m bench.cost_model --batch-bytes B --heartbeat-bytes H [--session-seconds S]   your own figures
 
-Replies are measured with an unfiltered "meter" subscription on the reply topic, which receives every reply
-any session publishes; each is counted at its billable size. Pricing ("Pub/Sub pricing" page): a message's
+The results JSON holds the meter's counts per session (``ours (Pub/Sub)``'s trivial sessions: the quiet
+volume; its bulk session: the chatty one) and per 1,000 shards of a fan-out: admin operations, messages
+and billable bytes published on the reply topic, messages and bytes delivered. Pricing ("Pub/Sub pricing" page): a message's
 data volume is its data, each attribute's key and value, 20 bytes of timestamp and its message id; at least
 1000 bytes are assessed per publish, push or pull request; throughput costs $40 per TiB. Filtering ("Filter
 messages from a subscription" page): a message a subscription's filter drops is acknowledged by Pub/Sub, and
@@ -14,40 +15,25 @@ quota, 6,000 per minute by default.
 """
 
 import argparse
+import json
 import math
-import secrets
-import time
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from dagster import AssetExecutionContext, DagsterInstance, PreviewWarning, asset, materialize
-from google.cloud import pubsub_v1
-
-from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
-from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
-from dagster_gcf_pipes.orchestrator.session.pull import ack, pull
-from dagster_gcf_pipes.shared.protocol import Attr, ReplyKind
+from bench.plots import results_dir
 
 MIN_BILLED_PER_REQUEST = 1000  # bytes assessed per publish / push / pull request, whatever the message size
-TIMESTAMP_BYTES = 20
 USD_PER_TIB = 40.0
 ADMIN_OPS_PER_SECOND_QUOTA = 6000 / 60
 SECONDS_PER_MONTH = 30 * 24 * 3600
-#: Pub/Sub admin operations of one `run()` with this project's per-process topic-check cache: create and
-#: delete the session's subscription (the two GetTopic checks are made once per process).
-ADMIN_OPS_PER_SESSION = 2
 CONCURRENCY = (10, 100, 1000)
-TOPIC = "cost-trigger"
-REPLY_TOPIC = "pipes-replies"
-
-
-def billable_bytes(data: bytes, attributes: Mapping[str, str], message_id: str) -> int:
-    """A message's data volume as the Pub/Sub pricing page defines it."""
-    return len(data) + sum(len(k.encode()) + len(v.encode()) for k, v in attributes.items()) + TIMESTAMP_BYTES + len(
-        message_id.encode()
-    )
+#: the bench row whose meter counts the model reads
+MEASURED_ROW = "ours (Pub/Sub)"
+#: one heartbeat's billable bytes: the bench's sessions end before their first heartbeat, so this is the size
+#: an earlier run measured on the reply topic (a heartbeat is a fixed set of attributes and no data)
+HEARTBEAT_BYTES = 179.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +53,24 @@ class ReplyVolume:
             self.heartbeat_bytes, MIN_BILLED_PER_REQUEST
         )
         return messages, volume, assessed
+
+
+@dataclass(frozen=True)
+class AdminOps:
+    """Pub/Sub admin operations of one ``run()`` session and of one ``run_many`` step (its group subscription)."""
+
+    per_session: float = 2.0
+    per_group: float = 2.0
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the model reads from a bench run: reply volumes by name, admin operations, and what to print of
+    the meter's other counts."""
+
+    volumes: Mapping[str, ReplyVolume]
+    admin: AdminOps = field(default_factory=AdminOps)
+    notes: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ def model(
     group_size: int = 100,
     reply_topics: int = 10,
     concurrency: Sequence[int] = CONCURRENCY,
+    admin: AdminOps = AdminOps(),
 ) -> list[Row]:
     """Steady state with ``n`` sessions always running, each ``session_seconds`` long: ``n / session_seconds``
     sessions start every second. Every reply is delivered (and billed) once per subscription on the reply
@@ -105,10 +110,10 @@ def model(
         starts_per_second = n / session_seconds
         published = starts_per_second * assessed
         groups = math.ceil(n / group_size)
-        for topology, subscriptions, created_per_session in (
-            ("subscription per session", n, 1.0),
-            (f"subscription per session, {reply_topics} reply topics", math.ceil(n / reply_topics), 1.0),
-            (f"subscription per fan-out group of {group_size}", groups, groups / n),
+        for topology, subscriptions, admin_per_session in (
+            ("subscription per session", n, admin.per_session),
+            (f"subscription per session, {reply_topics} reply topics", math.ceil(n / reply_topics), admin.per_session),
+            (f"subscription per fan-out group of {group_size}", groups, admin.per_group * groups / n),
         ):
             filtered_out = starts_per_second * volume_bytes * (subscriptions - 1)
             rows.append(
@@ -116,7 +121,7 @@ def model(
                     topology=topology,
                     concurrent_sessions=n,
                     subscriptions_on_topic=subscriptions,
-                    admin_ops_per_second=ADMIN_OPS_PER_SESSION * starts_per_second * created_per_session,
+                    admin_ops_per_second=admin_per_session * starts_per_second,
                     published_bytes_per_second=published,
                     delivered_bytes_per_second=published + filtered_out,
                 )
@@ -140,73 +145,46 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-@contextmanager
-def reply_meter(project: str, reply_topic: str) -> Iterator[tuple[pubsub_v1.SubscriberClient, str]]:
-    """An unfiltered subscription on the reply topic for the block: it receives every reply."""
-    subscriber = pubsub_v1.SubscriberClient()
-    path = subscriber.subscription_path(project, f"cost-meter-{secrets.token_hex(4)}")
-    subscriber.create_subscription(request={"name": path, "topic": f"projects/{project}/topics/{reply_topic}"})
+def from_results(path: Path) -> Measured:
+    """The model's inputs from a results JSON ``python -m bench`` wrote (a clear error if it has no meter)."""
     try:
-        yield subscriber, path
-    finally:
-        subscriber.delete_subscription(request={"subscription": path})
-        subscriber.close()
-
-
-def drain(subscriber: pubsub_v1.SubscriberClient, path: str) -> dict[str, tuple[int, int]]:
-    """(messages, billable bytes) by reply kind, of everything waiting on the meter subscription."""
-    totals: dict[str, tuple[int, int]] = {}
-    while received := pull(subscriber, path, max_messages=1000, timeout=2.0):
-        for r in received:
-            kind = r.message.attributes.get(Attr.KIND, "?")
-            count, size = totals.get(kind, (0, 0))
-            totals[kind] = (count + 1, size + billable_bytes(r.message.data, r.message.attributes, r.message.message_id))
-        ack(subscriber, path, [r.ack_id for r in received])
-    return totals
-
-
-def measure(client: PipesPubSubClient, project: str, payload: Mapping[str, object], sessions: int) -> ReplyVolume:
-    """Run ``sessions`` sessions of ``payload`` and measure what they published on the reply topic."""
-
-    @asset(name="cost_model_asset")
-    def cost_model_asset(context: AssetExecutionContext, pipes_pubsub: PipesPubSubClient):
-        return pipes_pubsub.run(context=context, payload=dict(payload)).get_materialize_result()
-
-    with reply_meter(project, REPLY_TOPIC) as (subscriber, path):
-        for _ in range(sessions):
-            with DagsterInstance.ephemeral() as instance:
-                assert materialize([cost_model_asset], resources={"pipes_pubsub": client}, instance=instance).success
-        time.sleep(1.0)  # the last replies reach the meter
-        totals = drain(subscriber, path)
-    batches, batch_bytes = totals.get(ReplyKind.BATCH, (0, 0))
-    heartbeats, heartbeat_bytes = totals.get(ReplyKind.HEARTBEAT, (0, 0))
-    return ReplyVolume(batches / sessions, batch_bytes / sessions, heartbeat_bytes / heartbeats if heartbeats else 0.0)
-
-
-def measured_volumes(sessions: int) -> dict[str, ReplyVolume]:
-    """A quiet session (5 log lines) and a chatty one (2,000), each sleeping past two heartbeats."""
-    function = LocalFunction("tests/functions/main.py", "main", TOPIC)
-    with LocalStack(functions=[function]) as stack, stack.activated():
-        client = PipesPubSubClient(
-            trigger_topic=TOPIC, reply_topic=REPLY_TOPIC, bucket="pipes-payloads", heartbeat_interval=1.0, heartbeat_timeout=10.0
-        )
-        return {
-            f"{lines:,} log lines": measure(client, stack.project, {"log_lines": lines, "sleep": 2.5}, sessions)
-            for lines in (5, 2000)
-        }
+        results: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"{path} not found: run `python -m bench` (or `--quick`) first, or pass --results") from None
+    row = results.get("meter", {}).get(MEASURED_ROW)
+    if not row or not row.get("trivial"):
+        raise SystemExit(f"{path} has no meter counts for {MEASURED_ROW!r}: it predates the production-semantics "
+                         "layer's meter or ran without it; run `python -m bench` again")
+    volumes = {}
+    for kind, label in (("trivial", "quiet (a trivial session)"), ("bulk", "chatty (the bulk session)")):
+        published = row[kind]["reply_topic"]
+        volumes[label] = ReplyVolume(published["messages_published"], published["bytes_published"], HEARTBEAT_BYTES)
+    fan = max(results["fan_out"], key=lambda r: r["shards"])
+    per_1000 = fan["meter_per_1000_shards"]
+    per_step = per_1000["admin_ops_total"] * fan["shards"] / 1000
+    trivial = row["trivial"]
+    notes = (
+        f"measured ({path}): a session makes {trivial['admin_ops_total']:g} admin operations "
+        f"({', '.join(f'{m} {c:g}' for m, c in trivial['admin_ops'].items())}); its own subscription is delivered "
+        f"{trivial['replies']['messages_delivered']:g} messages, {trivial['replies']['bytes_delivered']:,.0f} B; "
+        f"a fan-out step of {fan['shards']} shards makes {per_step:g}, and per shard its group subscription is "
+        f"delivered {per_1000['replies']['messages_delivered'] / 1000:g} messages, "
+        f"{per_1000['replies']['bytes_delivered'] / 1000:,.0f} B\n"
+    )
+    return Measured(volumes, AdminOps(per_session=trivial["admin_ops_total"], per_group=per_step), notes)
 
 
 def report(
-    volumes: Mapping[str, ReplyVolume],
+    measured: Measured,
     *,
     session_seconds: float = 60.0,
     heartbeat_interval: float = 10.0,
     group_size: int = 100,
     reply_topics: int = 10,
 ) -> str:
-    """The model's tables, one per reply volume (``python -m bench`` can print ``report(measured_volumes(3))``)."""
-    parts = []
-    for name, volume in volumes.items():
+    """The model's tables, one per reply volume (``python -m bench`` prints ``report(from_results(...))``)."""
+    parts = [measured.notes]
+    for name, volume in measured.volumes.items():
         messages, size, _ = volume.per_session(session_seconds, heartbeat_interval)
         parts.append(
             f"\n{name}: {volume.batches:.1f} batches ({volume.batch_bytes:,.0f} B) + one heartbeat per "
@@ -215,32 +193,31 @@ def report(
         )
         rows = model(
             volume, session_seconds=session_seconds, heartbeat_interval=heartbeat_interval, group_size=group_size,
-            reply_topics=reply_topics,
+            reply_topics=reply_topics, admin=measured.admin,
         )
         parts.append(table(rows))
     return "\n".join(parts)
 
 
 def main() -> None:
-    warnings.filterwarnings("ignore", category=PreviewWarning)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--session-seconds", type=float, default=60.0, help="how long a session runs (default 60)")
     parser.add_argument("--heartbeat-interval", type=float, default=10.0, help="the client's heartbeat_interval")
     parser.add_argument("--group-size", type=int, default=100, help="shards per fan-out step")
     parser.add_argument("--reply-topics", type=int, default=10, help="topics in reply_topics=[...]")
-    parser.add_argument("--sessions", type=int, default=3, help="sessions measured per volume")
+    parser.add_argument("--results", type=Path, help="the bench's results JSON (default bench/results/bench.json)")
     parser.add_argument("--batch-bytes", type=float, help="billable bytes of one session's batches (skip measuring)")
     parser.add_argument("--batches", type=float, default=1.0, help="with --batch-bytes: batches per session")
-    parser.add_argument("--heartbeat-bytes", type=float, default=180.0, help="with --batch-bytes: one heartbeat's bytes")
+    parser.add_argument("--heartbeat-bytes", type=float, default=HEARTBEAT_BYTES, help="with --batch-bytes: one heartbeat's bytes")
     args = parser.parse_args()
 
     if args.batch_bytes is not None:
-        volumes = {"given": ReplyVolume(args.batches, args.batch_bytes, args.heartbeat_bytes)}
+        measured = Measured({"given": ReplyVolume(args.batches, args.batch_bytes, args.heartbeat_bytes)})
     else:
-        volumes = measured_volumes(args.sessions)
+        measured = from_results(args.results or results_dir(quick=False) / "bench.json")
     print(
         report(
-            volumes, session_seconds=args.session_seconds, heartbeat_interval=args.heartbeat_interval,
+            measured, session_seconds=args.session_seconds, heartbeat_interval=args.heartbeat_interval,
             group_size=args.group_size, reply_topics=args.reply_topics,
         )
     )
