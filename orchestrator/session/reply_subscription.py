@@ -139,6 +139,13 @@ def subscription_name(owner: str, *, reattaching: bool) -> str:
     return f"dagster-pipes-{owner}" + (f"-{secrets.token_hex(4)}" if reattaching else "")
 
 
+def _closed_cleanly(error: BaseException | None) -> bool:
+    """Whether a stream ended because the server closed it with status OK: google-cloud-pubsub then ends the
+    streaming pull for good with ``Exception(None)`` (``streaming_pull_manager._wrap_as_exception``) instead
+    of reconnecting. Nothing is wrong with the subscription: the stream is re-opened."""
+    return type(error) is Exception and error.args in ((None,), ())
+
+
 class SubscriptionGone(Exception):
     """The subscription to re-open no longer exists (deleted, or expired)."""
 
@@ -271,7 +278,8 @@ class ReplySubscription:
         """A stream ended: re-open it (with jittered exponential backoff) if it ended on NOT_FOUND within the
         grace period after we created ours (an earlier attempt's, sought just now, exists too: the service has
         not caught up with it yet); anything else is left for ``stopped()`` to report."""
-        if not isinstance(streaming.exception(), gexc.NotFound) or self._past_grace():
+        error = streaming.exception()
+        if not (_closed_cleanly(error) or isinstance(error, gexc.NotFound) and not self._past_grace()):
             return
         with self._lock:
             if self._closing or streaming is not self._streams.get(path):
@@ -281,9 +289,10 @@ class ReplySubscription:
             timer = self._reopening[path] = threading.Timer(delay * random.uniform(0.5, 1.0), self._open_stream, args=(path,))
             timer.daemon = True
             timer.start()
-        # expected on Pub/Sub right after a creation (see the module docstring): not worth a line in every step
+        # expected on Pub/Sub (see the module docstring): not worth a line in every step
+        what = "was closed by the server" if _closed_cleanly(error) else "answered NOT_FOUND"
         self._log.debug(
-            f"[pipes] StreamingPull answered NOT_FOUND for {path}, {self.path} created "
+            f"[pipes] StreamingPull of {path} {what}, {self.path} created "
             f"{time.monotonic() - self._created_at:.1f}s ago; re-opening the stream (attempt {self._reopens})"
         )
 
