@@ -66,6 +66,22 @@ class DetachedSession:
         return {"pipes_session_id": self.session_id, "pipes_trigger_message_id": self.trigger_message_id}
 
 
+
+def within_capacity(context: OpExecutionContext | AssetExecutionContext, resolved: ResolvedCall, max_concurrency: int) -> int:
+    """``max_concurrency``, lowered to the deployed function's capacity (when ``function_name`` says it): a
+    shard above it is answered 429 by Cloud Run and retried by Eventarc after 10 s, then 20, 40 ... 600 s
+    (https://cloud.google.com/eventarc/docs/retry-events), so it would start late or miss startup_timeout."""
+    capacity = resolved.function_capacity
+    if capacity is None or max_concurrency <= capacity:
+        return max_concurrency
+    context.log.warning(
+        f"[pipes] fan-out: max_concurrency={max_concurrency} is above the capacity of the deployed function "
+        f"({capacity} sessions at once: --max-instances x --concurrency); the shards above it would get HTTP 429 "
+        f"and Eventarc would retry them after 10 s to 600 s, past startup_timeout. Running {capacity} at a time; "
+        "raise the function's --max-instances (or --concurrency) to run more"
+    )
+    return capacity
+
 class PipesPubSubClient(PipesPubSubClientSettings, PipesClient):
     """Trigger an event-driven Cloud Function over Pub/Sub and receive its Pipes messages over Pub/Sub.
 
@@ -123,6 +139,7 @@ class PipesPubSubClient(PipesPubSubClientSettings, PipesClient):
         if problems:
             raise PipesPubSubConfigError("; ".join(problems))
         resolved = self._resolve(resolve_project(self.project))
+        max_concurrency = within_capacity(context, resolved, max_concurrency)
         interrupted = threading.Event()
         function, partition = self._sessions.function_of(resolved), partition_key(context)
         earlier = {
