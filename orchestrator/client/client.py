@@ -299,6 +299,10 @@ class PipesPubSubClient(PipesPubSubClientSettings, PipesClient):
             trigger_topic=resolved.trigger_topic,
             run_id=context.run_id,
             step_key=context.op_execution_context.get_step_execution_context().step.key,
+            # the sensor records the function's materializations on the run's partition(s)
+            partition_keys=(
+                tuple(context.partition_keys) if context.has_partition_key or context.has_partition_key_range else ()
+            ),
         ))
         claim_check = ClaimCheck(blob_store, self.inline_threshold_bytes)
         try:

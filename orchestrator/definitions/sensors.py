@@ -4,61 +4,66 @@
 most ``max_messages_per_tick`` messages, a short wait when the subscription is empty, transient errors
 retried with the shared policy), turns every message into a ``PubSubEvent`` and hands it to
 ``build_run_request``; what that returns becomes one ``RunRequest``. Messages beyond the cap stay on the
-subscription for the next tick. ``gcs_object_event`` reads a Cloud Storage object notification out of an
+subscription for a later tick. ``gcs_object_event`` reads a Cloud Storage object notification out of an
 event, for sensors over a bucket's notifications.
 
-Exactly once, in two phases
----------------------------
-Pub/Sub delivers at least once, and Dagster's sensor daemon persists a tick's result (its runs, then its
-cursor) only after the evaluation has returned. So a tick never acks the messages it turns into
-requests: it hands them back (ack deadline 0) and writes their ids into the cursor. The next tick finds
-them in the cursor and acks them without requesting anything. Two mechanisms make every message launch
-exactly one run:
+Exactly once: a message is acked once its run is in the instance
+----------------------------------------------------------------
+Pub/Sub delivers at least once and in any order, and Dagster's sensor daemon keeps a tick's result (it
+creates its runs, then saves its cursor) only after the evaluation has returned. So a tick never acks a
+message it requests a run for: it hands the message back (ack deadline 0). A message is acked by the first
+tick that pulls it *after* its run exists: the tick builds the message's request again, and if the
+instance holds a run with that run key launched by this sensor (in this code location and repository,
+and past ``NOT_STARTED``: the checks of Dagster's own run-key dedupe), the run request is durable and the
+message is acked without requesting anything. So:
 
-* **Nothing lost.** A message is acked only by a tick whose cursor holds its id, and the cursor is only
-  ever the one Dagster kept: if a tick's result is lost (the daemon died after the evaluation, or the
-  evaluation outlived the daemon's sensor timeout), neither its runs nor its cursor were kept, the
-  messages come back and a later tick requests them again.
-* **Nothing twice.** The run key: by default the message id, or ``bucket/object#generation`` for a
-  Cloud Storage notification (``GcsObjectEvent.run_key``), so duplicate notifications of one object
-  write, which Cloud Storage publishes as different messages, launch one run. A request that sets its own
-  ``run_key`` keeps it. Dagster's sensor daemon creates no run for a run key this sensor has already
-  launched, however late the redelivery and whatever the cursor says; so a tick result lost *after* some
-  of its runs were created, then evaluated again, launches only the rest.
+* **Nothing lost.** A message is acked only once Dagster has created and submitted its run. If a tick's
+  result is lost (the daemon died after the evaluation, or the evaluation outlived the daemon's sensor
+  timeout), no run exists, the message comes back and a later tick requests it again.
+* **Nothing twice.** The run key: by default the message id, or ``bucket/object#generation`` for a Cloud
+  Storage notification (``GcsObjectEvent.run_key``), so duplicate notifications of one object write,
+  which Cloud Storage publishes as different messages, launch one run. A request that sets its own
+  ``run_key`` keeps it; it must be a function of the message (the same message, the same key), or a
+  redelivery is another run. Dagster's daemon creates no run for a run key this sensor has already
+  launched, however late the redelivery.
+* **Any backlog drains.** Whether a message is done is read from the instance, not from a bounded memory
+  of message ids, so a redelivery is recognised whenever it comes back and in whatever order: every
+  message is pulled at most twice (once to request its run, once to ack it) unless a tick's result is
+  lost, and a backlog of N messages drains in about ``2 N / max_messages_per_tick`` ticks.
 
-The cursor remembers at least ``CURSOR_MESSAGE_IDS`` ids (and two ticks' worth), so a redelivery within
-Pub/Sub's at-least-once window is acked and skipped without even a skipped run request in the tick.
-
-The order of a tick: pull; ack the messages in the cursor; for every other message build the request
-(``None`` or a malformed message: skipped, with a warning for the malformed one); hand the new messages
-back; return ``SensorResult(run_requests=..., cursor=...)``. If building fails (a ``build_run_request``
-that returns something other than a ``RunRequest`` or ``None``), the tick fails and every new message is
-handed back. A failed ack (past the retry budget) is a warning: the messages come back and the cursor
-and the run keys absorb them. The price of the two phases: each message is pulled twice, so a
-subscription kept full moves about ``max_messages_per_tick / 2`` new messages per tick.
+A message that makes no run is acked by the tick that pulls it: ``build_run_request`` returned ``None``
+(filtered on purpose), or it raised (a malformed message: one warning in the tick's log, naming the
+message). If building fails in a way that is a bug (``build_run_request`` returned something other than a
+``RunRequest`` or ``None``), the tick fails and every message is handed back. A failed ack (past the retry
+budget) is a warning: the messages come back and are recognised again. The price: each message that makes
+a run is pulled twice, so a subscription kept full moves about ``max_messages_per_tick / 2`` new messages
+per tick, and the run-key check reads the instance once per such message.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from dagster import (
+    DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
+    RunsFilter,
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
     sensor,
 )
+from dagster._core.storage.tags import RUN_KEY_TAG, SENSOR_NAME_TAG
 
-from dagster_gcf_pipes.orchestrator.session.pull import ack, nack, pull, subscription_path
 from dagster_gcf_pipes.orchestrator.client.resolution import resolve_project
+from dagster_gcf_pipes.orchestrator.session.pull import ack, nack, pull, subscription_path
 from dagster_gcf_pipes.shared.pubsub import subscriber_client
 
 #: Tag prefixes of the default run request (Dagster tag keys allow one ``namespace/`` section).
@@ -66,9 +71,6 @@ MESSAGE_ID_TAG = "pubsub/message_id"
 PUBLISH_TIME_TAG = "pubsub/publish_time"
 SUBSCRIPTION_TAG = "pubsub/subscription"
 ATTRIBUTE_TAG_PREFIX = "pubsub.attr/"
-
-#: The cursor remembers at least this many handled message ids (and at least two ticks' worth).
-CURSOR_MESSAGE_IDS = 1000
 
 _TAG_NAME_INVALID = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -194,68 +196,113 @@ def default_run_key(event: PubSubEvent) -> str:
         return event.message_id
 
 
-def _load_cursor(cursor: str | None) -> list[str]:
-    if not cursor:
-        return []
-    try:
-        ids = json.loads(cursor)
-    except json.JSONDecodeError:
-        return []  # a cursor set by hand: the run keys still deduplicate
-    return [str(i) for i in ids] if isinstance(ids, list) else []
-
-
 @dataclass
-class _Requests:
+class _Tick:
+    """What one tick decides for the messages it pulled: the runs to request, the deliveries to ack now
+    (``done``: no run to request, or their run already launched) and those handed back (``requested``: acked
+    by a later tick, once their run exists)."""
+
     run_requests: list[RunRequest] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+    requested: list[str] = field(default_factory=list)
     skipped: int = 0
+    launched: int = 0
 
-
-def _requests_for(
-    received: list[Any], build: Callable[[PubSubEvent], RunRequest | None], name: str, short_name: str, log: Any
-) -> _Requests:
-    """One run request per new message (a message delivered twice within the tick counts once)."""
-    outcome = _Requests()
-    seen: set[str] = set()
-    for message in received:
-        event = PubSubEvent.from_received(message)
-        if event.message_id in seen:
-            continue
-        seen.add(event.message_id)
-        try:
-            request = build(event)
-        except Exception as exc:  # noqa: BLE001 - a bad message must not block the others
-            outcome.skipped += 1
-            log.warning(
-                f"[pubsub] {name}: skipped message {event.message_id} from {short_name} (no run): "
-                f"{type(exc).__name__}: {exc}"
-            )
-            continue
-        if request is None:
-            outcome.skipped += 1
-            continue
-        if not isinstance(request, RunRequest):
-            raise TypeError(
-                f"build_run_request of sensor {name} returned {type(request).__name__} for message "
-                f"{event.message_id}; it must return a RunRequest or None"
-            )
-        tags = {MESSAGE_ID_TAG: event.message_id, SUBSCRIPTION_TAG: short_name, **request.tags}
-        outcome.run_requests.append(
-            request.with_replaced_attrs(run_key=request.run_key or default_run_key(event), tags=tags)
+    def summary(self, pulled: int, short_name: str) -> str:
+        return (
+            f"{pulled} messages on {short_name}: {len(self.run_requests)} run requests, {self.skipped} skipped, "
+            f"{self.launched} with their run already launched (acked)"
         )
-    return outcome
 
 
-def _settle(subscriber: Any, path: str, handled: list[Any], new: list[Any], name: str, log: Any) -> None:
-    """Ack what an earlier tick handled; hand the new messages back for the tick after this one."""
-    for settle, messages, what in ((ack, handled, "acking"), (nack, new, "handing back")):
-        if not messages:
+def _request_for(
+    received: Any, build: Callable[[PubSubEvent], RunRequest | None], name: str, short_name: str, log: Any
+) -> RunRequest | None:
+    """The message's run request with its run key and tags, or None: filtered, or malformed (warned)."""
+    event = PubSubEvent.from_received(received)
+    try:
+        request = build(event)
+    except Exception as exc:  # noqa: BLE001 - a bad message must not block the others
+        log.warning(
+            f"[pubsub] {name}: skipped message {event.message_id} from {short_name} (no run; acked): "
+            f"{type(exc).__name__}: {exc}"
+        )
+        return None
+    if request is None:
+        return None
+    if not isinstance(request, RunRequest):
+        raise TypeError(
+            f"build_run_request of sensor {name} returned {type(request).__name__} for message "
+            f"{event.message_id}; it must return a RunRequest or None"
+        )
+    tags = {MESSAGE_ID_TAG: event.message_id, SUBSCRIPTION_TAG: short_name, **request.tags}
+    return request.with_replaced_attrs(run_key=request.run_key or default_run_key(event), tags=tags)
+
+
+def _launched_run_keys(context: SensorEvaluationContext, sensor_name: str, run_keys: Iterable[str]) -> set[str]:
+    """The keys among ``run_keys`` whose run this sensor has launched: a run with the key and the sensor's name,
+    from the sensor's code location and repository when both record one, past ``NOT_STARTED`` (a run the
+    daemon created but never submitted is submitted when its key is requested again). These are the checks
+    of Dagster's own run-key dedupe (``dagster._daemon.sensor.fetch_existing_runs``), one query per key as
+    there (a query with many tag values is slow on large run storages)."""
+    origin = context.code_location_origin
+    repository = (origin.location_name, context.repository_name) if origin is not None else None
+    launched = set()
+    for key in run_keys:
+        for run in context.instance.get_runs(filters=RunsFilter(tags={RUN_KEY_TAG: key})):
+            if run.tags.get(SENSOR_NAME_TAG) != sensor_name or run.status == DagsterRunStatus.NOT_STARTED:
+                continue
+            selector = run.remote_job_origin.repository_origin.get_selector() if run.remote_job_origin else None
+            if selector is None or repository is None or (selector.location_name, selector.repository_name) == repository:
+                launched.add(key)
+                break
+    return launched
+
+
+def _evaluate(
+    received: list[Any], build: Callable[[PubSubEvent], RunRequest | None], name: str, short_name: str,
+    context: SensorEvaluationContext,
+) -> _Tick:
+    """Decide every pulled message: one run request per run key not launched yet; the deliveries of one message
+    (Pub/Sub may hand out a message twice in one pull) settled alike."""
+    deliveries: dict[str, list[Any]] = {}
+    for message in received:
+        deliveries.setdefault(message.message.message_id, []).append(message)
+    tick = _Tick()
+    candidates: list[tuple[list[str], RunRequest]] = []
+    for copies in deliveries.values():
+        ack_ids = [m.ack_id for m in copies]
+        request = _request_for(copies[0], build, name, short_name, context.log)
+        if request is None:
+            tick.done += ack_ids
+            tick.skipped += 1
+        else:
+            candidates.append((ack_ids, request))
+    launched = _launched_run_keys(context, name, {request.run_key for _, request in candidates if request.run_key})
+    requested: set[str | None] = set()
+    for ack_ids, request in candidates:
+        if request.run_key in launched:
+            tick.done += ack_ids
+            tick.launched += 1
+            continue
+        tick.requested += ack_ids
+        if request.run_key not in requested:  # one request per key: duplicate notifications of one write
+            requested.add(request.run_key)
+            tick.run_requests.append(request)
+    return tick
+
+
+def _settle(subscriber: Any, path: str, done: list[str], handed_back: list[str], name: str, log: Any) -> None:
+    """Ack what needs no run or whose run exists; hand the rest back for a tick after this one's is kept."""
+    for settle, ack_ids, what in ((ack, done, "acking"), (nack, handed_back, "handing back")):
+        if not ack_ids:
             continue
         try:
-            settle(subscriber, path, [m.ack_id for m in messages])
-        except Exception as exc:  # noqa: BLE001 - the cursor and the run keys absorb the redelivery
+            settle(subscriber, path, ack_ids)
+        except Exception as exc:  # noqa: BLE001 - a redelivery is recognised by its run key
             log.warning(
-                f"[pubsub] {name}: {what} {len(messages)} messages on {path} failed ({type(exc).__name__}: {exc}); "
-                "they come back after their ack deadline and the cursor and run keys absorb them"
+                f"[pubsub] {name}: {what} {len(ack_ids)} messages on {path} failed ({type(exc).__name__}: {exc}); "
+                "they come back after their ack deadline and are recognised by their run keys"
             )
 
 
@@ -281,13 +328,14 @@ def pubsub_sensor(
         target: what the runs materialize or execute: an asset selection, assets, or a job (as for
             ``@sensor(target=...)``).
         build_run_request: ``PubSubEvent -> RunRequest | None``: run config, tags, partition key for a
-            message; ``None`` skips the message (acked by the next tick). Raising (``ValueError``/
-            ``PubSubEventError`` for a malformed message, or anything else) skips the message with a warning
-            in the tick's log. Default: ``default_run_request`` (no run config, the message id and
-            attributes as tags). The run key is ``default_run_key`` (``bucket/object#generation`` for a Cloud
-            Storage notification, else the message id) unless the request sets its own; the tags always
-            include ``pubsub/message_id`` and ``pubsub/subscription``.
-        max_messages_per_tick: pull at most this many messages per tick; the rest wait for the next tick.
+            message; ``None`` skips the message (acked, no run). Raising (``ValueError``/``PubSubEventError``
+            for a malformed message, or anything else) skips and acks the message with a warning in the
+            tick's log. Default: ``default_run_request`` (no run config, the message id and attributes as
+            tags). The run key is ``default_run_key`` (``bucket/object#generation`` for a Cloud Storage
+            notification, else the message id) unless the request sets its own, which must be the same
+            for every delivery of the message; the tags always include ``pubsub/message_id`` and
+            ``pubsub/subscription``.
+        max_messages_per_tick: pull at most this many messages per tick; the rest wait for a later tick.
         minimum_interval_seconds: the sensor's interval.
         project: the subscription's project; default ``GOOGLE_CLOUD_PROJECT``, then ADC (read at each tick).
         pull_timeout_seconds: how long the first pull of a tick waits for messages when none are waiting
@@ -300,7 +348,6 @@ def pubsub_sensor(
     if not subscription:
         raise ValueError("subscription is empty: name the pull subscription the sensor reads")
     build = build_run_request or default_run_request
-    remembered = max(CURSOR_MESSAGE_IDS, 2 * max_messages_per_tick)
 
     @sensor(
         name=name,
@@ -312,9 +359,6 @@ def pubsub_sensor(
     def _pubsub_sensor(context: SensorEvaluationContext) -> SensorResult | SkipReason:
         path = subscription_path(resolve_project(project), subscription)
         short_name = path.rsplit("/", 1)[-1]
-        handled_before = _load_cursor(context.cursor)
-        already = set(handled_before)
-
         with subscriber_client() as subscriber:
             received = pull(
                 subscriber,
@@ -325,23 +369,17 @@ def pubsub_sensor(
             )
             if not received:
                 return SkipReason(f"no messages waiting on {path}")
-            handled = [m for m in received if m.message.message_id in already]  # kept by an earlier tick: ack
-            new = [m for m in received if m.message.message_id not in already]
             try:
-                outcome = _requests_for(new, build, name, short_name, context.log)
-            finally:
-                # a new message is acked by the tick that finds it in the cursor Dagster kept, never by this one
-                _settle(subscriber, path, handled, new, name, context.log)
+                tick = _evaluate(received, build, name, short_name, context)
+            except BaseException:
+                _settle(subscriber, path, [], [m.ack_id for m in received], name, context.log)
+                raise
+            _settle(subscriber, path, tick.done, tick.requested, name, context.log)
 
-        newly_handled = list(dict.fromkeys(m.message.message_id for m in new))
-        cursor = json.dumps((handled_before + newly_handled)[-remembered:])
-        summary = (
-            f"{len(received)} messages on {short_name}: {len(outcome.run_requests)} run requests, "
-            f"{outcome.skipped} skipped, {len(handled)} already handled"
-        )
+        summary = tick.summary(len(received), short_name)
         context.log.info(f"[pubsub] {name}: {summary}")
-        if not outcome.run_requests:
-            return SensorResult(skip_reason=f"{summary} (acked)", cursor=cursor)
-        return SensorResult(run_requests=outcome.run_requests, cursor=cursor)
+        if not tick.run_requests:
+            return SkipReason(summary)
+        return SensorResult(run_requests=tick.run_requests)
 
     return _pubsub_sensor

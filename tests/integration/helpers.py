@@ -75,6 +75,10 @@ def session_subscriptions(project: str) -> list[str]:
 
 def session_objects(project: str, prefix: str = "dagster-pipes/") -> list[str]:
     """Objects the client's sessions left in the payload bucket (claim-checks, context, leases), except the
-    tombstones of ended sessions (ended leases, swept once their start window has passed)."""
+    tombstones of ended sessions (ended leases, swept once their start window has passed) and the completion
+    sensors' claims on their reply topics (``detached-owner/``, which belong to no session)."""
     blobs = storage.Client(project=project).list_blobs(PAYLOAD_BUCKET, prefix=prefix)
-    return [b.name for b in blobs if not read_lease(b).ended or "/leases/" not in f"/{b.name}"]
+    return [
+        b.name for b in blobs
+        if (not read_lease(b).ended or "/leases/" not in f"/{b.name}") and "/detached-owner/" not in f"/{b.name}"
+    ]

@@ -23,13 +23,13 @@ from dagster import (
     materialize,
 )
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
-from google.cloud import pubsub_v1
 from tenacity import retry, retry_if_result, stop_after_delay, wait_fixed
 
 from dagster_gcf_pipes.orchestrator.definitions.component import CloudFunctionComponent, attributes_table
 from tests.conftest import PAYLOAD_BUCKET, REPLY_TOPIC, TEST_TOPIC
 from tests.integration.helpers import session_objects
 from tests.integration.test_round_trip import sha256_json
+from tests.modes.test_detached import create_reply_topic
 
 TYPE = "dagster_gcf_pipes.orchestrator.CloudFunctionComponent"
 DG = str(Path(sys.executable).parent / "dg")
@@ -148,11 +148,7 @@ def load(root: Path, monkeypatch: pytest.MonkeyPatch) -> Definitions:
 def detached_topic(stack: Any) -> str:
     """A detached reply topic with its durable subscription (both named by the returned name)."""
     name = f"component-detached-{uuid.uuid4().hex[:8]}"
-    with pubsub_v1.PublisherClient() as publisher, pubsub_v1.SubscriberClient() as subscriber:
-        topic = publisher.create_topic(request={"name": publisher.topic_path(stack.project, name)}).name
-        subscriber.create_subscription(
-            request={"name": subscriber.subscription_path(stack.project, name), "topic": topic}
-        )
+    create_reply_topic(stack.project, name)
     return name
 
 
@@ -283,6 +279,40 @@ def test_detached_job_and_its_completion_sensor_record_the_materialization(defs:
     assert event.asset_key == AssetKey(["component", "later"])
     assert event.metadata["n"].value == 4
     assert event.metadata["payload_sha256"].value == sha256_json({"n": 4, "log_lines": 2})
+
+
+def test_a_detached_partitioned_instance_records_the_materialization_on_the_runs_partition(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, project_env: None
+) -> None:
+    """The payload sees the run's partition, and the completion sensor records the function's
+    materialization on it (before: partition None, and no partition of the asset materialized)."""
+    parted = CLIENT + """\
+  detached_reply_topic: "{{ env.CT_DETACHED_TOPIC }}"
+  assets:
+    - key: component/parted
+      partitions_def: {type: static, partition_keys: [p1, p2, p3]}
+  mode: detached
+  detached:
+    subscription: "{{ env.CT_DETACHED_SUBSCRIPTION }}"
+  payload:
+    n: 4
+    part: "{{ partition_key }}"
+"""
+    write_project(tmp_path, {"parted": parted})
+    defs = load(tmp_path, monkeypatch)
+    client = defs.resources["pipes_pubsub"]
+    key = AssetKey(["component", "parted"])
+    with DagsterInstance.ephemeral() as instance:
+        run = defs.resolve_job_def("parted_job").execute_in_process(instance=instance, partition_key="p2")
+        assert run.success
+        sensor = defs.resolve_sensor_def("parted_completions")
+        recorded = recording_tick(sensor, client, instance)
+        (event,) = recorded.asset_events
+        assert event.asset_key == key and event.partition == "p2"
+        assert event.metadata["payload_sha256"].value == sha256_json({"n": 4, "part": "p2"})
+        instance.report_runless_asset_event(event)  # as the daemon writes it
+        assert instance.get_materialized_partitions(key) == {"p2"}
+        sensor(build_sensor_context(instance=instance, cursor=recorded.cursor, resources={"pipes_pubsub": client}))
 
 
 # --- invalid instances --------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from dagster import (
     RunRequest,
     SensorResult,
     SkipReason,
+    StaticPartitionsDefinition,
     build_sensor_context,
     instance_for_test,
     job,
@@ -45,6 +46,7 @@ from dagster_gcf_pipes.shared.protocol import Reply
 from tests.conftest import PAYLOAD_BUCKET, TEST_TOPIC
 from tests.integration.helpers import make_client
 from tests.modes.daemon import DaemonDied, SensorDaemon, sensor_daemon
+from tests.modes.subscriptions import wait_until_pullable, whole_deliveries
 
 ASSET = AssetKey("detached_asset")
 
@@ -57,7 +59,9 @@ daemon_defs = Definitions(
             subscription=DAEMON_TOPIC,
             name="daemon_completions",
             default_status=DefaultSensorStatus.RUNNING,
-            pull_timeout_seconds=0.5,
+            # not 0.5 s: the production-semantics layer polls the emulator every 0.5 s during a pull and loses
+            # (until its ack deadline) what reaches the poll at the pull's very end, every time for a 0.5 s pull
+            pull_timeout_seconds=1.5,
         )
     ],
     resources={"pipes_pubsub": make_client(detached_reply_topic=DAEMON_TOPIC)},
@@ -70,7 +74,10 @@ def create_reply_topic(project: str, name: str) -> None:
     """A detached reply topic and its durable subscription, both called ``name``."""
     with pubsub_v1.PublisherClient() as publisher, pubsub_v1.SubscriberClient() as subscriber:
         topic = publisher.create_topic(request={"name": publisher.topic_path(project, name)}).name
-        subscriber.create_subscription(request={"name": subscriber.subscription_path(project, name), "topic": topic})
+        path = subscriber.create_subscription(
+            request={"name": subscriber.subscription_path(project, name), "topic": topic}
+        ).name
+        wait_until_pullable(subscriber, path)
 
 
 def delete_reply_topic(project: str, name: str) -> None:
@@ -205,6 +212,34 @@ def test_detached_session_is_recorded_exactly_once(detached: tuple[PipesPubSubCl
         assert metadata["pipes_log_lines"] == 4  # "scenario echo starts" and three lines
         assert metadata["pipes_log_tail"].endswith("line 2")
         assert session_objects(client, session_id) == []
+        assert pending_entries(client) == []
+
+
+def test_a_partitioned_run_detached_is_recorded_on_its_partition(detached: tuple[PipesPubSubClient, str]) -> None:
+    """Before, the sensor recorded the materialization with partition None: the partition was lost."""
+    client, subscription = detached
+
+    @op
+    def trigger_partition(context: OpExecutionContext, pipes_pubsub: PipesPubSubClient) -> Output[None]:
+        session = pipes_pubsub.run_detached(context=context, payload={"n": 2}, asset_key=ASSET)
+        return Output(None, metadata=session.metadata)
+
+    @job(partitions_def=StaticPartitionsDefinition(["p1", "p2", "p3"]))
+    def partitioned_detached_job() -> None:
+        trigger_partition()
+
+    sensor = pipes_completion_sensor(subscription=subscription)
+    with DagsterInstance.ephemeral() as instance:
+        run = partitioned_detached_job.execute_in_process(
+            partition_key="p2", resources={"pipes_pubsub": client}, instance=instance
+        )
+        assert run.success
+        recorded = first_ending_tick(sensor, client, instance)
+        (event,) = recorded.asset_events
+        assert event.partition == "p2"
+        instance.report_runless_asset_event(event)  # as the daemon writes it
+        assert instance.get_materialized_partitions(ASSET) == {"p2"}
+        tick(sensor, client, instance, recorded.cursor)  # the ack phase
         assert pending_entries(client) == []
 
 
@@ -376,22 +411,25 @@ def test_the_daemon_dying_at_any_write_of_a_tick_records_each_session_exactly_on
         with sensor_daemon(
             "detached_daemon_test", python_file=__file__, attribute="daemon_defs", synchronous=True
         ) as daemon:
-            baseline = run_round(stack.project, daemon, client, monkeypatch, k=None)
+            baseline = run_round(stack, daemon, client, monkeypatch, k=None)
             assert baseline == 5  # three events, the failure run, the cursor
             for k in range(baseline):
-                run_round(stack.project, daemon, client, monkeypatch, k=k)
+                run_round(stack, daemon, client, monkeypatch, k=k)
     finally:
         delete_reply_topic(stack.project, DAEMON_TOPIC)
 
 
 def run_round(
-    project: str, daemon: SensorDaemon, client: PipesPubSubClient, monkeypatch: pytest.MonkeyPatch, k: int | None
+    stack: Any, daemon: SensorDaemon, client: PipesPubSubClient, monkeypatch: pytest.MonkeyPatch, k: int | None
 ) -> int:
-    """One round; returns how many writes the round's first tick made after its evaluation."""
+    """One round; returns how many writes the round's first tick made after its evaluation. That tick pulls
+    with the production-semantics layer's delivery faults off, so that it sees all four sessions end and
+    its k-th write is the same write in every round (the faults are on for the ticks after it)."""
+    project = stack.project
     sessions = trigger(client, [{"n": i} for i in range(3)] + [{"scenario": "raise"}], daemon.instance)
     ok, failed = sessions[:3], sessions[3]
     wait_until_closed(project, DAEMON_TOPIC, sessions)
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch, whole_deliveries(stack):
         faults = DiesAtWrite(daemon, patch, k)
         if k is None:
             daemon.tick()
