@@ -45,6 +45,8 @@ _log = logging.getLogger(__name__)
 SUBSCRIBER = "/google.pubsub.v1.Subscriber/"
 PUBLISHER = "/google.pubsub.v1.Publisher/"
 STREAMING_PULL = SUBSCRIBER + "StreamingPull"
+#: the timeout of the layer's own return_immediately Pulls of the emulator
+UPSTREAM_PULL_TIMEOUT_SECONDS = 10.0
 
 #: no size limits, as on production channels (Pub/Sub's own cap is 10 MB a message)
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -285,8 +287,11 @@ class Proxy(grpc.GenericRpcHandler):
         """One ``return_immediately`` Pull of the emulator; what it hands out within ``window`` of ``deadline``,
         or after the client went away, is lost (see ``_pull``)."""
         layer, loop = self.layer, asyncio.get_running_loop()
+        # a return_immediately Pull answers at once: its own timeout is generous, never the client's last
+        # millisecond (the emulator assigns messages to a call whose 1 ms deadline passed, and they were lost
+        # to every pull, not only within the race window)
         call = asyncio.ensure_future(layer.unary(SUBSCRIBER + "Pull")(
-            request, timeout=max(deadline - loop.time(), 0.001), metadata=_metadata(context)
+            request, timeout=UPSTREAM_PULL_TIMEOUT_SECONDS, metadata=_metadata(context)
         ))
         try:
             answer = await asyncio.shield(call)
