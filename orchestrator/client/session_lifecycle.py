@@ -178,6 +178,11 @@ class SessionLifecycle:
                         f"{record.run_id}: {found.state}; starting a new session")
             self.abandon(run, record)
             return None
+        if found.subscriptions is not None and found.subscriptions != record.subscriptions:
+            missing = sorted(set(record.subscriptions) - set(found.subscriptions))
+            log.info(f"{run.log_prefix}[pipes] session {record.session_id}: {', '.join(missing)} recorded by an earlier "
+                     "attempt but never created; its first subscription holds every reply")
+            record = earlier.record = replace(record, subscriptions=found.subscriptions)
         log.info(f"{run.log_prefix}[pipes] re-attaching to session {record.session_id} of run {record.run_id} "
                  f"({found.state}): no new trigger; its replies are read again from the start, and the "
                  f"{len(earlier.recorded)} line(s) the step wrote since are checked so none is written twice")

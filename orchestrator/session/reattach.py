@@ -331,6 +331,8 @@ class ReplayFilter:
 class Probe:
     attach: bool
     state: str  # what was found, for the log line
+    #: the record's subscriptions that exist (None: not looked at, a fan-out group's)
+    subscriptions: tuple[str, ...] | None = None
 
 
 @transient_retry()
@@ -340,11 +342,18 @@ def probe(
 ) -> Probe:
     """Whether the earlier session can be re-attached, judged by its subscription (unless ``subscriber`` is
     None: a fan-out group's, re-opened already) and its lease."""
-    for subscription in record.subscriptions if subscriber is not None else ():
+    present: list[str] = []
+    for index, subscription in enumerate(record.subscriptions if subscriber is not None else ()):
         try:
             subscriber.get_subscription(request={"subscription": subscription}, retry=None, timeout=10)
         except gexc.NotFound:
-            return Probe(False, f"its reply subscription {subscription} is gone (deleted, or expired)")
+            if index == 0:
+                return Probe(False, f"its reply subscription {subscription} is gone (deleted, or expired)")
+            # a later attempt's, recorded but never created (killed in between, or its create failed): the first
+            # one, made before the trigger and kept until the session is released, holds every reply anyway
+            continue
+        present.append(subscription)
+    found = tuple(present) if subscriber is not None else None
     blob = gcs.bucket(bucket).blob(lease_key(prefix, record.session_id))
     held = gcs.bucket(bucket).get_blob(blob.name)
     if held is None:
@@ -353,7 +362,7 @@ def probe(
         try:
             write_lease(blob, ended, generation=0)
         except gexc.PreconditionFailed:
-            return Probe(True, "its function claimed it just now")
+            return Probe(True, "its function claimed it just now", found)
         return Probe(False, "its function had not started it; it is ended now, so its trigger can never start it")
     lease = read_lease(held)
     if lease.ended and lease.reason == NEVER_STARTED:
@@ -361,7 +370,7 @@ def probe(
         # way no function ever ran the session, and there is nothing to collect
         return Probe(False, "its function had not started it; it is ended, so its trigger can never start it")
     if lease.ended:
-        return Probe(True, f"its lease is ended ({lease.reason}): collecting what it sent")
+        return Probe(True, f"its lease is ended ({lease.reason}): collecting what it sent", found)
     if lease.expires_at < time.time():
-        return Probe(True, f"its lease of invocation {lease.invocation_id} expired: collecting what it sent")
-    return Probe(True, f"invocation {lease.invocation_id} holds its lease")
+        return Probe(True, f"its lease of invocation {lease.invocation_id} expired: collecting what it sent", found)
+    return Probe(True, f"invocation {lease.invocation_id} holds its lease", found)

@@ -55,3 +55,30 @@ def test_a_session_whose_function_never_started_is_ended_and_not_re_attached(sta
     decision = probe(None, gcs, bucket=PAYLOAD_BUCKET, prefix=PREFIX, record=found, start_window=120.0)
     assert not decision.attach and "had not started it" in decision.state
     gcs.bucket(PAYLOAD_BUCKET).blob(lease_key(PREFIX, found.session_id)).delete()
+
+
+def test_a_subscription_recorded_by_a_killed_attempt_but_never_created_does_not_end_the_session(stack) -> None:
+    """An attempt that re-attached records its own subscription before creating it (so no crash leaves one
+    unrecorded); killed in between, or its create failed, the record names a subscription that does not exist.
+    The next attempt must not read that as "gone" and end the live session (issue 24, item 9): the first
+    subscription, made before the trigger, holds every reply."""
+    from google.cloud import pubsub_v1
+
+    from dagster_gcf_pipes.function.lease import claim_lease
+    from tests.conftest import REPLY_TOPIC
+
+    gcs = storage.Client(project=stack.project)
+    found = record()
+    original = f"projects/{stack.project}/subscriptions/dagster-pipes-{found.session_id}"
+    never_created = f"{original}-0a1b2c3d"
+    found = SessionRecord(**{**found.__dict__, "subscriptions": (original, never_created)})
+    with pubsub_v1.SubscriberClient() as subscriber:
+        subscriber.create_subscription(request={"name": original, "topic": f"projects/{stack.project}/topics/{REPLY_TOPIC}"})
+        try:
+            assert claim_lease(gcs, PAYLOAD_BUCKET, lease_key(PREFIX, found.session_id), "inv", 600.0)
+            decision = probe(subscriber, gcs, bucket=PAYLOAD_BUCKET, prefix=PREFIX, record=found, start_window=120.0)
+        finally:
+            subscriber.delete_subscription(request={"subscription": original})
+            gcs.bucket(PAYLOAD_BUCKET).blob(lease_key(PREFIX, found.session_id)).delete()
+    assert decision.attach, decision.state
+    assert decision.subscriptions == (original,)
