@@ -11,7 +11,15 @@ from traceback import TracebackException
 from types import TracebackType
 from typing import Any
 
-from dagster_pipes import PipesContext, PipesContextLoader, PipesException, PipesMessageWriter, PipesParamsLoader
+from dagster_pipes import (
+    PIPES_PROTOCOL_VERSION,
+    PIPES_PROTOCOL_VERSION_FIELD,
+    PipesContext,
+    PipesContextLoader,
+    PipesException,
+    PipesMessageWriter,
+    PipesParamsLoader,
+)
 
 from dagster_gcf_pipes.function import tracing
 from dagster_gcf_pipes.function.cancellation import Cancellation
@@ -35,7 +43,11 @@ class CloudFunctionPipesContext(PipesContext):
         cancellation: Cancellation,
     ) -> None:
         self._close_lock = threading.Lock()
-        super().__init__(params_loader, context_loader, message_writer)
+        try:
+            super().__init__(params_loader, context_loader, message_writer)
+        except Exception as exc:
+            _report_unloadable_context(params_loader, message_writer, exc)
+            raise ContextUnloadable(f"the session's context could not be loaded: {exc!r}") from exc
         self._cancellation = cancellation
 
     @property
@@ -76,6 +88,24 @@ class CloudFunctionPipesContext(PipesContext):
             message=f"{SessionTimeout.__name__}: {message}\n", stack=stack, name=SessionTimeout.__name__,
             cause=None, context=None,
         ))
+
+
+class ContextUnloadable(Exception):
+    """The session's Pipes context could not be loaded (its context object is missing or unreadable); what
+    happened was reported to Dagster through ``opened`` and ``closed``, if the reply channel works."""
+
+
+def _report_unloadable_context(params_loader: PipesParamsLoader, writer: PipesMessageWriter, exc: Exception) -> None:
+    """dagster-pipes loads the context before it opens the reply channel, so a context that cannot be loaded
+    (a claim-checked context object gone, unreadable) would send nothing and leave Dagster waiting out its
+    startup timeout: open the channel here and send ``opened`` and ``closed`` with the error."""
+    try:
+        with writer.open(params_loader.load_messages_params()) as channel:
+            exception = pipes_exception(TracebackException.from_exception(exc))
+            for method, params in (("opened", writer.get_opened_payload()), ("closed", {"exception": exception})):
+                channel.write_message({PIPES_PROTOCOL_VERSION_FIELD: PIPES_PROTOCOL_VERSION, "method": method, "params": params})
+    except Exception:  # noqa: BLE001 - the channel fails too: the original error is what the function raises
+        pass
 
 
 def pipes_exception(tb: TracebackException) -> PipesException:

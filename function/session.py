@@ -23,7 +23,7 @@ from google.api_core import exceptions as gexc
 
 from dagster_gcf_pipes.function import clients
 from dagster_gcf_pipes.function.cancellation import Cancellation, deadline_margin, watch_session
-from dagster_gcf_pipes.function.context import CloudFunctionPipesContext, SessionCancelled
+from dagster_gcf_pipes.function.context import CloudFunctionPipesContext, ContextUnloadable, SessionCancelled
 from dagster_gcf_pipes.function.context_loader import PipesInlineOrGCSContextLoader
 from dagster_gcf_pipes.function.gcs_chunk_writer import GCSChunkMessageWriter
 from dagster_gcf_pipes.function.lease import Claim, claim_lease, ended_session_of_claim, why_stop
@@ -204,6 +204,9 @@ def _run_session(
     except Exception as exc:  # noqa: BLE001 - reported through `closed` by PipesContext.__exit__
         if not handler_started and isinstance(exc, SessionCancelled):
             _log.warning("session %s: the handler was not started: %s", trigger.session_id, exc)
+            return SessionOutcome(trigger.session_id, invocation_id, ran=False, error=exc)
+        if isinstance(exc, ContextUnloadable):  # reported to Dagster by the context itself; no redelivery helps
+            _log.error("session %s: the handler was not started: %s; reported to Dagster", trigger.session_id, exc)
             return SessionOutcome(trigger.session_id, invocation_id, ran=False, error=exc)
         if isinstance(exc, SessionCancelled):  # a terminated run, not a failure: no ERROR, no traceback
             _log.info("session %s: the handler stopped: %s; reported to Dagster", trigger.session_id, exc)
