@@ -9,6 +9,7 @@ its subscription, record it released). The steps of dagster-aws's ``PipesBaseCli
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from typing import Any
 from dagster import (
     AssetExecutionContext,
     DagsterExecutionInterruptedError,
+    DagsterRunStatus,
     OpExecutionContext,
     PipesClientCompletedInvocation,
     open_pipes_session,
@@ -27,6 +29,7 @@ from dagster_pipes import PipesExtras
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
+from dagster_gcf_pipes.orchestrator.session.attach_claim import take_attach_claim
 from dagster_gcf_pipes.orchestrator.session.context_injectors import PipesPubSubContextInjector
 from dagster_gcf_pipes.orchestrator.diagnostics.errors import (
     CloudFunctionError,
@@ -108,6 +111,12 @@ def recorded_topic(resolved: ResolvedCall, record: SessionRecord) -> str:
 
 
 
+def run_is_over(instance: Any, run_id: str) -> bool:
+    """Whether the Dagster run ``run_id`` has ended (or is unknown to this instance)."""
+    found = instance.get_run_by_id(run_id)
+    return found is None or found.status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
+
+
 def publish_trigger(publisher: Any, topic: str, data: bytes, attributes: Mapping[str, str]) -> str:
     """Publish a trigger; a topic that does not exist or may not be published to is a configuration error
     (resolution does not check topics beforehand: see its docstring)."""
@@ -170,6 +179,12 @@ class SessionLifecycle:
         """Read the earlier attempt's session instead of starting one; None when it is gone or dead (logged,
         and cleaned up: this attempt is the one that finishes it)."""
         record, log = earlier.record, run.context.log
+        # one re-attaching attempt per session: another one still running makes this step fail, naming it
+        take_attach_claim(
+            run.resolved.gcs, self.settings.bucket, self.settings.prefix, record.session_id,
+            run_id=run.context.run.run_id, until=record.triggered_at + self._session_cap(run.resolved),
+            is_over=functools.partial(run_is_over, run.context.instance),
+        )
         with nullcontext(None) if run.demux is not None else subscriber_client() as subscriber:
             found = probe(subscriber, run.resolved.gcs, bucket=self.settings.bucket, prefix=self.settings.prefix,
                           record=record, start_window=self.settings.startup_timeout)

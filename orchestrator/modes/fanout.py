@@ -46,12 +46,14 @@ from dagster import (
 from dagster_pipes import DagsterPipesError
 
 from dagster_gcf_pipes.orchestrator.diagnostics.errors import PipesPubSubConfigError, PipesPubSubError, RunInterrupted
+from dagster_gcf_pipes.orchestrator.session.attach_claim import AttachHeld
 from dagster_gcf_pipes.orchestrator.modes.fanout_progress import FanOutProgress, shard_statistics, shard_table
 
 RunShard = Callable[[int, Mapping[str, Any]], PipesClientCompletedInvocation]
 
-#: Errors a new session cannot fix: retrying them only repeats the failure.
-NOT_RETRIED = (PipesPubSubConfigError, RunInterrupted)
+#: Errors a new session cannot fix: retrying them only repeats the failure (or, for a shard whose earlier session
+#: another attempt is re-attached to, runs it a second time).
+NOT_RETRIED = (PipesPubSubConfigError, RunInterrupted, AttachHeld)
 
 #: At most this many shard indexes are listed in an aggregated check's metadata (the counts are always exact):
 #: a check of a 1,000-shard fan-out stays small.

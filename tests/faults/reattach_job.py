@@ -64,6 +64,7 @@ def run(instance: DagsterInstance, spec: dict[str, Any], parent_run_id: str | No
     return execute_job(job, instance, tags=tags, reexecution_options=ReexecutionOptions.from_failure(parent_run_id, instance))
 
 
-if __name__ == "__main__":
-    with DagsterInstance.from_config(sys.argv[1]) as instance, run(instance, json.loads(sys.argv[2])) as result:
+if __name__ == "__main__":  # DAGSTER_HOME SPEC [PARENT_RUN_ID: re-execute it from failure]
+    parent = sys.argv[3] if len(sys.argv) > 3 else None
+    with DagsterInstance.from_config(sys.argv[1]) as instance, run(instance, json.loads(sys.argv[2]), parent) as result:
         print(json.dumps({"run_id": result.run_id, "success": result.success}), flush=True)

@@ -296,3 +296,34 @@ def test_a_retained_subscription_rides_out_not_found_right_after_its_creation(st
     assert not_found >= 2
     assert [m for m in outcome.log_messages if m.startswith("line ")] == [f"line {i}" for i in range(5)]
     assert_nothing_left(stack.project)
+
+
+def test_two_re_executions_at_once_one_re_attaches_and_the_other_says_why(stack, tmp_path):
+    """A run retry and a manual re-execution of the same failed run, in two real processes at once (issue 24,
+    item 8): one re-attaches to the killed attempt's session and records it; the other takes no part in it and
+    fails naming the run that holds the session; the function ran once."""
+    token = uuid.uuid4().hex
+    spec = {"client": FAST, "payload": {"token": token, "log_lines": 30, "line_interval": 0.1}}
+    home = tmp_path / "home"
+    with orchestrator(stack, home, spec) as orch:
+        wait_until(lambda: orch.running() and any(m.startswith("line ") for m in orch.step_lines()), "the first line")
+        parent = orch.kill()
+        env = {**os.environ, **stack.environment, "PYTHONPATH": str(REPO_ROOT)}
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.faults.reattach_job", str(home), json.dumps(spec), parent],
+                cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+            for _ in range(2)
+        ]
+        outputs = [child.communicate(timeout=120)[0] for child in children]
+        results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+        assert sorted(r["success"] for r in results) == [False, True], outputs
+        loser = next(r["run_id"] for r in results if not r["success"])
+        winner = next(r["run_id"] for r in results if r["success"])
+        failures = orch.instance.all_logs(loser, of_type=DagsterEventType.STEP_FAILURE)
+        message = failures[0].dagster_event.event_specific_data.error.to_string()
+        assert f"is being re-attached by run {winner}" in message, message
+        assert len(materializations(orch.instance, winner)) == 1 and materializations(orch.instance, loser) == []
+        assert_every_line_once(orch.instance, [parent, winner], 30)
+    assert lake_count(stack.project, f"runs/{token}/") == 1  # the function ran once
