@@ -548,7 +548,8 @@ def main() -> None:
             heartbeat_interval=2.0, heartbeat_timeout=20.0, function_timeout=60.0,
         )
         run_session(client, Session(-1, 1, 1, 0.0, []))  # warm up imports and the function instance
-        taps = Taps(stack.project)
+        with stack.provisioning():  # the taps are instruments: they read the emulator itself, beneath the layer
+            taps = Taps(stack.project)
         injector = Injector(stack, taps, sessions, schedule, started, rng)
         injector.start()
         clock = time.monotonic()
