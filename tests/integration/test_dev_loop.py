@@ -528,13 +528,17 @@ def test_sigkill_of_dev_leaves_neither_dagster_nor_the_stack_running(project: Pa
     process, output = gcf_pipes_command("dev", "-f", "my_defs.py", "--function", "my_function/main.py:main",
                                         "--port", str(port), env={"DAGSTER_HOME": str(tmp_path)})
     output.wait_for("Serving dagster-webserver", timeout=120)
+    wanted = ("dagster_webserver", "dagster._daemon", "dagster api grpc")
+    deadline = time.monotonic() + 60  # on a loaded machine the daemon and code server may come up after the webserver
+    while not all(part in " ".join(descendants(process.pid).values()) for part in wanted) and time.monotonic() < deadline:
+        time.sleep(0.2)
     started = descendants(process.pid)
     commands = " ".join(started.values())
-    assert "dagster_webserver" in commands and "dagster._daemon" in commands and "dagster api grpc" in commands, commands
+    assert all(part in commands for part in wanted), commands
 
     process.kill()
     process.wait()
-    deadline = time.monotonic() + 15  # the watchdog sees the end of its pipe, then SIGKILLs each group
+    deadline = time.monotonic() + 30  # the watchdog sees the end of its pipe, then SIGKILLs each group
     while alive(started) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert alive(started) == {}, "left running after SIGKILL of gcf-pipes dev"
