@@ -3,13 +3,17 @@
     gcf-pipes dev --function my_function/main.py:main -m my_project.definitions
     gcf-pipes dev --function a/main.py:main --trigger-topic t1 --function b/main.py:main --trigger-topic t2 -f defs.py
     gcf-pipes up  --function my_function/main.py:main -m my_project.definitions     # just the stack
+    gcf-pipes dev --function my_node_function/index.js:main -m my_project.definitions   # a Node.js function
 
 Both start Google's Pub/Sub emulator and fake-gcs-server, serve each ``--function`` in the Functions Framework
 fed from its trigger topic as Eventarc feeds it, and create what the code location's ``PipesPubSubClient``
 resources name (trigger, reply and detached reply topics, the bucket; ``--topic``, ``--bucket`` and
 ``--subscription NAME=TOPIC`` add more, e.g. the durable subscription a completion sensor reads). When a
 function's source folder changes, its server is restarted at once and the reload is logged, so the next
-trigger runs the new code (what Dagster and the stack write there themselves is not an edit: ``source_filter``).
+trigger runs the new code (what Dagster and the stack write there themselves is not an edit: ``source_filter``;
+nor, in a Node.js function's folder, npm's writes to ``node_modules/`` nor ``dist/`` unless the entry is there:
+``edit_filter``). A Node.js function (its ``.js`` file, or its folder with a package.json) is served by Google's
+Node.js Functions Framework (``LocalFunction``).
 A ``--function`` given as a URL is one the user serves (the built folder in a venv of its own, a debugger): the
 stack pushes its trigger topic there, as Eventarc does, and does not start or watch it. Once a second the stack is looked at: a function server that died (a native crash,
 the OOM killer) is reported with the end of its log and restarted, unless it dies again right after that
@@ -21,7 +25,7 @@ location with them set, in a process group that the stack's watchdog kills with 
 
 Before anything starts, each ``PipesPubSubClient`` is checked as a step would check it (``config_problems()``),
 and refused if it sets ``function_name`` (a step looks it up in the Cloud Functions API, which the stack does
-not emulate); each ``--function`` gets the build's entry-point check (also before each reload). A refusal is one
+not emulate); each Python ``--function`` gets the build's entry-point check (also before each reload). A refusal is one
 message and exit code 2. A function that answers a delivery with an error (it failed outside its Pipes
 session) is reported on the terminal within a second, with the end of its log, as the dispatcher saw it.
 """
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -264,7 +269,7 @@ class FunctionKeeper:
 
     @property
     def folder(self) -> Path:
-        return Path(self.function.source).parent
+        return self.function.folder
 
     @property
     def server_name(self) -> str:
@@ -309,7 +314,7 @@ class FunctionKeeper:
 
     def _restart(self) -> bool:
         try:
-            problem = entry_point_problem(Path(self.function.source), self.function.target)
+            problem = _entry_point_problem(self.function)
             if problem:
                 raise LocalStackError(problem)  # a save mid-edit: one line, no server started for nothing
             self.stack.restart_function(self.function)
@@ -324,6 +329,15 @@ class FunctionKeeper:
         self.waiting_for_edit = True
         _log.error("%s %s: not restarting it again; it will be restarted after the next edit of %s",
                    self.server_name, what_happened, self.folder)
+
+
+def _entry_point_problem(function: LocalFunction) -> str | None:
+    """The build's check of a Python entry point (read from the source). A Node.js function has none here: the
+    Node.js Functions Framework exits saying what is wrong (a syntax error, a target the module does not
+    export), and the end of its log is in the restart's error."""
+    if function.language == "nodejs":
+        return None
+    return entry_point_problem(Path(function.source), function.target)
 
 
 @dataclass
@@ -430,17 +444,52 @@ def source_filter(stack: LocalStack) -> Callable[[Any, str], bool]:
     return is_edit
 
 
+#: a Node.js function's build output folder (tsc's usual outDir, bundlers'): npm scripts and watchers write it
+NODE_BUILD_OUTPUT = "dist"
+#: TypeScript sources: the Functions Framework serves JavaScript, so the edit is the compiled file's write
+TYPESCRIPT_SUFFIXES = (".ts", ".mts", ".cts")
+
+
+def node_entry(function: LocalFunction) -> Path:
+    """The file the Node.js Functions Framework loads: the ``.js`` source, or the ``main`` of its folder's
+    package.json (``index.js`` when it names none)."""
+    source = Path(function.source).resolve()
+    if not source.is_dir():
+        return source
+    main = json.loads((source / "package.json").read_text(encoding="utf-8")).get("main") or "index.js"
+    return (source / main).resolve()
+
+
+def edit_filter(stack: LocalStack, function: LocalFunction) -> Callable[[Any, str], bool]:
+    """What counts as an edit of ``function``'s folder: ``source_filter``'s edits and, for a Node.js function,
+    not what npm and its build write there: ``node_modules/`` (``npm ci``, caches; watchfiles' default filter),
+    ``dist/`` unless the entry is in it (then its files are the code served, and ``tsc --watch``'s writes are
+    the edits), nor TypeScript sources."""
+    is_edit = source_filter(stack)
+    if function.language != "nodejs":
+        return is_edit
+    output = function.folder / NODE_BUILD_OUTPUT
+    serves_output = node_entry(function).is_relative_to(output)
+
+    def is_node_edit(change: Any, path: str) -> bool:
+        written = Path(path)
+        return (is_edit(change, path) and not written.name.endswith(TYPESCRIPT_SUFFIXES)
+                and (serves_output or not written.is_relative_to(output)))
+
+    return is_node_edit
+
+
 @contextmanager
 def watching(stack: LocalStack, stop: threading.Event) -> Iterator[StackWatch]:
     """Keep the stack's functions served while the block runs: a function's server restarts as soon as a file
-    under its source folder changes (``source_filter``), and when it dies (``StackWatch.run`` looks once a
+    under its folder changes (``edit_filter``), and when it dies (``StackWatch.run`` looks once a
     second)."""
     from watchfiles import watch
 
     keepers = [FunctionKeeper(stack, function, stop) for function in stack.functions]
-    is_edit = source_filter(stack)
 
     def reload_on_edit(keeper: FunctionKeeper) -> None:
+        is_edit = edit_filter(stack, keeper.function)
         for changes in watch(keeper.folder, watch_filter=is_edit, stop_event=stop, debounce=200, step=50):
             keeper.after_edit(changes)
 
@@ -459,7 +508,8 @@ def _exports(stack: LocalStack) -> str:
     return "\n".join(f"export {key}={value}" for key, value in stack.environment.items())
 
 
-def _stop_process_group(process: subprocess.Popen) -> None:
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to ``process``'s group (Ctrl-C in its terminal), SIGKILL if it has not exited 30 s later."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -517,7 +567,7 @@ def _run_dagster(args: argparse.Namespace, stack: LocalStack, watch: StackWatch)
         return watch.run(dagster)
     finally:
         print("stopping dagster dev, then the local stack ...", flush=True)
-        _stop_process_group(dagster)
+        stop_process_group(dagster)
         stack.watchdog.release(dagster.pid)
 
 
@@ -527,9 +577,9 @@ def parser(prog: str) -> argparse.ArgumentParser:
     location.add_argument("-m", "--module", help="the code location's module (as for dagster dev -m)")
     location.add_argument("-f", "--file", help="the code location's file (as for dagster dev -f)")
     parsed.add_argument("--function", action="append", metavar="PATH:ENTRY",
-                        help="a function to serve: its main.py (or folder) and entry point, or the URL of a "
-                             "Functions Framework you run yourself (the stack pushes its trigger topic there); "
-                             "repeatable")
+                        help="a function to serve: its main.py or Node.js index.js (or folder) and entry point, "
+                             "or the URL of a Functions Framework you run yourself (the stack pushes its trigger "
+                             "topic there); repeatable")
     parsed.add_argument("--trigger-topic", action="append", metavar="TOPIC",
                         help="the trigger topic of the --function before it (optional when the code location "
                              "names exactly one and there is one function)")

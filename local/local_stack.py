@@ -391,6 +391,13 @@ class LocalFunction:
         """The runtime that serves it: ``runtime``, or what ``source`` is."""
         return self.runtime or detect_runtime(Path(self.source))
 
+    @property
+    def folder(self) -> Path:
+        """The function's folder: ``source`` if it is one, else the folder holding it (what ``gcf-pipes dev``
+        watches, where a Node.js function's node_modules is)."""
+        source = Path(self.source).resolve()
+        return source if source.is_dir() else source.parent
+
 
 def _signature_type(function: LocalFunction) -> str:
     return f"--signature-type={'cloudevent' if function.trigger_topic else 'http'}"
@@ -624,7 +631,7 @@ class LocalStack:
         the requests at once, as a deployed instance with ``--concurrency`` above 1 does)."""
         assert self.workdir is not None
         source = Path(function.source).resolve()
-        folder = source if source.is_dir() else source.parent
+        folder = function.folder
         log_path = self.workdir / f"function-{function.trigger_topic or function.target}.log"  # _spawn's
         binary = node_functions_framework(folder, log_path)
         argv = [
