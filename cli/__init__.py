@@ -2,7 +2,7 @@
 what it needs: build and worker run with the function extra alone (no dagster), dev and up need the local
 extra (pip install 'dagster-gcf-pipes[local]'). `gcf-pipes SUBCOMMAND --help` describes each one.
 
-    gcf-pipes build SOURCE_DIR OUT_DIR [--entry-point main]          the folder to deploy (function extra)
+    gcf-pipes build SOURCE_DIR OUT_DIR [--entry-point main]          the folder to deploy, Python or Node.js (function extra)
     gcf-pipes worker --subscription S --target module:handler       the pull worker (function extra)
     gcf-pipes dev --function my_function/main.py:main -m my_defs    local stack + dagster dev (local extra)
     gcf-pipes up --function my_function/main.py:main -m my_defs     just the local stack (local extra)
@@ -15,7 +15,7 @@ import sys
 
 #: subcommand -> (module, its function taking ``(argv, prog)``, the extra that installs what it needs)
 COMMANDS = {
-    "build": ("dagster_gcf_pipes.function.build", "main", "function"),
+    "build": ("dagster_gcf_pipes.cli.build", "main", "function"),
     "worker": ("dagster_gcf_pipes.function.worker", "main", "function"),
     "dev": ("dagster_gcf_pipes.local.dev", "main", "local"),
     "up": ("dagster_gcf_pipes.local.dev", "up", "local"),

@@ -358,12 +358,12 @@ def missing_requirement_warnings(source: Path, requirements: str) -> list[str]:
     return list(warnings.values())
 
 
-def _copy_source(source: Path, out: Path) -> list[str]:
-    """Copy ``source`` to ``out`` without what ``SKIPPED`` matches; the paths left out (a folder's with a /)."""
+def copy_source(source: Path, out: Path, skipped: tuple[str, ...] = SKIPPED) -> list[str]:
+    """Copy ``source`` to ``out`` without what ``skipped`` matches; the paths left out (a folder's with a /)."""
     left_out: list[str] = []
 
     def ignore(folder: str, names: list[str]) -> set[str]:
-        matched = {name for name in names if any(fnmatch(name, pattern) for pattern in SKIPPED)}
+        matched = {name for name in names if any(fnmatch(name, pattern) for pattern in skipped)}
         for name in matched:
             path = Path(folder, name)
             left_out.append(path.relative_to(source).as_posix() + ("/" if path.is_dir() else ""))
@@ -379,18 +379,23 @@ class Built:
     warnings: list[str]  #: imports that no requirement provides
 
 
-def build(source: Path, out: Path, entry_point: str = "main") -> Built:
-    source, out = source.resolve(), out.resolve()
+def check_destination(source: Path, out: Path) -> None:
+    """Refuse an OUT_DIR that holds anything, or that is inside SOURCE_DIR (both resolved)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BuildError(f"{out} exists and is not an empty folder; remove it or choose another OUT_DIR")
     if out == source or source in out.parents:
         raise BuildError(f"OUT_DIR {out} is inside SOURCE_DIR {source}; build outside the function's folder")
+
+
+def build(source: Path, out: Path, entry_point: str = "main") -> Built:
+    source, out = source.resolve(), out.resolve()
+    check_destination(source, out)
     _check_source(source, entry_point)
     if (source / "dagster_gcf_pipes").exists():
         raise BuildError(f"{source / 'dagster_gcf_pipes'} exists; the build vendors the library there, remove it")
     user_requirements = source / "requirements.txt"
     requirements = merged_requirements(user_requirements if user_requirements.is_file() else None)
-    skipped = _copy_source(source, out)
+    skipped = copy_source(source, out)
     for module in VENDORED:
         shutil.copytree(_package_folder(module), out / Path(*module.split(".")),
                         ignore=shutil.ignore_patterns(*SKIPPED, "build.py"))
@@ -416,7 +421,8 @@ def deploy_guide() -> Path:
     return Path(__file__).resolve().parent.parent / "docs" / "deploy.md"
 
 
-def report(built: Built, source: Path, out: Path, entry_point: str) -> None:
+def report(built: Built, source: Path, out: Path, entry_point: str, deploy: str = DEPLOY) -> None:
+    """What was built and skipped, the ``deploy`` commands for it, where the deployment guide is, the warnings."""
     print(f"built {out} from {source}")
     if built.skipped:
         print(f"skipped (not uploaded): {', '.join(built.skipped)}\n"
@@ -425,7 +431,7 @@ def report(built: Built, source: Path, out: Path, entry_point: str) -> None:
     print(
         "\ndeploy it with, after setting FUNCTION, REGION, TRIGGER_TOPIC (the topic your Dagster resource's "
         "trigger_topic names), FUNCTION_SA and TRIGGER_SA:\n\n"
-        + DEPLOY.format(source=out, entry_point=entry_point)
+        + deploy.format(source=out, entry_point=entry_point)
         + "\nThe topics, the bucket, the service accounts and their roles: sections 0 to 5 of the deployment guide, "
         f"'Deploying to a Google Cloud project', installed with {DISTRIBUTION} at {deploy_guide()}"
     )
