@@ -8,6 +8,10 @@ for every test with the ``gcf_pipes_function`` ini option::
     def test_sales(gcf_pipes):
         result = materialize([sales], resources={"pipes": gcf_pipes.client})
 
+A Node.js function is named the same way, by its ``.js`` file (``function="my_node_function/index.js:main"``)
+or its folder with a package.json: Google's Node.js Functions Framework serves it from the folder's
+node_modules (``npm ci`` there first if it is missing; ``LocalFunction``).
+
 The stack (emulators and one Functions Framework server per function) starts once per test session; paths
 are relative to pytest's rootdir. ``gcf_pipes.client`` is a ``PipesPubSubClient`` wired to the function's
 trigger topic, a reply topic and a bucket of the stack; the marker's other keywords are its settings, and
@@ -70,14 +74,15 @@ _LOG_MARK = pytest.StashKey[_LogMark]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addini(INI_OPTION, "the function the gcf_pipes fixture serves by default: path/to/main.py:entry_point")
+    parser.addini(INI_OPTION, "the function the gcf_pipes fixture serves by default: path/to/main.py:entry_point "
+                              "(or a Node.js function's path/to/index.js:entry_point)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{MARKER}(function='path/to/main.py:entry', **settings): the function the gcf_pipes fixture serves, "
-        "and PipesPubSubClient settings for its client",
+        f"{MARKER}(function='path/to/main.py:entry', **settings): the function the gcf_pipes fixture serves (a "
+        "Node.js one by its index.js or folder), and PipesPubSubClient settings for its client",
     )
 
 
