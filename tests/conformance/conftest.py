@@ -38,7 +38,7 @@ class Kit:
     server: ManagedProcess
 
     def client(self, **overrides: Any) -> PipesPubSubClient:
-        return make_client(trigger_topic=self.topic, **overrides)
+        return make_client(**{"trigger_topic": self.topic, **overrides})
 
     @staticmethod
     def payload(case: str, **fields: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +46,18 @@ class Implementation:
     probe: Callable[[Implementation], Mapping[str, bool]]
     #: feature (a ``FEATURES`` key) -> what the implementation does instead: the documented refusal or error
     gaps: Mapping[str, str] = field(default_factory=dict)
+    #: the entry point of the handler's HTTP companion (``http_entry_point``), served by LocalFunction
+    http_target: str | None = None
+    #: the command line of a pull worker on a subscription (``pull_worker``), run in the source's folder
+    worker_command: Callable[[str], list[str]] | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.gaps) - set(FEATURES)
         if unknown:
             raise ValueError(f"{self.name}: unknown gaps {sorted(unknown)}: name one of {sorted(FEATURES)}")
+        for feature, how in (("http_entry_point", self.http_target), ("pull_worker", self.worker_command)):
+            if (how is None) != (feature in self.gaps):
+                raise ValueError(f"{self.name}: give the way to run {feature}, or declare it a gap (not both)")
 
     def has(self, feature: str) -> bool:
         assert feature in FEATURES, feature
@@ -98,7 +106,17 @@ def probe_node(implementation: Implementation) -> Mapping[str, bool]:
     return json.loads(probed.stdout)
 
 
-PYTHON = Implementation("python", FUNCTIONS / "python" / "main.py", "main", probe_python)
+PYTHON = Implementation(
+    "python",
+    FUNCTIONS / "python" / "main.py",
+    "main",
+    probe_python,
+    http_target="kit_http",
+    worker_command=lambda subscription: [
+        sys.executable, "-m", "dagster_gcf_pipes.function.worker", "--subscription", subscription, "--target", "main:main",
+        "--shutdown-grace", "5",
+    ],
+)
 
 NODEJS = Implementation(
     "nodejs",

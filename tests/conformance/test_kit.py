@@ -9,9 +9,13 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import logging
+import os
 import re
+import subprocess
 import signal
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +23,7 @@ from dagster import AssetCheckSeverity
 from dagster._core.pipes import utils as dagster_pipes_utils
 from google.cloud import pubsub_v1, storage
 
-from dagster_gcf_pipes.local.local_stack import LocalStack
+from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
 from dagster_gcf_pipes.shared.layout import lease_key
 from dagster_gcf_pipes.shared.lease import read_lease
 from dagster_gcf_pipes.shared.protocol import Attr
@@ -286,4 +290,52 @@ def test_the_gcs_reply_channel_is_served_or_refused_by_name(kit: Kit, monkeypatc
         session_id = re.search(r"did not start session ([0-9a-f]{32})", error).group(1)  # type: ignore[union-attr]
         kit.wait_for_function_log(session_id, "gcs", "is not supported by the Node.js function side")
         assert kit.handler_runs(payload["token"]) == 0
+    assert_nothing_left(kit.stack)
+
+
+def test_the_http_entry_point_serves_the_earlier_design_or_is_absent(kit: Kit) -> None:
+    implementation = kit.implementation
+    if not implementation.has("http_entry_point"):  # the declared gap: the package has no HTTP entry
+        assert implementation.probe(implementation)["http_entry_point"] is False
+        return
+    assert implementation.http_target is not None
+    server = kit.stack.add_function(LocalFunction(implementation.source, implementation.http_target))
+    try:
+        url = kit.stack.function_urls[implementation.http_target]
+        outcome = kit.run(kit.payload("logs", tag="kit-http"),
+                          client=kit.client(invocation="http", function_url=url, http_auth="none"))
+    finally:
+        kit.stack.servers.pop(f"function-{implementation.http_target}")
+        server.stop()
+    assert outcome.result.success, outcome.failure_message
+    assert [m for m in outcome.log_messages if m.startswith("kit-http ")] == [f"kit-http {name}" for name in LEVELS]
+    assert_nothing_left(kit.stack)
+
+
+def test_a_pull_worker_runs_the_handler_or_is_absent(kit: Kit, tmp_path: Path) -> None:
+    implementation = kit.implementation
+    if implementation.worker_command is None:  # the declared gap: the package has no worker
+        assert implementation.probe(implementation)["pull_worker"] is False
+        return
+    name = f"kit-worker-{uuid.uuid4().hex[:8]}"
+    topic, subscription = f"projects/{kit.stack.project}/topics/{name}", f"projects/{kit.stack.project}/subscriptions/{name}"
+    log = tmp_path / "worker.log"
+    with pubsub_v1.PublisherClient() as publisher, pubsub_v1.SubscriberClient() as subscriber:
+        publisher.create_topic(request={"name": topic})
+        subscriber.create_subscription(request={"name": subscription, "topic": topic, "ack_deadline_seconds": 60})
+        with log.open("w") as out:
+            worker = subprocess.Popen(
+                implementation.worker_command(subscription), cwd=implementation.source.parent, stdout=out,
+                stderr=subprocess.STDOUT, env={**os.environ, **kit.stack.environment, "PYTHONUNBUFFERED": "1"},
+            )
+        try:
+            outcome = kit.run(kit.payload("logs", tag="kit-worker"), client=kit.client(trigger_topic=topic))
+        finally:
+            worker.terminate()
+            worker.wait(timeout=15)
+            subscriber.delete_subscription(request={"subscription": subscription})
+            publisher.delete_topic(request={"topic": topic})
+    assert outcome.result.success, f"{outcome.failure_message}\n{log.read_text()[-3000:]}"
+    assert [m for m in outcome.log_messages if m.startswith("kit-worker ")] == [f"kit-worker {name}" for name in LEVELS]
+    assert worker.returncode == 0, log.read_text()[-3000:]
     assert_nothing_left(kit.stack)

@@ -122,3 +122,6 @@ def main(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -> None:
                 "ratio": {"raw_value": 2.0, "type": "float"},
             },
         )
+
+
+kit_http = main.http  # the same handler behind an HTTP trigger (invocation="http", the earlier design)
