@@ -9,6 +9,11 @@ def session_prefix(prefix: str, session_id: str) -> str:
     return f"{prefix.strip('/')}/{session_id}/" if prefix.strip("/") else f"{session_id}/"
 
 
+def group_prefix(prefix: str, group: str) -> str:
+    """Every session of a fan-out group: their ids start with the group's 16 hex digits (``new_session_id``)."""
+    return session_prefix(prefix, group).rstrip("/")
+
+
 def trigger_key(prefix: str, session_id: str) -> str:
     return session_prefix(prefix, session_id) + "trigger.json"
 

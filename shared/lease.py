@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 
 from google.cloud import storage
 
+from dagster_gcf_pipes.shared.retry import transient_retry
+
 HELD = "held"
 ENDED = "ended"
 
@@ -76,6 +78,12 @@ def _seconds(values: Mapping[str, str], key: str) -> float:
     if not math.isfinite(number) or number < 0:
         raise MalformedLease(f"{key} {values[key][:40]!r} is not a finite, non-negative number of seconds")
     return number
+
+
+@transient_retry()
+def fetch_lease(gcs: storage.Client, bucket: str, key: str) -> storage.Blob | None:
+    """The lease object with its record (one metadata GET), or None if there is none."""
+    return gcs.bucket(bucket).get_blob(key)
 
 
 def read_lease(blob: storage.Blob) -> LeaseRecord:

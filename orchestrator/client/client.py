@@ -44,7 +44,8 @@ from dagster_gcf_pipes.orchestrator.session.reattach import (
 )
 from dagster_gcf_pipes.orchestrator.session.reply_subscription import ReplyDemux, SubscriptionGone
 from dagster_gcf_pipes.orchestrator.client.resolution import ResolvedCall, resolve_call, resolve_project
-from dagster_gcf_pipes.orchestrator.client.session_lifecycle import SessionLifecycle, SessionRun, recorded_topic
+from dagster_gcf_pipes.orchestrator.client.session_lifecycle import FanOutStep, SessionLifecycle, SessionRun, recorded_topic
+from dagster_gcf_pipes.orchestrator.session.pipes_session import StepContextData
 from dagster_gcf_pipes.orchestrator.client.settings import PipesPubSubClientSettings, payload_problems
 from dagster_gcf_pipes.orchestrator.diagnostics.tracing import traced_fan_out, traced_session
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore
@@ -52,6 +53,10 @@ from dagster_gcf_pipes.shared.layout import context_key, session_prefix
 from dagster_gcf_pipes.shared.protocol import REPLY_CHANNEL_PUBSUB, new_session_id
 from dagster_gcf_pipes.shared.pubsub import subscriber_client
 from dagster_gcf_pipes.shared.tracing import carried
+
+#: how long a fan-out gathers its shards' progress records (trigger published, session opened) before writing
+#: them as one engine event (``SessionJournal(coalesce=...)``)
+PROGRESS_RECORD_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,9 @@ class PipesPubSubClient(PipesPubSubClientSettings, PipesClient):
             key.shard: found for key, found in self._earlier_sessions(context, resolved).items()
             if key.shard >= 0 and key.function == function and key.partition_key == partition
         }
-        with self._fan_out_replies(context, resolved, earlier) as demux:
+        journal = SessionJournal(context, coalesce=PROGRESS_RECORD_SECONDS) if self._sessions.reattaching(resolved) else None
+        fan_out = FanOutStep(StepContextData(), journal)
+        with self._fan_out_replies(context, resolved, earlier, fan_out) as demux:
 
             def run_shard(shard: int, payload: Mapping[str, Any]) -> PipesClientCompletedInvocation:
                 found = earlier.pop(shard, None)  # only a shard's first attempt in this step re-attaches
@@ -154,7 +161,7 @@ class PipesPubSubClient(PipesPubSubClientSettings, PipesClient):
                     found = None  # the shard's payload changed: the earlier session is not this one's
                 return self._run_session(
                     context, resolved, payload, extras, log_prefix=f"[shard {shard}] ", interrupted=interrupted,
-                    demux=demux, shard=shard, earlier=found,
+                    demux=demux, fan_out=fan_out, shard=shard, earlier=found,
                 )
 
             return run_fan_out(
@@ -168,7 +175,8 @@ class PipesPubSubClient(PipesPubSubClientSettings, PipesClient):
 
     @contextmanager
     def _fan_out_replies(
-        self, context: OpExecutionContext | AssetExecutionContext, resolved: ResolvedCall, earlier: dict[int, EarlierSession]
+        self, context: OpExecutionContext | AssetExecutionContext, resolved: ResolvedCall,
+        earlier: dict[int, EarlierSession], fan_out: FanOutStep,
     ) -> Iterator[ReplyDemux | None]:
         """On the Pub/Sub channel, one subscription and stream for all of a fan-out's shards: the earlier
         attempt's group, re-opened, when its shards re-attach (``earlier``, from which the shards of other
@@ -176,7 +184,7 @@ class PipesPubSubClient(PipesPubSubClientSettings, PipesClient):
         if resolved.reply_channel != REPLY_CHANNEL_PUBSUB:
             yield None
             return
-        journal = SessionJournal(context) if self._sessions.reattaching(resolved) else None
+        journal = fan_out.journal
         group = max(earlier.values(), key=lambda e: e.record.triggered_at).record.group if earlier else ""
         for shard in [shard for shard, found in earlier.items() if found.record.group != group]:
             self._sessions.abandon(SessionRun(context, resolved, None, "", None, None, journal), earlier.pop(shard).record)
@@ -188,8 +196,10 @@ class PipesPubSubClient(PipesPubSubClientSettings, PipesClient):
             finally:
                 demux.__exit__(None, None, None)
                 if journal is not None:
-                    for session_id in demux.sessions:  # kept until now: a later attempt may have replayed them
-                        self._sessions.end(resolved.gcs, session_id, "its fan-out ended; the orchestrator stopped listening")
+                    journal.flush()
+                    # kept until now: a later attempt may have replayed them
+                    self._sessions.end_group(resolved.gcs, demux.group, demux.sessions,
+                                             "its fan-out ended; the orchestrator stopped listening", fan_out)
                     journal.released(demux.subscription_paths, demux.sessions)
 
     def _open_group(

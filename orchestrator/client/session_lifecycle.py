@@ -12,9 +12,9 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dagster import (
@@ -23,7 +23,6 @@ from dagster import (
     DagsterRunStatus,
     OpExecutionContext,
     PipesClientCompletedInvocation,
-    open_pipes_session,
 )
 from dagster_pipes import PipesExtras
 from google.api_core import exceptions as gexc
@@ -43,6 +42,7 @@ from dagster_gcf_pipes.orchestrator.diagnostics.errors import (
 from dagster_gcf_pipes.orchestrator.earlier_design.gcs_chunk_reader import PipesGCSChunkMessageReader
 from dagster_gcf_pipes.orchestrator.earlier_design.http_invocation import HttpInvocation
 from dagster_gcf_pipes.orchestrator.session.message_reader import PipesPubSubMessageReader
+from dagster_gcf_pipes.orchestrator.session.pipes_session import StepContextData, open_session
 from dagster_gcf_pipes.orchestrator.session.reattach import (
     EarlierSession,
     ReplayFilter,
@@ -55,7 +55,7 @@ from dagster_gcf_pipes.orchestrator.session.reattach import (
 )
 from dagster_gcf_pipes.orchestrator.session.reply_subscription import ReplyDemux, SubscriptionGone, delete_subscription
 from dagster_gcf_pipes.orchestrator.client.resolution import ResolvedCall
-from dagster_gcf_pipes.orchestrator.session.end import end_lease, end_session
+from dagster_gcf_pipes.orchestrator.session.end import end_group, end_lease, end_session
 from dagster_gcf_pipes.orchestrator.client.settings import PipesPubSubClientSettings
 from dagster_gcf_pipes.orchestrator.diagnostics.tracing import trace_metadata
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore
@@ -87,6 +87,16 @@ class SentTrigger:
     http: HttpInvocation | None = None
 
 
+@dataclass
+class FanOutStep:
+    """What a fan-out's shards share besides their reply subscription: the step's Pipes context (built once),
+    the journal (gathering its per-shard progress records) and the sessions whose leases are already ended."""
+
+    context_data: StepContextData
+    journal: SessionJournal | None  # None: re-attach is off
+    ended: set[str] = field(default_factory=set)
+
+
 @dataclass(frozen=True)
 class SessionRun:
     """What one session of a ``run``/``run_many`` call is run with."""
@@ -98,6 +108,7 @@ class SessionRun:
     interrupted: threading.Event | None
     demux: ReplyDemux | None
     journal: SessionJournal | None  # None: re-attach is off
+    fan_out: FanOutStep | None = None
 
 
 class SessionDead(Exception):
@@ -139,17 +150,25 @@ class SessionLifecycle:
     def __init__(self, settings: PipesPubSubClientSettings):
         self.settings = settings
 
-    def end(self, gcs: storage.Client, session_id: str, reason: str) -> None:
+    def end(self, gcs: storage.Client, session_id: str, reason: str, known: storage.Blob | None = None) -> None:
         """The session is over: ended in its lease (a trigger delivered later finds it ended and does not run),
-        its other objects deleted (``session_end.end_session``)."""
+        its other objects deleted (``session_end.end_session``). ``known``: the lease as last read."""
         settings = self.settings
-        end_session(gcs, settings.bucket, settings.prefix, session_id, start_window=settings.startup_timeout, reason=reason)
+        end_session(gcs, settings.bucket, settings.prefix, session_id, start_window=settings.startup_timeout,
+                    reason=reason, known=known)
 
-    def end_lease(self, gcs: storage.Client, session_id: str, reason: str) -> storage.Blob:
+    def end_lease(self, gcs: storage.Client, session_id: str, reason: str, known: storage.Blob | None = None) -> storage.Blob:
         """End the session in its lease only, and return the tombstone: its objects stay (a fan-out group's
         replies until the group ends; a cancelled session's until it closes)."""
         settings = self.settings
-        return end_lease(gcs, settings.bucket, settings.prefix, session_id, start_window=settings.startup_timeout, reason=reason)
+        return end_lease(gcs, settings.bucket, settings.prefix, session_id, start_window=settings.startup_timeout,
+                         reason=reason, known=known)
+
+    def end_group(self, gcs: storage.Client, group: str, session_ids: Sequence[str], reason: str, fan_out: FanOutStep) -> None:
+        """A fan-out group is over (``session_end.end_group``): every session ended, their objects deleted."""
+        settings = self.settings
+        end_group(gcs, settings.bucket, settings.prefix, group, session_ids, start_window=settings.startup_timeout,
+                  reason=reason, already_ended=fan_out.ended)
 
     def run_session(
         self,
@@ -161,12 +180,16 @@ class SessionLifecycle:
         log_prefix: str = "",
         interrupted: threading.Event | None = None,
         demux: ReplyDemux | None = None,
+        fan_out: FanOutStep | None = None,
         shard: int = -1,
         earlier: EarlierSession | None = None,
     ) -> PipesClientCompletedInvocation:
         """One session: the earlier attempt's, re-attached, if it is still there; else a new one."""
-        journal = SessionJournal(context) if self.reattaching(resolved) else None
-        run = SessionRun(context, resolved, extras, log_prefix, interrupted, demux, journal)
+        if fan_out is not None:
+            journal = fan_out.journal
+        else:
+            journal = SessionJournal(context) if self.reattaching(resolved) else None
+        run = SessionRun(context, resolved, extras, log_prefix, interrupted, demux, journal, fan_out)
         if earlier is not None:
             assert journal is not None
             invocation = self._reattach(run, earlier)
@@ -246,6 +269,7 @@ class SessionLifecycle:
             reader = PipesPubSubMessageReader(
                 subscriber=subscriber,
                 claim_check=claim_check,
+                gcs=resolved.gcs,
                 channel_params=channel_params,
                 log=context.log,
                 signing_secret=self.settings.signing_secret,
@@ -280,14 +304,16 @@ class SessionLifecycle:
         try:
             # the op context: Dagster's pipes code reads run_id from it, which AssetExecutionContext deprecates
             op_context = getattr(context, "op_execution_context", context)
-            with open_pipes_session(context=op_context, context_injector=injector, message_reader=reader, extras=run.extras) as session:
+            step_data = run.fan_out.context_data if run.fan_out is not None else StepContextData()
+            with open_session(op_context, injector, reader, run.extras, step_data) as session:
                 if attach is None:
                     assert payload is not None
                     triggered_at = time.monotonic()
                     sent = self.send_trigger(resolved, claim_check, session_id, payload, session.get_bootstrap_env_vars())
-                    context.log.info(f"{log_prefix}[pipes] session {session_id}: trigger sent to {sent.sent_to}")
+                    if demux is None:  # a fan-out's shards are counted in its progress lines, not one line each
+                        context.log.info(f"{log_prefix}[pipes] session {session_id}: trigger sent to {sent.sent_to}")
                     if journal is not None and "pipes_trigger_message_id" in sent.metadata:
-                        journal.triggered(session_id, sent.metadata["pipes_trigger_message_id"])
+                        journal.triggered(session_id, sent.metadata["pipes_trigger_message_id"], sent.sent_to)
                     cap_at = triggered_at + self._session_cap(resolved)
                 else:
                     record = attach.record
@@ -328,12 +354,15 @@ class SessionLifecycle:
             raise
         finally:
             reason = f"{ended_because}; the orchestrator stopped listening"
+            known = reader.lease_read if isinstance(reader, PipesPubSubMessageReader) else None
             if demux is not None and journal is not None:
                 # a fan-out group's replies are kept until the group ends: a later attempt may replay them
-                self.end_lease(resolved.gcs, session_id, reason)
+                self.end_lease(resolved.gcs, session_id, reason, known)
+                if run.fan_out is not None:
+                    run.fan_out.ended.add(session_id)
             else:
                 # durable: a late or duplicate delivery of the trigger finds the session ended and does not run
-                self.end(resolved.gcs, session_id, reason)
+                self.end(resolved.gcs, session_id, reason, known)
             if journal is not None and demux is None and isinstance(reader, PipesPubSubMessageReader):
                 journal.released(reader.subscription_paths, [session_id])
             if subscriber is not None:

@@ -28,14 +28,16 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from datetime import datetime
 
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
 from dagster_gcf_pipes.shared.claim_check import GCSBlobStore
-from dagster_gcf_pipes.shared.layout import lease_key, leases_prefix, session_prefix
-from dagster_gcf_pipes.shared.lease import ENDED, LeaseRecord, MalformedLease, read_lease, write_lease
+from dagster_gcf_pipes.shared.layout import group_prefix, lease_key, leases_prefix, session_prefix
+from dagster_gcf_pipes.shared.lease import ENDED, LeaseRecord, MalformedLease, fetch_lease, read_lease, write_lease
 from dagster_gcf_pipes.shared.protocol import CLOCK_SKEW_ALLOWANCE_SECONDS
 from dagster_gcf_pipes.shared.retry import TRANSIENT_ERRORS, transient_retry
 
@@ -57,12 +59,18 @@ _clock_warned = threading.Event()
 
 
 @transient_retry()
-def end_lease(gcs: storage.Client, bucket: str, prefix: str, session_id: str, *, start_window: float, reason: str) -> storage.Blob:
-    """Mark the session ended in its lease, whoever holds it; returns the tombstone. Idempotent."""
+def end_lease(
+    gcs: storage.Client, bucket: str, prefix: str, session_id: str, *, start_window: float, reason: str,
+    known: storage.Blob | None = None,
+) -> storage.Blob:
+    """Mark the session ended in its lease, whoever holds it; returns the tombstone. Idempotent.
+
+    ``known``: the lease as this process last read it; the tombstone is first written over that generation
+    without reading the lease again (one request instead of two when the lease did not change since)."""
     blob = gcs.bucket(bucket).blob(lease_key(prefix, session_id))
     record = LeaseRecord(ENDED, reason=reason, keep_seconds=start_window + TOMBSTONE_MARGIN_SECONDS)
-    for _ in range(_END_ATTEMPTS):
-        held = gcs.bucket(bucket).get_blob(blob.name)
+    for attempt in range(_END_ATTEMPTS):
+        held = known if attempt == 0 and known is not None else gcs.bucket(bucket).get_blob(blob.name)
         if held is None:
             ended, generation = record, 0
         else:
@@ -74,7 +82,7 @@ def end_lease(gcs: storage.Client, bucket: str, prefix: str, session_id: str, *,
         try:
             write_lease(blob, ended, generation)
         except gexc.PreconditionFailed:
-            continue  # a function claimed (or took over) the lease in between: read it again
+            continue  # a function claimed, renewed or took over the lease in between: read it again
         _check_clock(before, blob.updated, time.time())
         return blob
     raise RuntimeError(f"gs://{bucket}/{blob.name} kept changing: could not end session {session_id}")
@@ -98,18 +106,45 @@ def _check_clock(before: float, server_time: datetime | None, after: float) -> N
         )
 
 
-def end_session(gcs: storage.Client, bucket: str, prefix: str, session_id: str, *, start_window: float, reason: str) -> None:
+def end_session(
+    gcs: storage.Client, bucket: str, prefix: str, session_id: str, *, start_window: float, reason: str,
+    known: storage.Blob | None = None,
+) -> None:
     """The session is over: end its lease durably, delete every other object of the session, and sweep the
     tombstones whose time has passed (a sweep that fails is logged: it is housekeeping, never the session's
     outcome)."""
-    tombstone = end_lease(gcs, bucket, prefix, session_id, start_window=start_window, reason=reason)
+    tombstone = end_lease(gcs, bucket, prefix, session_id, start_window=start_window, reason=reason, known=known)
     GCSBlobStore(gcs, bucket).delete_prefix(session_prefix(prefix, session_id))
     if tombstone.updated is not None:
-        try:
-            sweep_tombstones(gcs, bucket, prefix, server_now=tombstone.updated)
-        except (gexc.GoogleAPIError, *TRANSIENT_ERRORS) as exc:
-            _log.warning("sweeping the tombstones under gs://%s/%s failed (the next teardown tries again): %r",
-                         bucket, leases_prefix(prefix), exc)
+        _sweep_logged(gcs, bucket, prefix, tombstone.updated)
+
+
+def end_group(
+    gcs: storage.Client, bucket: str, prefix: str, group: str, session_ids: Iterable[str], *, start_window: float,
+    reason: str, already_ended: AbstractSet[str],
+) -> None:
+    """A fan-out group is over: the leases of its sessions not ``already_ended`` are ended, the objects of all
+    of them deleted with one listing of the group's prefix (not one per session), and the tombstones swept."""
+    tombstone: storage.Blob | None = None
+    first: str | None = None
+    for session_id in session_ids:
+        first = first or session_id
+        if session_id not in already_ended:
+            tombstone = end_lease(gcs, bucket, prefix, session_id, start_window=start_window, reason=reason)
+    GCSBlobStore(gcs, bucket).delete_prefix(group_prefix(prefix, group))
+    if tombstone is None and first is not None:
+        tombstone = fetch_lease(gcs, bucket, lease_key(prefix, first))
+    if tombstone is not None and tombstone.updated is not None:
+        _sweep_logged(gcs, bucket, prefix, tombstone.updated)
+
+
+def _sweep_logged(gcs: storage.Client, bucket: str, prefix: str, server_now: datetime) -> None:
+    """Sweep; a sweep that fails is logged: it is housekeeping, never the session's outcome."""
+    try:
+        sweep_tombstones(gcs, bucket, prefix, server_now=server_now)
+    except (gexc.GoogleAPIError, *TRANSIENT_ERRORS) as exc:
+        _log.warning("sweeping the tombstones under gs://%s/%s failed (the next teardown tries again): %r",
+                     bucket, leases_prefix(prefix), exc)
 
 
 def sweep_tombstones(gcs: storage.Client, bucket: str, prefix: str, *, server_now: datetime) -> int:

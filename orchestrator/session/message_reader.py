@@ -22,7 +22,6 @@ which may be a tombstone swept by then.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import threading
@@ -32,7 +31,7 @@ from typing import Any
 
 from dagster import PipesMessageHandler, PipesMessageReader
 from dagster_pipes import PipesParams
-from google.cloud import pubsub_v1
+from google.cloud import pubsub_v1, storage
 
 from dagster_gcf_pipes.orchestrator.diagnostics.errors import ReplyStreamError
 from dagster_gcf_pipes.orchestrator.session.reassembly import ReassemblyError, SessionReassembler
@@ -47,6 +46,7 @@ from dagster_gcf_pipes.orchestrator.session.wait import SessionWaiter
 from dagster_gcf_pipes.orchestrator.diagnostics.tracing import hand_off
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck
 from dagster_gcf_pipes.shared.layout import lease_key, session_prefix
+from dagster_gcf_pipes.shared.lease import fetch_lease, read_lease
 from dagster_gcf_pipes.shared.protocol import (
     Attr,
     ProtocolError,
@@ -58,9 +58,6 @@ from dagster_gcf_pipes.shared.protocol import (
 from dagster_gcf_pipes.shared.pubsub import forget_stream, stream_trouble, undeliverable_hint
 from dagster_gcf_pipes.shared.signing import is_authentic
 from dagster_gcf_pipes.shared.tracing import current_context
-
-#: a lease object is a few hundred bytes; anything much larger is not one
-_MAX_LEASE_BYTES = 4096
 
 
 def decode_reply(
@@ -146,6 +143,7 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         *,
         subscriber: pubsub_v1.SubscriberClient | None,
         claim_check: ClaimCheck,
+        gcs: storage.Client,
         channel_params: ReplyChannelParams,
         log: logging.Logger | Any | None = None,
         signing_secret: str | None = None,
@@ -166,6 +164,10 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         self._subscriber = subscriber
         self._demux = demux
         self._claim_check = claim_check
+        self._gcs = gcs
+        #: the session lease as read when its owner's ``opened`` was accepted (``end_lease`` writes the
+        #: tombstone over this generation without reading it again; a lease renewed since is read again)
+        self.lease_read: storage.Blob | None = None
         self._channel_params = channel_params
         self.session_id = channel_params.session_id
         self._log = log or logging.getLogger(__name__)
@@ -285,12 +287,11 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         """Whether the session lease names ``invocation_id``: a function claims it before sending ``opened``,
         and writing it takes write access to the bucket, which publishing a reply does not."""
         params = self._channel_params
-        url = f"gs://{params.bucket}/{lease_key(params.prefix, self.session_id)}"
-        try:
-            lease = json.loads(self._claim_check.store.get(url, _MAX_LEASE_BYTES))
-        except (ProtocolError, ValueError):
+        lease = fetch_lease(self._gcs, params.bucket, lease_key(params.prefix, self.session_id))
+        if lease is None or read_lease(lease).invocation_id != invocation_id:
             return False
-        return isinstance(lease, dict) and lease.get("invocation_id") == invocation_id
+        self.lease_read = lease
+        return True
 
     def _hand_to_dagster(self, pipes_message: Mapping[str, Any]) -> None:
         assert self._handler is not None

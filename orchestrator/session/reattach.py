@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -55,6 +56,8 @@ from dagster_gcf_pipes.shared.retry import transient_retry
 #: the metadata entry that marks this module's engine events; its value is the record's kind
 RECORD_KEY = "pipes_reattach_record"
 SESSION, TRIGGERED, OPENED, RELEASED = "session", "triggered", "opened", "released"
+#: a fan-out's TRIGGERED and OPENED records, many sessions to one engine event (``SessionJournal(coalesce=...)``)
+PROGRESS = "progress"
 
 #: what Dagster's PipesMessageHandler writes for an ``opened``, and for a ``closed`` with an exception
 OPENED_LINE = "[pipes] external process successfully opened dagster pipes."
@@ -167,10 +170,20 @@ class EarlierSession:
 
 
 class SessionJournal:
-    """Writes this step's session records into its event log (engine events, from any thread)."""
+    """Writes this step's session records into its event log (engine events, from any thread).
 
-    def __init__(self, context: Context):
+    A session's record is written alone, before its trigger is published. ``coalesce`` (seconds, a fan-out's
+    journal): the records that only spare a later attempt work (which trigger message, which invocation
+    opened) are gathered and written as one ``progress`` event when the oldest waited ``coalesce`` seconds and
+    at ``flush()``: one Dagster event per second instead of two per shard. One lost in a crash costs a
+    re-attaching attempt a lease read, never a guarantee."""
+
+    def __init__(self, context: Context, *, coalesce: float | None = None):
         self._context = context
+        self._coalesce = coalesce
+        self._lock = threading.Lock()
+        self._pending: dict[str, dict[str, str]] = {TRIGGERED: {}, OPENED: {}}
+        self._oldest_pending = 0.0
 
     def _write(self, kind: str, message: str, metadata: Mapping[str, Any]) -> None:
         DagsterEvent.engine_event(
@@ -182,13 +195,39 @@ class SessionJournal:
         self._write(SESSION, f"[pipes] {what} session {record.session_id} (replies kept in {', '.join(record.subscriptions)})",
                     record.metadata())
 
-    def triggered(self, session_id: str, message_id: str) -> None:
-        self._write(TRIGGERED, f"[pipes] session {session_id}: trigger message {message_id} published",
-                    {"pipes_session_id": session_id, "pipes_trigger_message_id": message_id})
+    def triggered(self, session_id: str, message_id: str, topic: str) -> None:
+        if self._coalesce is None:
+            self._write(TRIGGERED, f"[pipes] session {session_id}: trigger message {message_id} published to {topic}",
+                        {"pipes_session_id": session_id, "pipes_trigger_message_id": message_id})
+        else:
+            self._gather(TRIGGERED, session_id, message_id)
 
     def opened(self, session_id: str, invocation_id: str) -> None:
-        self._write(OPENED, f"[pipes] session {session_id}: opened by invocation {invocation_id}",
-                    {"pipes_session_id": session_id, "pipes_invocation_id": invocation_id})
+        if self._coalesce is None:
+            self._write(OPENED, f"[pipes] session {session_id}: opened by invocation {invocation_id}",
+                        {"pipes_session_id": session_id, "pipes_invocation_id": invocation_id})
+        else:
+            self._gather(OPENED, session_id, invocation_id)
+
+    def _gather(self, kind: str, session_id: str, value: str) -> None:
+        assert self._coalesce is not None
+        with self._lock:
+            if not any(self._pending.values()):
+                self._oldest_pending = time.monotonic()
+            self._pending[kind][session_id] = value
+            due = time.monotonic() - self._oldest_pending >= self._coalesce
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what was gathered (nothing if nothing was)."""
+        with self._lock:
+            triggered, opened = self._pending[TRIGGERED], self._pending[OPENED]
+            if not triggered and not opened:
+                return
+            self._pending = {TRIGGERED: {}, OPENED: {}}
+        self._write(PROGRESS, f"[pipes] {len(triggered)} trigger(s) published, {len(opened)} session(s) opened",
+                    {"pipes_triggered": json.dumps(triggered), "pipes_opened": json.dumps(opened)})
 
     def released(self, subscriptions: Sequence[str], session_ids: Iterable[str]) -> None:
         ids = sorted(session_ids)
@@ -270,6 +309,11 @@ def find_earlier_sessions(context: Context) -> tuple[list[str], dict[SessionKey,
                 records[session_id] = _merge(records[session_id], trigger_message_id=str(values.get("pipes_trigger_message_id", "")))
             elif kind == OPENED and session_id in records:
                 records[session_id] = _merge(records[session_id], invocation_id=str(values.get("pipes_invocation_id", "")))
+            elif kind == PROGRESS:
+                for field_name, entry in (("trigger_message_id", "pipes_triggered"), ("invocation_id", "pipes_opened")):
+                    for gathered_id, value in _string_map(values.get(entry, "{}")).items():
+                        if gathered_id in records:
+                            records[gathered_id] = _merge(records[gathered_id], **{field_name: value})
             elif kind == RELEASED:
                 released.update(_session_ids(values.get("pipes_session_ids", "[]")))
     found_sessions = {
@@ -280,6 +324,15 @@ def find_earlier_sessions(context: Context) -> tuple[list[str], dict[SessionKey,
         if session_id not in released
     }
     return chain, found_sessions
+
+
+def _string_map(listed: Any) -> dict[str, str]:
+    """The session-to-value map a ``progress`` record holds; empty for one that does not parse."""
+    try:
+        found = json.loads(str(listed))
+    except ValueError:
+        return {}
+    return {k: v for k, v in found.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(found, dict) else {}
 
 
 def _session_ids(listed: Any) -> list[str]:

@@ -11,7 +11,10 @@ this process kills the step).
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from dagster import (
@@ -64,7 +67,22 @@ def run(instance: DagsterInstance, spec: dict[str, Any], parent_run_id: str | No
     return execute_job(job, instance, tags=tags, reexecution_options=ReexecutionOptions.from_failure(parent_run_id, instance))
 
 
-if __name__ == "__main__":  # DAGSTER_HOME SPEC [PARENT_RUN_ID: re-execute it from failure]
+def wait_at_barrier(folder: Path, parties: int, timeout: float = 120.0) -> None:
+    """Start together with the other processes given the same folder: each leaves a file and waits for all
+    ``parties`` of them, so processes meant to run at once do not drift apart by their start-up times."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / str(os.getpid())).touch()
+    deadline = time.monotonic() + timeout
+    while len(list(folder.iterdir())) < parties:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(list(folder.iterdir()))} of {parties} processes reached {folder}")
+        time.sleep(0.01)
+
+
+if __name__ == "__main__":  # DAGSTER_HOME SPEC [PARENT_RUN_ID: re-execute it from failure] [BARRIER_FOLDER PARTIES]
     parent = sys.argv[3] if len(sys.argv) > 3 else None
-    with DagsterInstance.from_config(sys.argv[1]) as instance, run(instance, json.loads(sys.argv[2]), parent) as result:
-        print(json.dumps({"run_id": result.run_id, "success": result.success}), flush=True)
+    with DagsterInstance.from_config(sys.argv[1]) as instance:
+        if len(sys.argv) > 5:
+            wait_at_barrier(Path(sys.argv[4]), int(sys.argv[5]))
+        with run(instance, json.loads(sys.argv[2]), parent) as result:
+            print(json.dumps({"run_id": result.run_id, "success": result.success}), flush=True)

@@ -268,6 +268,7 @@ def test_a_message_the_reader_cannot_receive_ends_the_session_with_an_error_that
         params = ReplyChannelParams(topic=topic, session_id=session_id, bucket=PAYLOAD_BUCKET, prefix="dagster-pipes")
         reader = PipesPubSubMessageReader(
             subscriber=limited, claim_check=ClaimCheck(GCSBlobStore(storage.Client(project=stack.project), PAYLOAD_BUCKET)),
+            gcs=storage.Client(project=stack.project),
             channel_params=params,
         )
         try:

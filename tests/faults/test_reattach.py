@@ -303,7 +303,7 @@ def test_two_re_executions_at_once_one_re_attaches_and_the_other_says_why(stack,
     item 8): one re-attaches to the killed attempt's session and records it; the other takes no part in it and
     fails naming the run that holds the session; the function ran once."""
     token = uuid.uuid4().hex
-    spec = {"client": FAST, "payload": {"token": token, "log_lines": 30, "line_interval": 0.1}}
+    spec = {"client": FAST, "payload": {"token": token, "log_lines": 30, "line_interval": 0.2}}
     home = tmp_path / "home"
     with orchestrator(stack, home, spec) as orch:
         wait_until(lambda: orch.running() and any(m.startswith("line ") for m in orch.step_lines()), "the first line")
@@ -311,7 +311,8 @@ def test_two_re_executions_at_once_one_re_attaches_and_the_other_says_why(stack,
         env = {**os.environ, **stack.environment, "PYTHONPATH": str(REPO_ROOT)}
         children = [
             subprocess.Popen(
-                [sys.executable, "-m", "tests.faults.reattach_job", str(home), json.dumps(spec), parent],
+                [sys.executable, "-m", "tests.faults.reattach_job", str(home), json.dumps(spec), parent,
+                 str(tmp_path / "barrier"), "2"],  # both start their re-execution together, whatever the load
                 cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )
             for _ in range(2)
