@@ -13,6 +13,7 @@ A block without a directive fails the test, so none can go stale unnoticed."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -84,8 +85,9 @@ def test_the_guide_runs_from_a_blank_folder(tmp_path: Path):
     project = tmp_path / "my-project"
     project.mkdir()
     # the venv running the tests has the library installed: its scripts come first on PATH, as in the
-    # reader's activated venv
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    # reader's activated venv; the Node.js section installs the function side from this checkout's node/
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DAGSTER_GCF_PIPES_CHECKOUT": str(REPO_ROOT)}
     ran, running = 0, []
     try:
         for block in guide_blocks():
@@ -113,3 +115,8 @@ def test_the_guide_runs_from_a_blank_folder(tmp_path: Path):
     built = project / "build" / "my_function"
     assert {"main.py", "tables.py", "sizes.json", "requirements.txt"} <= {p.name for p in built.iterdir()}
     assert (built / "dagster_gcf_pipes" / "function" / "entrypoint.py").is_file()
+    node_built = project / "build" / "my_node_function"
+    assert {"index.js", "package.json", "package-lock.json", "vendor"} == {p.name for p in node_built.iterdir()}
+    assert json.loads((node_built / "package.json").read_text())["dependencies"]["@dagster-gcf-pipes/function"] \
+        == "file:vendor/dagster-gcf-pipes-function"
+    assert (node_built / "vendor" / "dagster-gcf-pipes-function" / "dist" / "index.js").is_file()
