@@ -27,7 +27,7 @@ from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
 from dagster_gcf_pipes.shared.layout import lease_key
 from dagster_gcf_pipes.shared.lease import read_lease
 from dagster_gcf_pipes.shared.protocol import Attr
-from tests.conformance.conftest import Kit
+from tests.conformance.conftest import Kit, KitOutcome
 from tests.conformance.implementations import FEATURES, PROBED, Implementation
 from tests.conftest import PAYLOAD_BUCKET, REPLY_TOPIC
 from tests.faults.cancel_run import interrupt_run
@@ -51,40 +51,48 @@ def materializations(outcome: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- reports
 
+MESSAGES = [{"a": [1, 2.5, None, True], "nested": {"é": "ü"}}, "done", 7, None, [{"deep": {"deeper": []}}]]
+CHECKS = [
+    {"name": "rows_valid", "passed": True, "severity": "ERROR", "metadata": {"bad_rows": 0}},
+    {"name": "fresh", "passed": False, "severity": "WARN", "metadata": {"lag": {"raw_value": 1.5, "type": "float"}}},
+]
+EXTRAS = {"region": "eu", "limits": {"rows": 10, "ratio": 0.5}, "tags": ["a", "b"]}
+REPORTS = "logs+checks+custom+extras"
 
-def test_logs_at_every_level_reach_the_step_at_their_level(kit: Kit) -> None:
-    outcome = kit.run(kit.payload("logs", tag="kit-logs"))
 
-    assert outcome.result.success, outcome.failure_message
-    assert {m: outcome.log_levels[m] for m in outcome.log_messages if m.startswith("kit-logs ")} == {
-        f"kit-logs {name}": level for name, level in LEVELS.items()}
-    ordered = [m for m in outcome.log_messages if m.startswith("kit-logs ")]
+@pytest.fixture(scope="module")
+def reports(kit: Kit) -> KitOutcome:
+    """One run of a two-asset, partitioned step with two checks that logs, checks, reports custom messages and
+    echoes its extras: the scenarios below each read their part of it (one run instead of five)."""
+    payload = kit.payload(REPORTS, tag="kit-logs", checks=CHECKS, messages=MESSAGES)
+    outcome = kit.run(payload, assets=("left", "right"), partition="2026-11-02", checks=("rows_valid", "fresh"),
+                      extras=EXTRAS)
+    assert_nothing_left(kit.stack)
+    return outcome
+
+
+def test_logs_at_every_level_reach_the_step_at_their_level(reports: KitOutcome) -> None:
+    assert reports.result.success, reports.failure_message
+    ordered = [m for m in reports.log_messages if m.startswith("kit-logs ")]
     assert ordered == [f"kit-logs {name}" for name in LEVELS]
+    assert {m: reports.log_levels[m] for m in ordered} == {f"kit-logs {name}": level for name, level in LEVELS.items()}
 
 
-def test_a_multi_asset_partition_is_materialized_key_by_key(kit: Kit) -> None:
-    outcome = kit.run(kit.payload("materialize"), assets=("left", "right"), partition="2026-11-02")
-
-    assert outcome.result.success, outcome.failure_message
-    found = materializations(outcome)
+def test_a_multi_asset_partition_is_materialized_key_by_key(reports: KitOutcome) -> None:
+    assert reports.result.success, reports.failure_message
+    found = materializations(reports)
     assert set(found) == {"left", "right"}
     for materialization in found.values():
         metadata = {k: v.value for k, v in materialization.metadata.items() if not k.startswith("pipes_")}
         assert materialization.partition == "2026-11-02"
-        assert metadata == {"case": "materialize", "partition": "2026-11-02", "rows": 3, "ratio": 2.0}
+        assert metadata == {"case": REPORTS, "partition": "2026-11-02", "rows": 3, "ratio": 2.0}
         assert isinstance(metadata["ratio"], float) and isinstance(metadata["rows"], int)
-        assert materialization.tags["dagster/data_version"] == f"materialize-{materialization.asset_key.path[-1]}"
+        assert materialization.tags["dagster/data_version"] == f"{REPORTS}-{materialization.asset_key.path[-1]}"
 
 
-def test_asset_checks_are_recorded_with_severity_and_metadata(kit: Kit) -> None:
-    checks = [
-        {"name": "rows_valid", "passed": True, "severity": "ERROR", "metadata": {"bad_rows": 0}},
-        {"name": "fresh", "passed": False, "severity": "WARN", "metadata": {"lag": {"raw_value": 1.5, "type": "float"}}},
-    ]
-    outcome = kit.run(kit.payload("checks", checks=checks), checks=("rows_valid", "fresh"))
-
-    assert outcome.result.success, outcome.failure_message
-    evaluations = {e.check_name: e for e in outcome.result.get_asset_check_evaluations()}
+def test_asset_checks_are_recorded_with_severity_and_metadata(reports: KitOutcome) -> None:
+    assert reports.result.success, reports.failure_message
+    evaluations = {e.check_name: e for e in reports.result.get_asset_check_evaluations()}
     assert set(evaluations) == {"rows_valid", "fresh"}
     assert evaluations["rows_valid"].passed and evaluations["rows_valid"].severity == AssetCheckSeverity.ERROR
     assert not evaluations["fresh"].passed and evaluations["fresh"].severity == AssetCheckSeverity.WARN
@@ -92,20 +100,14 @@ def test_asset_checks_are_recorded_with_severity_and_metadata(kit: Kit) -> None:
     assert evaluations["fresh"].metadata["lag"].value == 1.5
 
 
-def test_custom_messages_reach_the_step_in_order_and_intact(kit: Kit) -> None:
-    messages = [{"a": [1, 2.5, None, True], "nested": {"é": "ü"}}, "done", 7, None, [{"deep": {"deeper": []}}]]
-    outcome = kit.run(kit.payload("custom", messages=messages))
-
-    assert outcome.result.success, outcome.failure_message
-    assert outcome.custom_messages == messages
+def test_custom_messages_reach_the_step_in_order_and_intact(reports: KitOutcome) -> None:
+    assert reports.result.success, reports.failure_message
+    assert reports.custom_messages[:-1] == MESSAGES  # the last is the extras case's
 
 
-def test_extras_reach_the_handler(kit: Kit) -> None:
-    extras = {"region": "eu", "limits": {"rows": 10, "ratio": 0.5}, "tags": ["a", "b"]}
-    outcome = kit.run(kit.payload("extras"), extras=extras)
-
-    assert outcome.result.success, outcome.failure_message
-    assert outcome.custom_messages == [{"extras": extras, "region": "eu"}]
+def test_extras_reach_the_handler(reports: KitOutcome) -> None:
+    assert reports.result.success, reports.failure_message
+    assert reports.custom_messages[-1] == {"extras": EXTRAS, "region": "eu"}
 
 
 def test_prints_reach_the_step_stdout_and_stderr(kit: Kit, capfd: pytest.CaptureFixture[str]) -> None:
@@ -116,6 +118,7 @@ def test_prints_reach_the_step_stdout_and_stderr(kit: Kit, capfd: pytest.Capture
     captured = capfd.readouterr()
     assert f"{tag} stdout" in captured.out.splitlines()
     assert f"{tag} stderr" in captured.err.splitlines()
+    assert_nothing_left(kit.stack)
 
 
 # ---------------------------------------------------------------------------------------------- failures
@@ -173,8 +176,11 @@ def test_a_trigger_delivered_twice_runs_the_handler_once_and_never_after_the_end
             kit.wait_for_mark("started", payload["token"])
             (trigger,) = spy.pull_until(lambda m: len(m) >= 1)
             session_id = trigger.attributes[Attr.SESSION]
-            again = lambda: publisher.publish(  # noqa: E731
-                f"projects/{kit.stack.project}/topics/{kit.topic}", trigger.data, **trigger.attributes).result(timeout=30)
+
+            def again() -> None:
+                topic = f"projects/{kit.stack.project}/topics/{kit.topic}"
+                publisher.publish(topic, trigger.data, **trigger.attributes).result(timeout=30)
+
             again()
             kit.wait_for_function_log(session_id, "this delivery is a duplicate and does not run")
             kit.mark("go", payload["token"])

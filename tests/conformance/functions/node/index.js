@@ -1,5 +1,6 @@
 // The conformance kit's function in Node.js (tests/conformance/test_kit.py): the same behaviours as
-// ../python/main.py, chosen by the payload's `case`. Marks under gs://LAKE/kit/ tell the kit what ran.
+// ../python/main.py, chosen by the payload's `case` (several joined by `+`). Marks under gs://LAKE/kit/ tell
+// the kit what ran.
 import {createHash, randomUUID} from 'node:crypto';
 import {setTimeout as sleep} from 'node:timers/promises';
 
@@ -39,7 +40,6 @@ const CASES = {
   logs(pipes, payload) {
     for (const level of LEVELS) pipes.log[level](`${payload.tag} ${level}`);
   },
-  materialize() {},
   checks(pipes, payload) {
     for (const check of payload.checks) {
       pipes.reportAssetCheck({
@@ -88,13 +88,14 @@ const CASES = {
 };
 
 export const main = pipesFunction(async (pipes, payload) => {
-  const run = CASES[payload.case];
-  if (run === undefined) throw new Error(`no such kit case: ${payload.case}`);
+  const names = payload.case.split('+'); // several cases, run in order: "logs+checks"
+  const unknown = names.filter((name) => !Object.hasOwn(CASES, name));
+  if (unknown.length) throw new Error(`no such kit case: ${unknown}`);
   if (payload.token) {
     await storage().bucket(payload.lake).file(`kit/runs/${payload.token}/${randomUUID()}`).save('run', {resumable: false});
     await mark(payload, 'started');
   }
-  await run(pipes, payload);
+  for (const name of names) await CASES[name](pipes, payload);
   for (const key of pipes.isAssetStep ? pipes.assetKeys : []) {
     pipes.reportAssetMaterialization({
       assetKey: key,

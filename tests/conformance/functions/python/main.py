@@ -1,5 +1,5 @@
 """The conformance kit's function in Python (tests/conformance/test_kit.py): the same behaviours as
-../node/index.js, chosen by the payload's ``case``. Marks under gs://LAKE/kit/ tell the kit what ran."""
+../node/index.js, chosen by the payload's ``case`` (several joined by ``+``). Marks under gs://LAKE/kit/ tell the kit what ran."""
 
 from __future__ import annotations
 
@@ -90,7 +90,6 @@ def until_cancelled(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -
 
 CASES: dict[str, Callable[[CloudFunctionPipesContext, dict[str, Any]], None]] = {
     "logs": logs,
-    "materialize": lambda pipes, payload: None,
     "checks": checks,
     "custom": custom,
     "extras": extras,
@@ -104,13 +103,15 @@ CASES: dict[str, Callable[[CloudFunctionPipesContext, dict[str, Any]], None]] = 
 
 @pipes_function
 def main(pipes: CloudFunctionPipesContext, payload: dict[str, Any]) -> None:
-    run = CASES.get(payload["case"])
-    if run is None:
-        raise ValueError(f"no such kit case: {payload['case']}")
+    names = payload["case"].split("+")  # several cases, run in order: "logs+checks"
+    unknown = [name for name in names if name not in CASES]
+    if unknown:
+        raise ValueError(f"no such kit case: {unknown}")
     if payload.get("token"):
         storage_client().bucket(payload["lake"]).blob(f"kit/runs/{payload['token']}/{uuid.uuid4().hex}").upload_from_string("run")
         mark(payload, "started")
-    run(pipes, payload)
+    for name in names:
+        CASES[name](pipes, payload)
     for key in pipes.asset_keys if pipes.is_asset_step else []:
         pipes.report_asset_materialization(
             asset_key=key,
