@@ -1,9 +1,10 @@
 """Fan-out wall time on the local stack: N trivial shards vs. one, at a given concurrency.
 
-    python -m bench.fanout [--shards 1 20 100] [--concurrency 20]
+    python -m bench.fanout [--shards 1 20 100] [--concurrency 20] [--profile PATH]
 
 Prints one table: shards, concurrency, wall time, ratio to one shard, the orchestrator's CPU per shard, peak
-RSS and threads.
+RSS and threads. ``--profile``: the largest fan-out runs under py-spy (``bench/profile.py``), which writes its
+samples to PATH, and the table of where its CPU went follows.
 """
 
 
@@ -12,9 +13,13 @@ import os
 import threading
 import time
 import warnings
+from contextlib import nullcontext
+from pathlib import Path
 
 from dagster import AssetExecutionContext, DagsterInstance, PreviewWarning, asset, materialize
 
+from bench.profile import breakdown, sampled
+from bench.profile import table as profile_table
 from dagster_gcf_pipes.local.local_stack import LocalFunction, LocalStack
 from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
 
@@ -62,6 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 20, 100])
     parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--profile", type=Path, help="profile the largest fan-out with py-spy; raw samples to this file")
     args = parser.parse_args()
     function = LocalFunction("tests/functions/main.py", "main", TOPIC, env={"THREADS": str(max(8, args.concurrency * 2))})
     with LocalStack(functions=[function]) as stack, stack.activated():
@@ -69,9 +75,11 @@ def main() -> None:
         fan_out_seconds(client, 1, 1)  # warm up imports and the function instance
         rows = []
         for shards in args.shards:
-            cpu = time.process_time()
-            seconds, threads, rss_mb = fan_out_seconds(client, shards, min(args.concurrency, shards))
-            cpu_ms = 1000 * (time.process_time() - cpu) / shards
+            profiling = args.profile is not None and shards == max(args.shards)
+            with sampled(args.profile) if profiling else nullcontext():
+                cpu = time.process_time()
+                seconds, threads, rss_mb = fan_out_seconds(client, shards, min(args.concurrency, shards))
+                cpu_ms = 1000 * (time.process_time() - cpu) / shards
             rows.append((shards, min(args.concurrency, shards), seconds, cpu_ms, threads, rss_mb))
     base = rows[0][2] if rows and rows[0][0] == 1 else None
     print("\n| shards | concurrency | wall s | × one shard | orchestrator CPU ms per shard | peak threads | peak RSS MB |"
@@ -79,6 +87,9 @@ def main() -> None:
     for shards, concurrency, seconds, cpu_ms, threads, rss_mb in rows:
         ratio = f"{seconds / base:.2f}" if base else "-"
         print(f"| {shards} | {concurrency} | {seconds:.2f} | {ratio} | {cpu_ms:.1f} | {threads} | {rss_mb:.0f} |")
+    if args.profile is not None:
+        print(f"\nWhere the orchestrator's CPU went in the {rows[-1][0]:,}-shard step (py-spy samples in {args.profile}):\n")
+        print(profile_table(breakdown(args.profile), rows[-1][3]))
 
 
 if __name__ == "__main__":

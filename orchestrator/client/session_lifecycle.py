@@ -281,6 +281,7 @@ class SessionLifecycle:
                 known_invocation=attach.record.invocation_id or None if attach is not None else None,
                 on_owner=(lambda invocation: journal.opened(session_id, invocation)) if journal is not None else None,
                 create_budget_seconds=self.settings.preflight_timeout,
+                quiet_opened=demux is not None,
             )
         else:
             reader = PipesGCSChunkMessageReader(

@@ -22,11 +22,12 @@ result per check, failed if any shard reported it failed, and every shard's cust
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -322,13 +323,21 @@ def run_fan_out(
         return ShardOutcome(shard, payload, attempt, time.monotonic() - shard_started, error=error)
 
     with ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="pipes-shard") as pool:
-        futures: list[Future[ShardOutcome]] = [pool.submit(attempt_all, i, p) for i, p in enumerate(payloads)]
+        # each shard's end is queued as it happens: O(1) a shard, where waiting on the set of pending futures
+        # costs O(pending) each time one ends (quadratic in the number of shards)
+        ended: queue.SimpleQueue[Future[ShardOutcome]] = queue.SimpleQueue()
+        futures: list[Future[ShardOutcome]] = []
+        for shard, payload in enumerate(payloads):
+            futures.append(pool.submit(attempt_all, shard, payload))
+            futures[-1].add_done_callback(ended.put)
         try:
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                for future in done:
-                    progress.shard_ended(future.result())
+            for _ in futures:
+                while True:
+                    try:
+                        progress.shard_ended(ended.get(timeout=0.5).result())
+                        break
+                    except queue.Empty:
+                        progress.maybe_log()
                 progress.maybe_log()
         except (KeyboardInterrupt, DagsterExecutionInterruptedError):
             interrupted.set()

@@ -155,12 +155,15 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         known_invocation: str | None = None,
         on_owner: Callable[[str], None] | None = None,
         create_budget_seconds: float = 60.0,
+        quiet_opened: bool = False,
     ):
         """Reads through a subscription of its own (``subscriber``) or, in a fan-out group, through ``demux``.
 
         ``retain``: the subscription keeps acknowledged replies. ``replay``: re-attached to an existing
         session, whose earlier subscriptions (``replay_from``) are read again from the start. ``on_owner(invocation_id)`` is called when
-        an invocation's ``opened`` is accepted, before it is handed on."""
+        an invocation's ``opened`` is accepted, before it is handed on. ``quiet_opened`` (a fan-out's shards):
+        ``opened`` is counted as Dagster's handler counts it but its line is not written; the fan-out's
+        progress lines count the shards, as they do instead of a line per shard for every other shard event."""
         self._subscriber = subscriber
         self._demux = demux
         self._claim_check = claim_check
@@ -186,6 +189,7 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         self._known_invocation = known_invocation
         self._on_owner = on_owner
         self._create_budget_seconds = create_budget_seconds
+        self._quiet_opened = quiet_opened
 
     # ---------------------------------------------------------------- PipesMessageReader
     @contextmanager
@@ -297,6 +301,8 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         assert self._handler is not None
         pipes_message = with_log_prefix(pipes_message, self._log_prefix)
         line = dagster_line(pipes_message)
+        if self._quiet_opened and line == OPENED_LINE and _count_as_handled(self._handler, pipes_message, self):
+            return
         replayed = self._replay is not None and line is not None and self._replay.already_recorded(line)
         if replayed and _count_as_handled(self._handler, pipes_message, self):
             return
