@@ -16,7 +16,8 @@ back with its code and details. Intercepted:
 - Acknowledge, ModifyAckDeadline: screened (late and duplicate ack ids), metered.
 
 StreamingPull (and Pull, with ``new_subscription_not_found_on_pull``) answers NOT_FOUND for
-``new_subscription_not_found_seconds`` after the subscription was created through the layer
+``new_subscription_not_found_seconds`` after the subscription was created through the layer (for a
+``new_subscription_not_found_rate`` share of the creations)
 (googleapis/java-pubsub#81, googleapis/google-cloud-go#9723). A subscription the
 local stack marks as push-delivered (read by its Eventarc stand-in, ``local/dispatcher.py``) is exempt from
 what only a Pull call meets (the race, empty answers, NOT_FOUND after creation): production delivers it by push.
@@ -195,7 +196,9 @@ class Proxy(grpc.GenericRpcHandler):
         answer = await self._forward(method, request, context)
         loop = asyncio.get_running_loop()
         if name == "CreateSubscription":
-            layer.registry.learn(SubscriptionPb.FromString(answer), created_at=loop.time())
+            # a subscription is refused for a while after its creation only if it drew one of those creations
+            refused = layer.rng.random() < settings.new_subscription_not_found_rate
+            layer.registry.learn(SubscriptionPb.FromString(answer), created_at=loop.time() if refused else None)
         elif name in ("GetSubscription", "UpdateSubscription"):
             layer.registry.learn(SubscriptionPb.FromString(answer))
         elif name == "DeleteSubscription" and subscription:

@@ -287,7 +287,7 @@ def test_a_retained_subscription_rides_out_not_found_right_after_its_creation(st
     """Production Pub/Sub can answer NOT_FOUND from StreamingPull for a subscription created moments ago
     (googleapis/java-pubsub#81): the production-semantics layer answers so for 3 s here, and the retained
     subscription's stream is re-opened until it is visible, as an unretained one's is."""
-    with stack.semantics.behaving(new_subscription_not_found_seconds=3.0):
+    with stack.semantics.behaving(new_subscription_not_found_seconds=3.0, new_subscription_not_found_rate=1.0):
         stack.semantics.reset_meter()
         outcome = run_asset(make_client(), payload={"n": 3, "log_lines": 5})
         not_found = stack.semantics.meter().total.not_found

@@ -34,6 +34,7 @@ QUIET: dict[str, Any] = {
     "reorder": False,
     "hold_back_rate": 0.0,
     "new_subscription_not_found_seconds": 0.0,
+    "new_subscription_not_found_rate": 1.0,
     "new_subscription_not_found_on_pull": False,
     "lost_admin_response_rate": 0.0,
     "admin_ops_per_minute": 6000,

@@ -27,7 +27,7 @@ from tests.production_semantics.conftest import PubSub
 
 
 def test_a_new_subscription_is_not_found_for_a_while(layer: PubSub, semantics: SemanticsClient) -> None:
-    with semantics.behaving(new_subscription_not_found_seconds=2.0):
+    with semantics.behaving(new_subscription_not_found_seconds=2.0, new_subscription_not_found_rate=1.0):
         topic, subscription = layer.topic_and_subscription()
         stream = layer.subscriber.subscribe(subscription, lambda message: message.ack())
         with pytest.raises(gexc.NotFound):  # google-cloud-pubsub ends the stream for good on NOT_FOUND
@@ -37,11 +37,28 @@ def test_a_new_subscription_is_not_found_for_a_while(layer: PubSub, semantics: S
         time.sleep(2)
         layer.publish(topic, b"streamed")
         assert [m.data for m in layer.stream_for(subscription, 2)] == [b"streamed"]
-    with semantics.behaving(new_subscription_not_found_seconds=2.0, new_subscription_not_found_on_pull=True):
+    with semantics.behaving(new_subscription_not_found_seconds=2.0, new_subscription_not_found_rate=1.0, new_subscription_not_found_on_pull=True):
         topic, subscription = layer.topic_and_subscription()
         with pytest.raises(gexc.NotFound):  # ... unless asked
             layer.subscriber.pull(request={"subscription": subscription, "max_messages": 1}, timeout=5, retry=None)
     assert semantics.meter().total.not_found == 2
+
+
+def test_only_the_drawn_share_of_new_subscriptions_is_not_found(layer: PubSub, semantics: SemanticsClient) -> None:
+    """Both sources report NOT_FOUND after some creations, not all: ``new_subscription_not_found_rate``."""
+    semantics.reset_meter()
+    with semantics.behaving(new_subscription_not_found_seconds=30.0, new_subscription_not_found_rate=0.5):
+        refused = 0
+        for _ in range(20):
+            _, subscription = layer.topic_and_subscription()
+            stream = layer.subscriber.subscribe(subscription, lambda message: message.ack())
+            try:
+                stream.result(timeout=1.0)
+            except gexc.NotFound:
+                refused += 1
+            except TimeoutError:
+                stream.cancel()  # streaming: served at once
+    assert 4 <= refused <= 16 and semantics.meter().total.not_found == refused, refused
 
 
 def test_the_bare_emulator_streams_a_new_subscription_at_once(bare: PubSub) -> None:
