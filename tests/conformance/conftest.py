@@ -121,7 +121,7 @@ def serve(stack: LocalStack, implementation: Implementation) -> tuple[str, Manag
 
 def unserve(stack: LocalStack, topic: str) -> None:
     """Stop the function of ``topic`` (its dispatcher with it) and delete its trigger subscription."""
-    stack.servers.pop(f"function-{topic}").stop(grace=0.5)  # Node's framework takes its 3 s to leave on SIGTERM
+    stack.servers.pop(f"function-{topic}").stop()
     stack.servers.pop(f"dispatcher-{topic}", None)
     with pubsub_v1.SubscriberClient() as subscriber:
         subscriber.delete_subscription(request={"subscription": stack.trigger_subscription(topic)})
