@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install node-test demo dev test bench clean
+.PHONY: install node-test demo dev test test-long bench clean
 
 # the library with every side and the test tooling, plus the example function's own requirements (polars)
 EXAMPLE_REQUIREMENTS := examples/sales/function/requirements.txt
@@ -39,8 +39,16 @@ $(NODE_EXAMPLE)/node_modules/.installed: $(NODE_EXAMPLE)/package.json $(NODE_EXA
 	cd $(NODE_EXAMPLE) && npm ci --no-audit --no-fund
 	touch $@
 
+# the suite on PYTEST_WORKERS processes (pytest-xdist; each starts its own local stack on free ports): the tests
+# mostly wait on the emulators, so 4 share 2 cores well; PYTEST_WORKERS=0 runs it in one process
+PYTEST_WORKERS ?= 4
+
 test: install node-test $(NODE_EXAMPLE)/node_modules/.installed
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
+
+# the scenarios the default run has at a smaller size, at their full length (pytest -m long)
+test-long: install node-test $(NODE_EXAMPLE)/node_modules/.installed
+	$(PY) -m pytest -m long -n 2 --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 # the table, the chaos soak (bench/soak.py), then their charts in docs/img/ (BENCH_ARGS=--quick: short runs, charts in bench/results/quick/img/)
 bench: install

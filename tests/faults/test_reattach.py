@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 from google.cloud import storage
 
@@ -245,13 +246,11 @@ def test_a_fan_out_killed_halfway_runs_only_the_shards_that_had_not_finished(sta
     assert_nothing_left(stack.project)
 
 
-KILLS = 20
-
-
-def test_killed_at_a_random_moment_twenty_times_every_line_and_the_result_once(stack, tmp_path):
+@pytest.mark.parametrize("kills", [pytest.param(6, id="6"), pytest.param(20, id="20", marks=pytest.mark.long)])
+def test_killed_at_random_moments_every_line_and_the_result_once(stack, tmp_path, kills):
     rng = random.Random(int(os.environ.get("REATTACH_SEED", time.time())))
     outcomes: Counter[str] = Counter()
-    for attempt in range(KILLS):
+    for attempt in range(kills):
         token = uuid.uuid4().hex
         spec = {"client": FAST, "payload": {"token": token, "log_lines": 20, "line_interval": 0.1}}
         with orchestrator(stack, tmp_path / f"home-{attempt}", spec) as orch:
@@ -280,7 +279,7 @@ def test_killed_at_a_random_moment_twenty_times_every_line_and_the_result_once(s
             assert lake_count(stack.project, f"runs/{token}/") == 1
             assert_every_line_once(orch.instance, runs, 20)
     assert_nothing_left(stack.project)
-    print(f"\n{KILLS} random kills: {dict(outcomes)}")
+    print(f"\n{kills} random kills: {dict(outcomes)}")
 
 
 def test_a_retained_subscription_rides_out_not_found_right_after_its_creation(stack):

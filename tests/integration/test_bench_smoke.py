@@ -5,12 +5,14 @@ import json
 import re
 import subprocess
 import sys
-
 from pathlib import Path
+
+import pytest
 
 from tests import REPO_ROOT
 
 
+@pytest.mark.long  # two minutes: make bench runs it in full; the default run has the fan-out bench below
 def test_quick_bench_prints_its_table_and_loses_nothing(tmp_path: Path) -> None:
     results = tmp_path / "bench.json"
     run = subprocess.run(
@@ -37,3 +39,19 @@ def test_quick_bench_prints_its_table_and_loses_nothing(tmp_path: Path) -> None:
     assert meter["ours, bare emulator"]["trivial"] is None
     assert "ours (Pub/Sub), trivial" in rows and "1 shards" in rows
     assert "subscription per fan-out group of 100" in run.stdout  # the cost model, from this run's results
+
+
+def test_the_fan_out_bench_profiles_its_largest_step(tmp_path: Path) -> None:
+    """``bench.fanout --profile``: the table of the fan-out runs, py-spy's samples of the largest step and the
+    table of where its CPU went, every share a component's (issue 26)."""
+    profile = tmp_path / "profile.txt"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.fanout", "--shards", "1", "4", "--concurrency", "4", "--profile", str(profile)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=170,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| ")]
+    assert [row[1].strip() for row in rows[1:3]] == ["1", "4"], run.stdout
+    assert profile.read_text().strip(), "py-spy wrote no samples"
+    shares = {row[1].strip(): float(row[2].strip().rstrip("%")) for row in rows if row[2].strip().endswith("%")}
+    assert 99.0 <= sum(shares.values()) <= 101.0 and shares, run.stdout

@@ -36,7 +36,7 @@ from tests.modes.test_sensor import Feed
 SUBSCRIPTION = "pubsub-sensor-backlog-test"
 SENSOR = "backlog_sensor"
 PER_TICK = 100
-OBJECTS = 2_000  # the burst of the report; the sensor of the last release remembered 1,000 message ids
+OBJECTS = 2_000  # the burst of the report (the long run); the sensor of an earlier release remembered 1,000 message ids
 DUPLICATES = 20  # Cloud Storage published these writes' notifications twice
 MALFORMED = 2
 WINDOW = 3_000  # more than the backlog: the test's pull sees everything waiting and chooses what the sensor gets
@@ -125,17 +125,22 @@ def warnings_of(daemon: SensorDaemon, ticks: list[Any]) -> list[str]:
 
 
 @pytest.mark.timeout(900)  # creating 2,000 runs in SQLite takes most of it
+@pytest.mark.parametrize(
+    "objects",
+    # the default run: a backlog of several ticks, redelivered behind itself; the long run: the report's burst
+    [pytest.param(4 * PER_TICK, id="400"), pytest.param(OBJECTS, id="2000", marks=pytest.mark.long)],
+)
 def test_a_backlog_far_above_any_remembered_ids_drains_in_bounded_ticks_whatever_the_order(
-    backlog_feed: Feed, out_of_order: None, tmp_path: Path
+    backlog_feed: Feed, out_of_order: None, tmp_path: Path, objects: int
 ) -> None:
-    names = [f"landing/part-{i:04d}.csv" for i in range(OBJECTS)]
+    names = [f"landing/part-{i:04d}.csv" for i in range(objects)]
     futures = [notify(backlog_feed, name) for name in names + names[:DUPLICATES]]
     malformed = [backlog_feed.publisher.publish(backlog_feed.topic, b"not a notification", origin="someone")
                  for _ in range(MALFORMED)]
     for future in futures:
         future.result(timeout=60)
     malformed_ids = [f.result(timeout=60) for f in malformed]
-    messages = OBJECTS + DUPLICATES + MALFORMED
+    messages = objects + DUPLICATES + MALFORMED
     # every message is pulled once to request its run and once to ack it (a malformed one only once)
     bound = -(-2 * messages // PER_TICK) + 5  # and a few for pulls that return less than is waiting
 
@@ -158,7 +163,7 @@ def test_a_backlog_far_above_any_remembered_ids_drains_in_bounded_ticks_whatever
     assert backlog_feed.waiting() == []
     keys = sorted(run.tags[RUN_KEY_TAG] for run in runs)
     assert keys == [f"raw-drops/{name}#1" for name in names]  # one run per object write
-    assert sum(len(t.run_keys) for t in ticks) == OBJECTS  # and one request: nothing asked for twice
+    assert sum(len(t.run_keys) for t in ticks) == objects  # and one request: nothing asked for twice
     for message_id in malformed_ids:
         assert len([w for w in warnings if f"skipped message {message_id}" in w]) == 1, warnings
     assert len(warnings) == MALFORMED
