@@ -50,9 +50,15 @@ test: install node-test $(NODE_EXAMPLE)/node_modules/.installed
 test-long: install node-test $(NODE_EXAMPLE)/node_modules/.installed
 	$(PY) -m pytest -m long -n 2 --dist worksteal --durations=15 $(PYTEST_ARGS)
 
-# the table, the chaos soak (bench/soak.py), then their charts in docs/img/ (BENCH_ARGS=--quick: short runs, charts in bench/results/quick/img/)
+# the table, the chaos soak (bench/soak.py), the fan-out scale run to 10,000 shards with its CPU profile
+# (bench/fanout.py), then their charts in docs/img/ (BENCH_ARGS=--quick: short runs, charts in bench/results/quick/img/)
+FAN_OUT_SHARDS := $(if $(filter --quick,$(BENCH_ARGS)),1 10 100,1 100 1000 3000 10000)
+RESULTS := bench/results$(if $(filter --quick,$(BENCH_ARGS)),/quick)
 bench: install
-	$(PY) -m bench $(BENCH_ARGS) && $(PY) -m bench.soak $(BENCH_ARGS) && $(PY) -m bench.plots $(BENCH_ARGS)
+	$(PY) -m bench $(BENCH_ARGS) && $(PY) -m bench.soak $(BENCH_ARGS) \
+		&& $(PY) -m bench.fanout --shards $(FAN_OUT_SHARDS) --concurrency 100 --results $(RESULTS)/fan_out.json \
+			--profile $(RESULTS)/fan_out_profile.txt \
+		&& $(PY) -m bench.plots $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis $(NODE_EXAMPLE)/node_modules

@@ -1,14 +1,15 @@
 """Fan-out wall time on the local stack: N trivial shards vs. one, at a given concurrency.
 
-    python -m bench.fanout [--shards 1 20 100] [--concurrency 20] [--profile PATH]
+    python -m bench.fanout [--shards 1 20 100] [--concurrency 20] [--profile PATH] [--results PATH]
 
 Prints one table: shards, concurrency, wall time, ratio to one shard, the orchestrator's CPU per shard, peak
-RSS and threads. ``--profile``: the largest fan-out runs under py-spy (``bench/profile.py``), which writes its
+RSS and threads (``--results``: also as JSON, which ``bench.plots`` draws as docs/img/fan_out.png). ``--profile``: the largest fan-out runs under py-spy (``bench/profile.py``), which writes its
 samples to PATH, and the table of where its CPU went follows.
 """
 
 
 import argparse
+import json
 import os
 import threading
 import time
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 20, 100])
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--profile", type=Path, help="profile the largest fan-out with py-spy; raw samples to this file")
+    parser.add_argument("--results", type=Path, help="write the rows as JSON here (bench.plots draws them)")
     args = parser.parse_args()
     function = LocalFunction("tests/functions/main.py", "main", TOPIC, env={"THREADS": str(max(8, args.concurrency * 2))})
     with LocalStack(functions=[function]) as stack, stack.activated():
@@ -87,6 +89,11 @@ def main() -> None:
     for shards, concurrency, seconds, cpu_ms, threads, rss_mb in rows:
         ratio = f"{seconds / base:.2f}" if base else "-"
         print(f"| {shards} | {concurrency} | {seconds:.2f} | {ratio} | {cpu_ms:.1f} | {threads} | {rss_mb:.0f} |")
+    if args.results is not None:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps({"cores": os.cpu_count(), "fan_out": [
+            {"shards": shards, "concurrency": concurrency, "seconds": seconds, "cpu_seconds": cpu_ms * shards / 1000,
+             "threads": threads, "rss_mb": rss_mb} for shards, concurrency, seconds, cpu_ms, threads, rss_mb in rows]}, indent=1))
     if args.profile is not None:
         print(f"\nWhere the orchestrator's CPU went in the {rows[-1][0]:,}-shard step (py-spy samples in {args.profile}):\n")
         print(profile_table(breakdown(args.profile), rows[-1][3]))

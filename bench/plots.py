@@ -2,12 +2,13 @@
 
     python -m bench.plots [--quick]      (make bench runs it last)
 
-Reads ``bench.json`` and ``soak.json`` from ``bench/results/`` (``bench/results/quick/`` with ``--quick``)
+Reads ``bench.json``, ``fan_out.json`` (``python -m bench.fanout --results``) and ``soak.json`` from ``bench/results/`` (``bench/results/quick/`` with ``--quick``)
 and writes PNGs to ``docs/img/`` (next to the quick results with ``--quick``, so the docs keep a full run's):
 
 - ``first_log_latency.png``: how long after the step started Dagster recorded the function's first log line,
   for ours, the earlier design (10 s and 1 s chunks) and the floor, with the raw emulator round trip;
-- ``fan_out.png``: a fan-out's wall time and the orchestrator's CPU time against its number of shards;
+- ``fan_out.png``: a fan-out's wall time, the orchestrator's CPU time (total and per shard) and its peak
+  threads and resident memory against its number of shards;
 - ``soak_latency.png``: the chaos soak's session latency, without faults and with each kind of fault.
 
 A missing results file skips its charts, saying so.
@@ -67,19 +68,25 @@ def first_log_chart(bench: dict[str, Any], out: Path) -> Path:
 def fan_out_chart(bench: dict[str, Any], out: Path) -> Path:
     rows = sorted(bench["fan_out"], key=lambda r: r["shards"])
     shards = [r["shards"] for r in rows]
-    figure, (wall, cpu) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, (wall, cpu, footprint) = plt.subplots(1, 3, figsize=(14, 4))
     wall.plot(shards, [r["seconds"] for r in rows], marker="o")
     wall.set_ylabel("wall time, s")
-    cpu.plot(shards, [r["cpu_seconds"] for r in rows], marker="o", color="tab:orange", label="total")
-    cpu.plot(shards, [r["cpu_seconds"] / r["shards"] for r in rows], marker="s", color="tab:green", label="per shard")
-    cpu.set_ylabel("orchestrator CPU, s")
+    cpu.plot(shards, [r["cpu_seconds"] for r in rows], marker="o", color="tab:orange", label="total, s")
+    cpu.plot(shards, [1000 * r["cpu_seconds"] / r["shards"] for r in rows], marker="s", color="tab:green", label="per shard, ms")
+    cpu.set_ylabel("orchestrator CPU")
     cpu.legend(fontsize=8)
     for axis in (wall, cpu):
-        log_scale(axis, "x")
         log_scale(axis, "y")
+    footprint.plot(shards, [r["threads"] for r in rows], marker="o", color="tab:purple", label="peak threads")
+    footprint.plot(shards, [r["rss_mb"] for r in rows], marker="s", color="tab:brown", label="peak RSS, MB")
+    footprint.set_ylim(bottom=0)
+    footprint.set_ylabel("threads / MB (linear)")
+    footprint.legend(fontsize=8)
+    for axis in (wall, cpu, footprint):
+        log_scale(axis, "x")
         axis.set_xlabel("shards in one fan-out step (log scale)")
         axis.grid(True, which="both", alpha=0.3)
-    figure.suptitle("Fan-out (run_many) of trivial shards on the local stack")
+    figure.suptitle("Fan-out (run_many, 100 at once) of trivial shards on the local stack, production-semantics layer on")
     return save(figure, out / "fan_out.png")
 
 
@@ -128,7 +135,7 @@ def main() -> None:
     results = args.results or results_dir(args.quick)
     out = args.out or (results / "img" if args.quick else DOCS_IMG)
     out.mkdir(parents=True, exist_ok=True)
-    charts = {"bench.json": (first_log_chart, fan_out_chart), "soak.json": (soak_chart,)}
+    charts = {"bench.json": (first_log_chart,), "fan_out.json": (fan_out_chart,), "soak.json": (soak_chart,)}
     for name, draws in charts.items():
         source = results / name
         if not source.exists():
