@@ -35,6 +35,13 @@ NODE_EXAMPLE := examples/node_function
 node-test:
 	$(MAKE) -C node test
 
+# the conformance kit's Node.js function (tests/conformance/), installed the same way
+KIT_NODE := tests/conformance/functions/node
+
+$(KIT_NODE)/node_modules/.installed: $(KIT_NODE)/package.json $(KIT_NODE)/package-lock.json
+	cd $(KIT_NODE) && npm ci --no-audit --no-fund
+	touch $@
+
 $(NODE_EXAMPLE)/node_modules/.installed: $(NODE_EXAMPLE)/package.json $(NODE_EXAMPLE)/package-lock.json
 	cd $(NODE_EXAMPLE) && npm ci --no-audit --no-fund
 	touch $@
@@ -43,11 +50,11 @@ $(NODE_EXAMPLE)/node_modules/.installed: $(NODE_EXAMPLE)/package.json $(NODE_EXA
 # mostly wait on the emulators, so 4 share 2 cores well; PYTEST_WORKERS=0 runs it in one process
 PYTEST_WORKERS ?= 4
 
-test: install node-test $(NODE_EXAMPLE)/node_modules/.installed
+test: install node-test $(NODE_EXAMPLE)/node_modules/.installed $(KIT_NODE)/node_modules/.installed
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 # the scenarios the default run has at a smaller size, at their full length (pytest -m long)
-test-long: install node-test $(NODE_EXAMPLE)/node_modules/.installed
+test-long: install node-test $(NODE_EXAMPLE)/node_modules/.installed $(KIT_NODE)/node_modules/.installed
 	$(PY) -m pytest -m long -n 2 --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 # the table, the chaos soak (bench/soak.py), the fan-out scale run to 10,000 shards with its CPU profile
@@ -61,5 +68,5 @@ bench: install
 		&& $(PY) -m bench.plots $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis $(NODE_EXAMPLE)/node_modules
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis $(NODE_EXAMPLE)/node_modules $(KIT_NODE)/node_modules
 	$(MAKE) -C node clean
