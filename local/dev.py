@@ -479,23 +479,37 @@ def edit_filter(stack: LocalStack, function: LocalFunction) -> Callable[[Any, st
     return is_node_edit
 
 
+#: how long a folder's watch waits for a change before it yields nothing (its first yield says it is set up)
+WATCH_READY_MS = 100
+
+
 @contextmanager
 def watching(stack: LocalStack, stop: threading.Event) -> Iterator[StackWatch]:
     """Keep the stack's functions served while the block runs: a function's server restarts as soon as a file
     under its folder changes (``edit_filter``), and when it dies (``StackWatch.run`` looks once a
-    second)."""
+    second). The block starts once every folder is watched, so an edit made after the command says it is up
+    is never missed."""
     from watchfiles import watch
 
     keepers = [FunctionKeeper(stack, function, stop) for function in stack.functions]
+    watched = [threading.Event() for _ in keepers]
 
-    def reload_on_edit(keeper: FunctionKeeper) -> None:
-        is_edit = edit_filter(stack, keeper.function)
-        for changes in watch(keeper.folder, watch_filter=is_edit, stop_event=stop, debounce=200, step=50):
-            keeper.after_edit(changes)
+    def reload_on_edit(keeper: FunctionKeeper, watching_now: threading.Event) -> None:
+        try:
+            # yield_on_timeout: the first yield, empty after WATCH_READY_MS of quiet, comes once the watch is set up
+            for changes in watch(keeper.folder, watch_filter=edit_filter(stack, keeper.function), stop_event=stop,
+                                 debounce=200, step=50, rust_timeout=WATCH_READY_MS, yield_on_timeout=True):
+                watching_now.set()
+                if changes:
+                    keeper.after_edit(changes)
+        finally:
+            watching_now.set()
 
-    for keeper in keepers:
-        threading.Thread(target=reload_on_edit, args=(keeper,), daemon=True,
+    for keeper, watching_now in zip(keepers, watched):
+        threading.Thread(target=reload_on_edit, args=(keeper, watching_now), daemon=True,
                          name=f"reload-{keeper.function.trigger_topic}").start()
+    for watching_now in watched:
+        watching_now.wait()
     try:
         yield StackWatch(stack, keepers, stop)
     finally:
