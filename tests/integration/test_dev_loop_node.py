@@ -80,7 +80,7 @@ class Dev:
 @pytest.fixture(scope="module")
 def dev(project: Path) -> Iterator[Dev]:
     """One ``gcf-pipes dev`` for the module (a stack and dagster dev each take seconds to start): the edit test
-    uses its stack while dagster dev starts, the Dagster test waits for its webserver."""
+    uses its stack while dagster dev starts, the Dagster test (last in the module) waits for its webserver."""
     port, home = free_port(), project.parent / "dagster-home"
     home.mkdir()
     # runs launch when submitted, not at the queue daemon's next pass (seconds saved; the launcher is the default)
@@ -122,32 +122,6 @@ def test_an_edit_of_the_js_is_served_and_npms_writes_restart_nothing(project: Pa
     assert "running version two" in logs and metadata["version"] == "two"
 
 
-def test_dev_materializes_the_node_function_from_dagster(dev: Dev):
-    from dagster_graphql import DagsterGraphQLClient
-
-    dev.output.wait_for("Serving dagster-webserver", timeout=120)
-    client = DagsterGraphQLClient("127.0.0.1", port_number=dev.port)
-    deadline = time.monotonic() + 90
-    while True:  # the webserver answers before its code location is loaded
-        assert dev.process.poll() is None, dev.output.tail()
-        try:
-            run_id = client.submit_job_execution("__ASSET_JOB")
-            break
-        except Exception:
-            assert time.monotonic() < deadline, dev.output.tail()
-            time.sleep(0.25)
-    while (status := client.get_run_status(run_id).value) not in ("SUCCESS", "FAILURE", "CANCELED"):
-        assert time.monotonic() < deadline, dev.output.tail()
-        time.sleep(0.25)
-    assert status == "SUCCESS", dev.output.tail(60)
-    with DagsterInstance.from_config(str(dev.home)) as instance:
-        logs = [e.user_message for e in instance.all_logs(run_id) if e.dagster_event is None]
-        event = instance.get_latest_materialization_event(AssetKey("my_table"))
-    assert any(line.startswith("running version ") for line in logs), logs
-    assert event is not None and event.run_id == run_id
-    assert event.asset_materialization.metadata["rows"].value == 3  # the asset's payload, read by the JS handler
-
-
 def test_what_is_an_edit_of_a_node_function_follows_its_entry(tmp_path: Path):
     """``dist/`` is build output unless the function's entry is there (tsc's outDir): then its files are the code
     served. TypeScript sources and node_modules/ are never edits; package.json always is."""
@@ -176,7 +150,7 @@ def node_sales(context, pipes: PipesPubSubClient) -> MaterializeResult:
 
 @pytest.mark.gcf_pipes(function="examples/node_function/index.js:main")
 def test_the_pytest_fixture_serves_a_node_function(gcf_pipes, capfd: pytest.CaptureFixture[str]):
-    """The marker names the ``.js`` file (relative to the rootdir); the dev test above names a folder."""
+    """The marker names the ``.js`` file (relative to the rootdir); the dev tests name a folder."""
     assert gcf_pipes.function.language == "nodejs"
     gcf_pipes.stack.create_buckets(["node-lake"])
     result = materialize([node_sales], resources={"pipes": gcf_pipes.client})
@@ -184,3 +158,29 @@ def test_the_pytest_fixture_serves_a_node_function(gcf_pipes, capfd: pytest.Capt
     assert materialization.metadata["row_count"].value == 4
     assert materialization.metadata["runtime"].value.startswith("node ")
     assert "printed by the handler: 4 rows" in capfd.readouterr().out
+
+
+def test_dev_materializes_the_node_function_from_dagster(dev: Dev):
+    from dagster_graphql import DagsterGraphQLClient
+
+    dev.output.wait_for("Serving dagster-webserver", timeout=120)
+    client = DagsterGraphQLClient("127.0.0.1", port_number=dev.port)
+    deadline = time.monotonic() + 90
+    while True:  # the webserver answers before its code location is loaded
+        assert dev.process.poll() is None, dev.output.tail()
+        try:
+            run_id = client.submit_job_execution("__ASSET_JOB")
+            break
+        except Exception:
+            assert time.monotonic() < deadline, dev.output.tail()
+            time.sleep(0.25)
+    while (status := client.get_run_status(run_id).value) not in ("SUCCESS", "FAILURE", "CANCELED"):
+        assert time.monotonic() < deadline, dev.output.tail()
+        time.sleep(0.25)
+    assert status == "SUCCESS", dev.output.tail(60)
+    with DagsterInstance.from_config(str(dev.home)) as instance:
+        logs = [e.user_message for e in instance.all_logs(run_id) if e.dagster_event is None]
+        event = instance.get_latest_materialization_event(AssetKey("my_table"))
+    assert any(line.startswith("running version ") for line in logs), logs
+    assert event is not None and event.run_id == run_id
+    assert event.asset_materialization.metadata["rows"].value == 3  # the asset's payload, read by the JS handler

@@ -100,14 +100,15 @@ def test_the_built_folder_installs_on_its_own_and_dagster_materializes_it(
     finally:
         stack.servers.pop(server.name, None)
         server.stop()
-    assert outcome.result.success, outcome.log_messages
+    assert outcome.result.success, outcome.failure_message
     assert outcome.metadata["row_count"] == 5 and outcome.metadata["runtime"].startswith("node ")
-    assert "generating 5 rows of fake sales data" in outcome.log_messages
+    assert "generating 5 rows of fake sales data" in outcome.log_messages, outcome.log_messages
     [custom] = outcome.custom_messages
     assert custom["rows"] == 5
     csv = storage.Client().bucket(LAKE_BUCKET).blob("sales/pipes_test_asset/part-0.csv").download_as_text()
     assert len(csv.splitlines()) == 1 + 5
-    assert "printed by the handler: 5 rows" in capfd.readouterr().out
+    printed = capfd.readouterr().out
+    assert "printed by the handler: 5 rows" in printed, printed[-3000:]
 
 
 def test_deploy_md_builds_and_deploys_node_as_the_build_says(built: tuple[Path, str]):
