@@ -141,3 +141,27 @@ def test_the_build_refuses_a_node_folder_it_cannot_deploy(tmp_path: Path, packag
     with pytest.raises(BuildError, match=re.escape(expected)):
         cli_build(["--runtime", "nodejs", str(source), str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_without_npm_the_build_writes_no_lock_file_and_says_what_to_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    source, out = tmp_path / "src", tmp_path / "out"
+    sdk = source / "node_modules" / "@dagster-gcf-pipes" / "function"
+    (sdk / "dist").mkdir(parents=True)
+    (sdk / "dist" / "index.js").write_text("exports.pipesFunction = (handler) => handler;\n")
+    (sdk / "package.json").write_text(json.dumps({
+        "name": "@dagster-gcf-pipes/function", "main": "dist/index.js", "files": ["dist"],
+        "dependencies": {"@google-cloud/functions-framework": "^5.0.5"}}))
+    (source / "package.json").write_text(json.dumps({"dependencies": {"@dagster-gcf-pipes/function": "^0.1.0"}}))
+    (source / "package-lock.json").write_text("{}\n")  # the user's: it no longer matches the built package.json
+    (source / "index.js").write_text("export const main = () => {};\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "no-npm-here"))
+
+    assert cli_build([str(source), str(out)]) == 0
+    said = capsys.readouterr()
+    assert "npm is not on PATH, so no package-lock.json was written" in said.err, said.err
+    assert f"run `npm install --package-lock-only` in {out}" in said.err, said.err
+    assert "--runtime nodejs20" in said.out
+    assert sorted(p.name for p in out.iterdir()) == ["index.js", "package.json", "vendor"]
+    assert json.loads((out / "package.json").read_text())["dependencies"] == {
+        "@dagster-gcf-pipes/function": f"file:{VENDORED.as_posix()}", "@google-cloud/functions-framework": "^5.0.5"}
