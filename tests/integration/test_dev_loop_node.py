@@ -1,7 +1,7 @@
 """The local dev loop on a Node.js function (the TypeScript function side, node/), in a user's project outside the
-checkout: ``gcf-pipes dev`` serves it in Google's Node.js Functions Framework, Dagster materializes it, an edit
-of its ``.js`` is served at the next trigger while npm's writes (``node_modules/``, ``dist/``) restart nothing,
-and the pytest plugin's fixture serves it from a ``.js`` file or a folder with a package.json.
+checkout: ``gcf-pipes dev`` serves it (named by its folder, with a package.json) in Google's Node.js Functions
+Framework, Dagster materializes it, an edit of its ``.js`` is served at the next trigger while npm's writes
+(``node_modules/``, ``dist/``) restart nothing; and the pytest plugin's fixture serves one named by its ``.js``.
 
 Needs node/ built (``make test`` builds it); the project's ``npm install`` links it and takes the Functions
 Framework from npm's cache."""
