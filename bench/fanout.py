@@ -33,8 +33,11 @@ def current_rss_mb() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def fan_out_seconds(client: PipesPubSubClient, shards: int, concurrency: int) -> tuple[float, int, float]:
-    """Wall time, peak thread count and peak RSS (MB) of one fan-out step of ``shards`` trivial shards."""
+def fan_out_seconds(
+    client: PipesPubSubClient, shards: int, concurrency: int, console_log_level: str = "DEBUG"
+) -> tuple[float, int, float]:
+    """Wall time, peak thread count and peak RSS (MB) of one fan-out step of ``shards`` trivial shards; the run's
+    console logger at ``console_log_level`` (Dagster's default: DEBUG, every event printed)."""
     peak_threads = 0
     peak_rss_mb = 0.0
 
@@ -56,7 +59,8 @@ def fan_out_seconds(client: PipesPubSubClient, shards: int, concurrency: int) ->
     watcher.start()
     with DagsterInstance.ephemeral() as instance:
         started = time.monotonic()
-        result = materialize([bench_fan_out], resources={"pipes_pubsub": client}, instance=instance)
+        result = materialize([bench_fan_out], resources={"pipes_pubsub": client}, instance=instance,
+                             run_config={"loggers": {"console": {"config": {"log_level": console_log_level}}}})
         elapsed = time.monotonic() - started
     stop.set()
     assert result.success
@@ -70,6 +74,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--profile", type=Path, help="profile the largest fan-out with py-spy; raw samples to this file")
     parser.add_argument("--results", type=Path, help="write the rows as JSON here (bench.plots draws them)")
+    parser.add_argument("--console-log-level", default="DEBUG",
+                        help="the run's console logger level (Dagster's default DEBUG prints every event; WARNING: what a user can save)")
     args = parser.parse_args()
     function = LocalFunction("tests/functions/main.py", "main", TOPIC, env={"THREADS": str(max(8, args.concurrency * 2))})
     with LocalStack(functions=[function]) as stack, stack.activated():
@@ -80,7 +86,7 @@ def main() -> None:
             profiling = args.profile is not None and shards == max(args.shards)
             with sampled(args.profile) if profiling else nullcontext():
                 cpu = time.process_time()
-                seconds, threads, rss_mb = fan_out_seconds(client, shards, min(args.concurrency, shards))
+                seconds, threads, rss_mb = fan_out_seconds(client, shards, min(args.concurrency, shards), args.console_log_level)
                 cpu_ms = 1000 * (time.process_time() - cpu) / shards
             rows.append((shards, min(args.concurrency, shards), seconds, cpu_ms, threads, rss_mb))
     base = rows[0][2] if rows and rows[0][0] == 1 else None

@@ -45,6 +45,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
@@ -266,12 +267,24 @@ class ReplySubscription:
             self._reopening.pop(path, None)
             if self._closing:
                 return
-            streaming = self._streams[path] = self._subscriber.subscribe(
-                path,
-                self._on_message,
-                flow_control=pubsub_v1.types.FlowControl(max_messages=1000),
-                await_callbacks_on_shutdown=True,
-            )
+            try:
+                streaming = self._subscriber.subscribe(
+                    path,
+                    self._on_message,
+                    flow_control=pubsub_v1.types.FlowControl(max_messages=1000),
+                    await_callbacks_on_shutdown=True,
+                )
+            except Exception as exc:  # noqa: BLE001 - see below
+                # google-cloud-pubsub's open() races the shutdown of a stream that failed at once (NOT_FOUND
+                # right after creation): the shutdown clears its leaser before open() starts it, and subscribe()
+                # raises AttributeError (seen under load; the library's race of googleapis/google-cloud-python#5792)
+                failed: Future[None] = Future()
+                failed.set_exception(exc)
+                self._streams[path] = failed  # type: ignore[assignment]
+                if not self._past_grace():
+                    self._schedule_reopen(path)
+                return
+            self._streams[path] = streaming
         streaming.add_done_callback(functools.partial(self._on_stream_end, path))
 
     def _on_stream_end(self, path: str, streaming: StreamingPull) -> None:
@@ -284,17 +297,21 @@ class ReplySubscription:
         with self._lock:
             if self._closing or streaming is not self._streams.get(path):
                 return
-            self._reopens += 1
-            delay = min(REOPEN_MAX_DELAY_SECONDS, REOPEN_FIRST_DELAY_SECONDS * 2 ** min(self._reopens - 1, 8))
-            timer = self._reopening[path] = threading.Timer(delay * random.uniform(0.5, 1.0), self._open_stream, args=(path,))
-            timer.daemon = True
-            timer.start()
+            self._schedule_reopen(path)
         # expected on Pub/Sub (see the module docstring): not worth a line in every step
         what = "was closed by the server" if _closed_cleanly(error) else "answered NOT_FOUND"
         self._log.debug(
             f"[pipes] StreamingPull of {path} {what}, {self.path} created "
             f"{time.monotonic() - self._created_at:.1f}s ago; re-opening the stream (attempt {self._reopens})"
         )
+
+    def _schedule_reopen(self, path: str) -> None:
+        """Open ``path``'s stream again after a jittered, exponentially growing delay (call with the lock held)."""
+        self._reopens += 1
+        delay = min(REOPEN_MAX_DELAY_SECONDS, REOPEN_FIRST_DELAY_SECONDS * 2 ** min(self._reopens - 1, 8))
+        timer = self._reopening[path] = threading.Timer(delay * random.uniform(0.5, 1.0), self._open_stream, args=(path,))
+        timer.daemon = True
+        timer.start()
 
     def _create(self) -> None:
         request = {

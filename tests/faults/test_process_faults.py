@@ -84,9 +84,10 @@ def test_push_redelivered_while_the_function_runs_executes_the_handler_once(stac
 def test_pubsub_unreachable_for_a_few_seconds_mid_session_is_ridden_out(stack):
     emulator = stack.servers["pubsub-emulator"]
     client = make_client(heartbeat_interval=0.5, heartbeat_timeout=20.0)
+    token = uuid.uuid4().hex
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        run = pool.submit(run_asset, client, {"log_lines": 200, "sleep": 4})
-        time.sleep(1.5)
+        run = pool.submit(run_asset, client, {"log_lines": 200, "sleep": 4, "token": token})
+        wait_for_object(stack.project, f"started/{token}", timeout=60)  # mid-session: the handler runs
         emulator.kill(signal.SIGSTOP)
         try:
             time.sleep(4)
@@ -101,9 +102,14 @@ def test_pubsub_unreachable_for_a_few_seconds_mid_session_is_ridden_out(stack):
 def test_pubsub_unreachable_past_the_budget_fails_with_a_clear_error(stack):
     emulator = stack.servers["pubsub-emulator"]
     client = make_client(heartbeat_interval=0.5, heartbeat_timeout=2.0)
+    token = uuid.uuid4().hex
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        run = pool.submit(run_asset, client, {"sleep": 5})
-        time.sleep(1.5)
+        run = pool.submit(run_asset, client, {"sleep": 8, "token": token})
+        # once the handler runs (not after a fixed 1.5 s: under load the session had not opened by then, and the
+        # step failed on its startup timeout instead), and its `opened` had time to reach the step (a NOT_FOUND
+        # window after the subscription's creation, the layer's hold-backs)
+        wait_for_object(stack.project, f"started/{token}", timeout=60)
+        time.sleep(2.0)
         emulator.kill(signal.SIGSTOP)
         started = time.monotonic()
         try:
@@ -112,6 +118,12 @@ def test_pubsub_unreachable_past_the_budget_fails_with_a_clear_error(stack):
         finally:
             emulator.kill(signal.SIGCONT)
 
+    # the leftover first (whatever is asserted below): it would fail every later test's leak check
+    with pubsub_v1.SubscriberClient() as subscriber:
+        leftovers = session_subscriptions(stack.project)
+        ttls = [subscriber.get_subscription(request={"subscription": s}).expiration_policy.ttl.total_seconds() for s in leftovers]
+        for leftover in leftovers:
+            subscriber.delete_subscription(request={"subscription": leftover})
     assert not outcome.result.success
     assert "FunctionHeartbeatTimeout" in outcome.failure_message
     # what was observed is said: Pub/Sub did not answer, not "the process probably died" (issue 24, item 15)
@@ -119,11 +131,6 @@ def test_pubsub_unreachable_past_the_budget_fails_with_a_clear_error(stack):
     # tearing down could not reach Pub/Sub either: bounded, and the subscription is left to its expiration policy
     assert seconds_to_failure < 2.0 + 5.0 + 25.0, seconds_to_failure  # timeout + the channel's diagnosis + teardown
     assert any("its expiration policy removes it" in m for m in outcome.log_messages)
-    with pubsub_v1.SubscriberClient() as subscriber:
-        leftovers = session_subscriptions(stack.project)
-        ttls = [subscriber.get_subscription(request={"subscription": s}).expiration_policy.ttl.total_seconds() for s in leftovers]
-        for leftover in leftovers:  # before asserting: a leftover would fail every later test's leak check
-            subscriber.delete_subscription(request={"subscription": leftover})
     assert ttls == [24 * 3600] * len(leftovers)
 
 

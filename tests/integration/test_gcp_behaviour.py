@@ -119,6 +119,29 @@ def created_subscriptions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, An
     return created
 
 
+def test_a_stream_whose_open_loses_the_librarys_shutdown_race_is_opened_again(
+    stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """google-cloud-pubsub's ``subscribe()`` raised ``AttributeError: 'NoneType' object has no attribute 'start'``
+    when the stream it opened failed at once (NOT_FOUND right after creation) and the library's shutdown of it
+    cleared its leaser before ``open()`` started it (seen once in the suite under load, in the timer thread that
+    re-opens streams, which died: the session hung). Before: the error escaped; now the stream is opened again."""
+    budget = _Budget(2)
+
+    class LosesTheRace(WrappedSubscriber):
+        def subscribe(self, subscription: str, *args: Any, **kwargs: Any) -> Any:
+            if budget.take():
+                raise AttributeError("'NoneType' object has no attribute 'start'")
+            return self.real.subscribe(subscription, *args, **kwargs)
+
+    wrap_subscribers(monkeypatch, LosesTheRace)
+    outcome = run_asset(make_client(), payload={"n": 32, "log_lines": 3})
+
+    assert outcome.result.success, outcome.failure_message
+    assert [m for m in outcome.log_messages if m.startswith("line ")] == [f"line {i}" for i in range(3)]
+    assert budget.used == 2
+
+
 # ------------------------------------------------------------------ item 3: NOT_FOUND right after creation
 def test_a_session_rides_out_not_found_from_a_just_created_subscription(stack: LocalStack, streams_not_found) -> None:
     budget = streams_not_found(3)
