@@ -5,7 +5,8 @@
 Rows: (a) ours, Pub/Sub trigger + Pub/Sub replies, the function in the Functions Framework fed by a push
 subscription, three times: through the local stack's production-semantics layer at the emulator's latency,
 through it with 100 ms added per hop (production's "on the order of 100 ms"), and on the bare emulator
-(a second stack, ``production_semantics=False``); (b) the earlier design, the same function invoked over HTTP with its replies as GCS chunks,
+(a second stack, ``production_semantics=False``), and once with the same handler in Node.js (``bench/node_handler``,
+through ``@dagster-gcf-pipes/function`` and Google's Node.js Functions Framework) through the layer; (b) the earlier design, the same function invoked over HTTP with its replies as GCS chunks,
 at dagster-pipes' default interval (10 s) and at 1 s; (c) the floor, ``PipesSubprocessClient`` running the same handler as a local process;
 (d) the raw emulator publish -> streaming-pull receive round trip, on the bare emulator. Times come from the
 timestamps Dagster recorded in its event log, so they are what Dagster handled, not what was sent. Through the layer, its meter
@@ -49,11 +50,13 @@ from dagster_gcf_pipes.orchestrator.client.client import PipesPubSubClient
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 TOPIC = "bench-trigger"
+NODE_TOPIC = "bench-node-trigger"
 RAW_TOPIC = "bench-raw"
 REPLY_TOPIC = "pipes-replies"
 OURS = "ours (Pub/Sub)"
 OURS_LATENCY = "ours, 100 ms per hop"
 OURS_BARE = "ours, bare emulator"
+OURS_NODE = "ours, Node.js function"
 #: production's per-hop delivery latency ("on the order of 100 ms", Pub/Sub's overview), added by the layer
 PRODUCTION_LATENCY_MS = 100
 EARLIER_DEFAULT = "earlier design (HTTP + GCS chunks, 10 s)"
@@ -196,6 +199,7 @@ def main() -> None:
     functions = [
         LocalFunction("bench/cloud_handler.py", "main", TOPIC, env={"THREADS": "64"}),
         LocalFunction("bench/cloud_handler.py", "main_http", env={"THREADS": "64"}),
+        LocalFunction("bench/node_handler/index.js", "main", NODE_TOPIC),
     ]
     with LocalStack(functions=functions, production_semantics=True) as stack, stack.activated():
         client = PipesPubSubClient(trigger_topic=TOPIC, reply_topic=REPLY_TOPIC, bucket="pipes-payloads")
@@ -205,6 +209,7 @@ def main() -> None:
         }
         runners = {
             OURS: ours(client),
+            OURS_NODE: ours(PipesPubSubClient(trigger_topic=NODE_TOPIC, reply_topic=REPLY_TOPIC, bucket="pipes-payloads")),
             EARLIER_DEFAULT: ours(PipesPubSubClient(**earlier, chunk_interval=10.0)),
             EARLIER_1S: ours(PipesPubSubClient(**earlier, chunk_interval=1.0)),
             FLOOR: floor(),

@@ -307,23 +307,26 @@ class SessionLifecycle:
             op_context = getattr(context, "op_execution_context", context)
             step_data = run.fan_out.context_data if run.fan_out is not None else StepContextData()
             with open_session(op_context, injector, reader, run.extras, step_data) as session:
-                if attach is None:
-                    assert payload is not None
-                    triggered_at = time.monotonic()
-                    sent = self.send_trigger(resolved, claim_check, session_id, payload, session.get_bootstrap_env_vars())
-                    if demux is None:  # a fan-out's shards are counted in its progress lines, not one line each
-                        context.log.info(f"{log_prefix}[pipes] session {session_id}: trigger sent to {sent.sent_to}")
-                    if journal is not None and "pipes_trigger_message_id" in sent.metadata:
-                        journal.triggered(session_id, sent.metadata["pipes_trigger_message_id"], sent.sent_to)
-                    cap_at = triggered_at + self._session_cap(resolved)
-                else:
-                    record = attach.record
-                    sent = SentTrigger(record.function, {"pipes_trigger_message_id": record.trigger_message_id})
-                    triggered_at = time.monotonic()  # startup and heartbeats count from re-attaching
-                    since_trigger = time.time() - record.triggered_at
-                    remaining = self._session_cap(resolved) - since_trigger
-                    cap_at = triggered_at + max(remaining, self.settings.startup_timeout)
+                sent_to = self.function_of(resolved)  # until the trigger is sent (or re-attached to)
                 try:
+                    if attach is None:
+                        assert payload is not None
+                        triggered_at = time.monotonic()
+                        sent = self.send_trigger(resolved, claim_check, session_id, payload, session.get_bootstrap_env_vars())
+                        sent_to = sent.sent_to
+                        if demux is None:  # a fan-out's shards are counted in its progress lines, not one line each
+                            context.log.info(f"{log_prefix}[pipes] session {session_id}: trigger sent to {sent.sent_to}")
+                        if journal is not None and "pipes_trigger_message_id" in sent.metadata:
+                            journal.triggered(session_id, sent.metadata["pipes_trigger_message_id"], sent.sent_to)
+                        cap_at = triggered_at + self._session_cap(resolved)
+                    else:
+                        record = attach.record
+                        sent = SentTrigger(record.function, {"pipes_trigger_message_id": record.trigger_message_id})
+                        sent_to = sent.sent_to
+                        triggered_at = time.monotonic()  # startup and heartbeats count from re-attaching
+                        since_trigger = time.time() - record.triggered_at
+                        remaining = self._session_cap(resolved) - since_trigger
+                        cap_at = triggered_at + max(remaining, self.settings.startup_timeout)
                     reader.wait_for_close(
                         triggered_at=triggered_at,
                         sent_to=sent.sent_to,
@@ -334,8 +337,10 @@ class SessionLifecycle:
                         stop=lambda: self._stop_waiting(session_id, sent, run.interrupted, cap_at, resolved),
                     )
                 except (KeyboardInterrupt, DagsterExecutionInterruptedError, RunInterrupted):
+                    # also while the trigger was being sent: the lease is ended first, so a trigger that went out
+                    # (or goes out still) finds its session ended and never runs
                     ended_because = "the Dagster run was terminated"
-                    self._cancel(context, reader, resolved.gcs, sent.sent_to, ended_because)
+                    self._cancel(context, reader, resolved.gcs, sent_to, ended_because)
                     raise
                 except (FunctionStartupTimeout, FunctionHeartbeatTimeout) as exc:
                     if attach is None:

@@ -86,7 +86,7 @@ def test_a_late_start_does_not_cut_short_a_session_that_closes_within_the_functi
     function's timeout + 60 s counted from the trigger, and failed such a session while the function still
     ran (this test fails so with total_timeout=11, the old default with its 60 s margin shrunk to 1 s). Now
     the bound is startup_timeout + function_timeout + a margin."""
-    queue = Queue(stack.project)  # the deployed trigger: nothing consumes it until the test redelivers
+    queue = Queue(stack)  # the deployed trigger: nothing consumes it until the test redelivers
     deploy(fake, topic=queue.topic, timeout_seconds=10)
 
     def redeliver_late() -> None:
