@@ -81,16 +81,38 @@ def start(command: str, text: str, cwd: Path, env: dict[str, str]) -> Started:
     return started
 
 
-def test_the_guide_runs_from_a_blank_folder(tmp_path: Path):
-    project = tmp_path / "my-project"
-    project.mkdir()
+#: the guide runs as three tests, each on the files the sections before it wrote (one test took about 70 s, over
+#: the suite's minute a test on a loaded machine): sections 1-4 in Python from a blank folder, then the
+#: Node.js function with section 5's tests (which run it too), then section 6
+PARTS = ["### A Node.js function", "## 6. Build and deploy"]
+
+
+def part_lines() -> list[int]:
+    """The guide's line where each of ``PARTS`` starts."""
+    text = GUIDE.read_text()
+    missing = [heading for heading in PARTS if heading not in text]
+    assert not missing, f"docs/guide.md has no heading {missing}: update test_guide.PARTS"
+    return [text[: text.index(heading)].count("\n") + 1 for heading in PARTS]
+
+
+def blocks_of_part(part: int) -> list[Block]:
+    """The file blocks of the parts before ``part`` (written, not run), then every block of ``part``."""
+    bounds = [0, *part_lines(), float("inf")]
+    start_line, end_line = bounds[part], bounds[part + 1]
+    blocks = guide_blocks()
+    return [b for b in blocks if b.line < start_line and b.directive == "file"] + \
+        [b for b in blocks if start_line <= b.line < end_line]
+
+
+def run_blocks(blocks: list[Block], project: Path) -> int:
+    """Write or run each block in ``project``, as the reader does; returns how many commands ran."""
     # the venv running the tests has the library installed: its scripts come first on PATH, as in the
     # reader's activated venv; the Node.js section installs the function side from this checkout's node/
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DAGSTER_GCF_PIPES_CHECKOUT": str(REPO_ROOT)}
     ran, running = 0, []
     try:
-        for block in guide_blocks():
+        for block in blocks:
             if block.directive == "file":
                 path = project / block.argument
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,12 +133,33 @@ def test_the_guide_runs_from_a_blank_folder(tmp_path: Path):
     finally:
         for started in reversed(running):
             started.stop()
-    assert ran >= 4
-    built = project / "build" / "my_function"
-    assert {"main.py", "tables.py", "sizes.json", "requirements.txt"} <= {p.name for p in built.iterdir()}
-    assert (built / "dagster_gcf_pipes" / "function" / "entrypoint.py").is_file()
+    return ran
+
+
+def test_the_guide_runs_from_a_blank_folder(tmp_path: Path):
+    """Sections 1-4 with the Python function: install, the function, the assets, running them locally."""
+    project = tmp_path / "my-project"
+    project.mkdir()
+    assert run_blocks(blocks_of_part(0), project) >= 4
+
+
+def test_the_guides_node_function_and_tests_run_on_what_the_sections_before_it_wrote(tmp_path: Path):
+    """The Node.js function (its install, build and test) and section 5's tests."""
+    project = tmp_path / "my-project"
+    project.mkdir()
+    assert run_blocks(blocks_of_part(1), project) >= 3
     node_built = project / "build" / "my_node_function"
     assert {"index.js", "package.json", "package-lock.json", "vendor"} == {p.name for p in node_built.iterdir()}
     assert json.loads((node_built / "package.json").read_text())["dependencies"]["@dagster-gcf-pipes/function"] \
         == "file:vendor/dagster-gcf-pipes-function"
     assert (node_built / "vendor" / "dagster-gcf-pipes-function" / "dist" / "index.js").is_file()
+
+
+def test_the_guides_build_and_deploy_section_runs_on_what_the_sections_before_it_wrote(tmp_path: Path):
+    """Section 6: the build, its clean venv, the built folder served to Dagster."""
+    project = tmp_path / "my-project"
+    project.mkdir()
+    assert run_blocks(blocks_of_part(2), project) >= 4
+    built = project / "build" / "my_function"
+    assert {"main.py", "tables.py", "sizes.json", "requirements.txt"} <= {p.name for p in built.iterdir()}
+    assert (built / "dagster_gcf_pipes" / "function" / "entrypoint.py").is_file()

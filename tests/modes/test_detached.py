@@ -398,22 +398,27 @@ class DiesAtWrite:
         return counted
 
 
+#: a tick's writes after its evaluation: three events, the failure run, the cursor
+TICK_WRITES = 5
+
+
+@pytest.mark.parametrize("deaths", [(0, 1), (2, 3), (4,)], ids=lambda ks: "write " + "+".join(map(str, ks)))
 def test_the_daemon_dying_at_any_write_of_a_tick_records_each_session_exactly_once(
-    stack: Any, monkeypatch: pytest.MonkeyPatch
+    stack: Any, monkeypatch: pytest.MonkeyPatch, deaths: tuple[int, ...]
 ) -> None:
     """Dagster's sensor daemon on a persistent instance. Each round starts three sessions that succeed and one
     that fails, waits until their replies are all in, and lets the daemon die at the round's write k (k = 0
-    .. the number of writes of a tick); the ticks after it must end every session exactly once: one
-    materialization per successful session, one failed run for the failed one, nothing left behind."""
+    .. the number of writes of a tick: the parameters cover them all, a few to a test); the ticks after it
+    must end every session exactly once: one materialization per successful session, one failed run for the
+    failed one, nothing left behind."""
     create_reply_topic(stack.project, DAEMON_TOPIC)
     client = make_client(detached_reply_topic=DAEMON_TOPIC)
     try:
         with sensor_daemon(
             "detached_daemon_test", python_file=__file__, attribute="daemon_defs", synchronous=True
         ) as daemon:
-            baseline = run_round(stack, daemon, client, monkeypatch, k=None)
-            assert baseline == 5  # three events, the failure run, the cursor
-            for k in range(baseline):
+            assert run_round(stack, daemon, client, monkeypatch, k=None) == TICK_WRITES
+            for k in deaths:
                 run_round(stack, daemon, client, monkeypatch, k=k)
     finally:
         delete_reply_topic(stack.project, DAEMON_TOPIC)

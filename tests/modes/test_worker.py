@@ -102,11 +102,12 @@ def worker(start_worker: StartWorker) -> RunningWorker:
 def leftovers(subscription: str) -> list[str]:
     """Ids of the messages waiting on ``subscription``, pulled and left unacked. What the emulator itself answers,
     beneath the production-semantics layer (through which an empty pull proves nothing, as on Pub/Sub: a test
-    reads the emulator's state like a wiretap); it answers an empty subscription after about 4 s, and a pull that
-    gets no answer raises, never reads as "none"."""
+    reads the emulator's state like a wiretap); it answers an empty subscription about a second before the
+    pull's deadline (so 8 s, not 60: this wait was most of two tests' minute), and a pull that gets no answer
+    raises, never reads as "none"."""
     transport = SubscriberGrpcTransport(channel=grpc.insecure_channel(_EMULATOR[0]), host=_EMULATOR[0])
     with pubsub_v1.SubscriberClient(transport=transport) as subscriber:
-        response = subscriber.pull(request={"subscription": subscription, "max_messages": 10}, timeout=60)
+        response = subscriber.pull(request={"subscription": subscription, "max_messages": 10}, timeout=8)
     return [received.message.message_id for received in response.received_messages]
 
 
