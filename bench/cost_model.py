@@ -3,6 +3,7 @@ production-semantics layer's meter as ``python -m bench`` recorded it.
 
     python -m bench.cost_model [--results bench/results/bench.json] [--session-seconds 60]
     python -m bench.cost_model --batch-bytes B --heartbeat-bytes H [--session-seconds S]   your own figures
+    python -m bench.cost_model --fan-out [--shard-seconds 60]   one step of 10,000 and 100,000 shards
 
 The results JSON holds the meter's counts per session (``ours (Pub/Sub)``'s trivial sessions: the quiet
 volume; its bulk session: the chatty one) and per 1,000 shards of a fan-out: admin operations, messages
@@ -199,6 +200,61 @@ def report(
     return "\n".join(parts)
 
 
+#: Cloud Run functions' default maximum instances (gen2), and a raised one; each instance takes one request at a
+#: time unless deployed with --concurrency (THREADED_TIMEOUT_ENABLED, docs/deploy.md): run_many's ceiling
+CAPACITIES = (100, 1000)
+FAN_OUT_SHARDS = (10_000, 100_000)
+#: Cloud Storage class A operations (object writes) per 10,000, standard storage
+USD_PER_10K_CLASS_A = 0.05
+#: a shard's lease writes: the function's claim and the orchestrator's tombstone (class A); the orchestrator's
+#: owner check reads the lease's metadata (class B, not priced here)
+LEASE_WRITES_PER_SHARD = 2
+
+
+def fan_out_scale(bench: Path, fan_out: Path | None, shard_seconds: float) -> str:
+    """One ``run_many`` step of 10,000 and 100,000 shards on real GCP, from what the bench measured per shard
+    (the meter's per-1,000-shard counts in ``bench``; the orchestrator's CPU a shard in ``fan_out``, the fan-out
+    bench's JSON): how long at Cloud Run's capacity, what Pub/Sub and GCS bill, what the orchestrator spends."""
+    results = json.loads(bench.read_text())
+    fan = max(results["fan_out"], key=lambda r: r["shards"])
+    per_1000 = fan.get("meter_per_1000_shards")
+    if not per_1000:
+        raise SystemExit(f"{bench} has no meter counts of its fan-outs (it predates the production-semantics layer's "
+                         "meter): run `python -m bench`, or pass --results bench/results/quick/bench.json")
+    delivered_messages = per_1000["replies"]["messages_delivered"] / 1000
+    delivered_bytes = per_1000["replies"]["bytes_delivered"] / 1000
+    largest = max(json.loads(fan_out.read_text())["fan_out"], key=lambda r: r["shards"]) if fan_out else fan
+    cpu_ms = 1000 * largest["cpu_seconds"] / largest["shards"]
+    # each trigger publish and push, and each reply publish, is its own request (>= 1000 B assessed); deliveries
+    # on the group's stream are billed at their size
+    billed_per_shard = (2 + delivered_messages) * MIN_BILLED_PER_REQUEST + delivered_bytes
+    lines = [
+        f"A fan-out step on real GCP, from the bench's per-shard figures: {delivered_messages:.1f} replies "
+        f"({delivered_bytes:,.0f} B) delivered per shard on the group's one subscription, {cpu_ms:.1f} ms of "
+        f"orchestrator CPU per shard (a {largest['shards']:,}-shard step), shards of {shard_seconds:g} s:\n",
+        "| shards | capacity (instances x concurrency) | wall time | admin ops (quota 6,000/min) | trigger + reply "
+        "messages | Pub/Sub USD | GCS writes (USD) | orchestrator CPU | Dagster events (about) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for shards in FAN_OUT_SHARDS:
+        for capacity in CAPACITIES:
+            wall = math.ceil(shards / capacity) * shard_seconds
+            writes = shards * LEASE_WRITES_PER_SHARD
+            lines.append(
+                f"| {shards:,} | {capacity:,} | {wall / 60:,.0f} min | 2 | {shards * (1 + delivered_messages):,.0f} | "
+                f"{shards * billed_per_shard / 2**40 * USD_PER_TIB:.4f} | {writes:,} ({writes / 1e4 * USD_PER_10K_CLASS_A:.2f}) | "
+                f"{shards * cpu_ms / 1000 / 60:,.1f} min of one core | {2 * shards:,} |"
+            )
+    lines.append(
+        "\nThe step makes 2 admin operations whatever its size (one group subscription), so the quota is no limit; "
+        "what bounds it is Cloud Run's capacity (run_many lowers max_concurrency to it when function_name is set) and "
+        "the orchestrator's CPU, one core for the whole step. Threads stay at max_concurrency plus the stream's, "
+        "whatever the number of shards. Dagster writes about two events a shard (its session record and each log "
+        "line the function sends), into the run's event log (Postgres in production)."
+    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--session-seconds", type=float, default=60.0, help="how long a session runs (default 60)")
@@ -209,7 +265,15 @@ def main() -> None:
     parser.add_argument("--batch-bytes", type=float, help="billable bytes of one session's batches (skip measuring)")
     parser.add_argument("--batches", type=float, default=1.0, help="with --batch-bytes: batches per session")
     parser.add_argument("--heartbeat-bytes", type=float, default=HEARTBEAT_BYTES, help="with --batch-bytes: one heartbeat's bytes")
+    parser.add_argument("--fan-out", action="store_true", help="model one step of 10,000 and 100,000 shards")
+    parser.add_argument("--shard-seconds", type=float, default=60.0, help="with --fan-out: how long a shard runs")
     args = parser.parse_args()
+
+    if args.fan_out:
+        folder = results_dir(quick=False)
+        fan_out = folder / "fan_out.json"
+        print(fan_out_scale(args.results or folder / "bench.json", fan_out if fan_out.exists() else None, args.shard_seconds))
+        return
 
     if args.batch_bytes is not None:
         measured = Measured({"given": ReplyVolume(args.batches, args.batch_bytes, args.heartbeat_bytes)})

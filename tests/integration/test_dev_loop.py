@@ -543,4 +543,7 @@ def test_sigkill_of_dev_leaves_neither_dagster_nor_the_stack_running(project: Pa
         time.sleep(0.2)
     assert alive(started) == {}, "left running after SIGKILL of gcf-pipes dev"
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", port))  # the webserver's port is free again
+        # the webserver's port is free again for a server (which sets SO_REUSEADDR, as uvicorn does: without it,
+        # the connections the webserver had closed, in TIME_WAIT, refuse the bind for a minute)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))

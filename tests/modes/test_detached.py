@@ -39,7 +39,7 @@ from dagster_gcf_pipes.orchestrator.definitions.completion_sensor import (
     pipes_completion_sensor,
     unrecorded_events,
 )
-from dagster_gcf_pipes.orchestrator.modes.detached_registry import registry_prefix
+from dagster_gcf_pipes.orchestrator.modes.detached_registry import owner_key, registry_prefix
 from dagster_gcf_pipes.orchestrator.session.pull import nack, pull
 from dagster_gcf_pipes.shared.layout import session_prefix
 from dagster_gcf_pipes.shared.protocol import Reply
@@ -422,6 +422,10 @@ def test_the_daemon_dying_at_any_write_of_a_tick_records_each_session_exactly_on
                 run_round(stack, daemon, client, monkeypatch, k=k)
     finally:
         delete_reply_topic(stack.project, DAEMON_TOPIC)
+        # the next of these tests has a daemon of its own on this topic: this one's claim on it would make its
+        # sensor refuse (one completion sensor per reply topic) until this one had been silent 600 s
+        topic = f"projects/{stack.project}/topics/{DAEMON_TOPIC}"
+        storage.Client().bucket(PAYLOAD_BUCKET).blob(owner_key(client.prefix, topic)).delete()
 
 
 def run_round(
