@@ -34,10 +34,12 @@ def current_rss_mb() -> float:
 
 
 def fan_out_seconds(
-    client: PipesPubSubClient, shards: int, concurrency: int, console_log_level: str = "DEBUG"
+    client: PipesPubSubClient, shards: int, concurrency: int, console_log_level: str = "DEBUG", on_disk: bool = False
 ) -> tuple[float, int, float]:
     """Wall time, peak thread count and peak RSS (MB) of one fan-out step of ``shards`` trivial shards; the run's
-    console logger at ``console_log_level`` (Dagster's default: DEBUG, every event printed)."""
+    console logger at ``console_log_level`` (Dagster's default: DEBUG, every event printed). The run's events are
+    kept in memory (an ephemeral instance) unless ``on_disk`` (SQLite files, as a deployment keeps them in its
+    database): in memory they are part of the process's RSS."""
     peak_threads = 0
     peak_rss_mb = 0.0
 
@@ -57,7 +59,7 @@ def fan_out_seconds(
 
     watcher = threading.Thread(target=watch_threads, daemon=True)
     watcher.start()
-    with DagsterInstance.ephemeral() as instance:
+    with DagsterInstance.local_temp() if on_disk else DagsterInstance.ephemeral() as instance:
         started = time.monotonic()
         result = materialize([bench_fan_out], resources={"pipes_pubsub": client}, instance=instance,
                              run_config={"loggers": {"console": {"config": {"log_level": console_log_level}}}})
@@ -74,6 +76,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--profile", type=Path, help="profile the largest fan-out with py-spy; raw samples to this file")
     parser.add_argument("--results", type=Path, help="write the rows as JSON here (bench.plots draws them)")
+    parser.add_argument("--events-on-disk", action="store_true",
+                        help="keep the run's events in SQLite files, not in this process's memory")
     parser.add_argument("--console-log-level", default="DEBUG",
                         help="the run's console logger level (Dagster's default DEBUG prints every event; WARNING: what a user can save)")
     args = parser.parse_args()
@@ -86,7 +90,7 @@ def main() -> None:
             profiling = args.profile is not None and shards == max(args.shards)
             with sampled(args.profile) if profiling else nullcontext():
                 cpu = time.process_time()
-                seconds, threads, rss_mb = fan_out_seconds(client, shards, min(args.concurrency, shards), args.console_log_level)
+                seconds, threads, rss_mb = fan_out_seconds(client, shards, min(args.concurrency, shards), args.console_log_level, args.events_on_disk)
                 cpu_ms = 1000 * (time.process_time() - cpu) / shards
             rows.append((shards, min(args.concurrency, shards), seconds, cpu_ms, threads, rss_mb))
     base = rows[0][2] if rows and rows[0][0] == 1 else None
