@@ -84,6 +84,7 @@ def fan_out_chart(bench: dict[str, Any], out: Path) -> Path:
     footprint.legend(fontsize=8)
     for axis in (wall, cpu, footprint):
         log_scale(axis, "x")
+        axis.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0,)))  # 1, 10, ... 10,000: room for the labels
         axis.set_xlabel("shards in one fan-out step (log scale)")
         axis.grid(True, which="both", alpha=0.3)
     figure.suptitle("Fan-out (run_many, 100 at once) of trivial shards on the local stack, production-semantics layer on")
