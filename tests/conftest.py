@@ -29,25 +29,6 @@ PAYLOAD_BUCKET = "pipes-payloads"
 LAKE_BUCKET = "data-lake"
 
 
-#: the tests that take longest on make test's workers (its --durations), started first: the last test a worker
-#: starts then is a short one, and no worker runs a minute on after the others are done (longest first)
-LONGEST_FIRST = (
-    "tests/integration/test_guide.py::",
-    "tests/integration/test_user_project.py::",
-    "tests/modes/test_detached.py::test_the_daemon_dying",
-    "tests/integration/test_soak_smoke.py::",
-    "tests/modes/test_sensor_backlog.py::",
-    "tests/faults/test_reattach.py::test_killed_at_random_moments",
-    "tests/integration/test_eventarc.py::",
-    "tests/modes/test_example_definitions.py::test_duplicate_notifications",
-    "tests/modes/test_worker.py::test_a_session_longer_than_the_ack_deadline",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST_FIRST))  # stable: the rest keep their order
-
-
 @pytest.fixture(scope="session")
 def stack() -> Iterator[LocalStack]:
     functions = [
