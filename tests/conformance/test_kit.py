@@ -262,7 +262,8 @@ def test_a_killed_function_stops_heartbeating_and_the_step_fails_naming_it(own_k
     error = outcome.failure_message
     assert "FunctionHeartbeatTimeout" in error and "stopped sending heartbeats" in error, error[-2000:]
     assert f"invocation {held.invocation_id}" in error, error[-2000:]  # the invocation that held the lease
-    assert seconds_to_failure < 2.0 + 1.5, seconds_to_failure
+    # the heartbeat timeout, the waiter's 0.5 s checks and the step's end: 3.7 s was seen on a loaded 4-worker run
+    assert seconds_to_failure < 2.0 + 3.0, seconds_to_failure
     ended = read_lease(bucket.get_blob(lease))
     assert not held.ended and ended.ended and ended.invocation_id == held.invocation_id  # ended by the orchestrator
     assert_nothing_left(own_kit.stack)

@@ -29,10 +29,15 @@ from tests.modes.test_fanout import run_fan_out_asset
 
 
 @contextmanager
-def meters(project: str, topics: list[str]) -> Iterator[dict[str, Counter[str]]]:
-    """Count every reply published to each topic while the block runs, per session id."""
+def meters(stack: LocalStack, topics: list[str]) -> Iterator[dict[str, Counter[str]]]:
+    """Count every reply published to each topic while the block runs, per session id. A wiretap on the emulator
+    itself: through the production-semantics layer a pull may come back empty while messages wait (and this
+    loop stops at the first empty pull), so a count read through it once missed a session."""
     counts: dict[str, Counter[str]] = defaultdict(Counter)
-    with pubsub_v1.SubscriberClient() as subscriber:
+    project = stack.project
+    with stack.provisioning():
+        subscriber = pubsub_v1.SubscriberClient()
+    with subscriber:
         paths = {topic: subscriber.subscription_path(project, f"meter-{topic}-{secrets.token_hex(4)}") for topic in topics}
         for topic, path in paths.items():
             subscriber.create_subscription(request={"name": path, "topic": f"projects/{project}/topics/{topic}"})
@@ -52,7 +57,7 @@ def shards_client(**overrides):
 
 
 def test_each_session_replies_on_the_topic_its_id_hashes_to_and_nowhere_else(stack: LocalStack) -> None:
-    with meters(stack.project, [REPLY_TOPIC, *REPLY_SHARDS]) as counts:
+    with meters(stack, [REPLY_TOPIC, *REPLY_SHARDS]) as counts:
         outcomes = [run_asset(shards_client(), {"token": uuid.uuid4().hex, "log_lines": 3}) for _ in range(6)]
 
     topic_of = {}
@@ -69,7 +74,7 @@ def test_each_session_replies_on_the_topic_its_id_hashes_to_and_nowhere_else(sta
 
 
 def test_a_fan_out_group_replies_on_one_topic(stack: LocalStack) -> None:
-    with meters(stack.project, REPLY_SHARDS) as counts:
+    with meters(stack, REPLY_SHARDS) as counts:
         result, logs, outcomes = run_fan_out_asset(shards_client(), [{"n": shard} for shard in range(4)])
 
     assert result.success, logs
