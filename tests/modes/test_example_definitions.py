@@ -64,17 +64,27 @@ def test_detached_job_then_completion_sensor_records_the_materialization(stack: 
 
 @pytest.fixture
 def landing(stack: Any) -> Iterator[tuple[pubsub_v1.PublisherClient, str]]:
-    """The topic and subscription ``landed_objects`` reads (``landing-objects``), empty; the publisher and topic."""
-    with pubsub_v1.PublisherClient() as publisher, pubsub_v1.SubscriberClient() as subscriber:
+    """The topic and subscription ``landed_objects`` reads (``landing-objects``), empty; the publisher and topic.
+    Emptied on the emulator itself, before and after (a wiretap: through the production-semantics layer a short
+    pull can come back empty while messages wait, or lose them to its race until their ack deadline, and one
+    test's notification was left for the next test on the same worker)."""
+    with stack.provisioning():
+        tap = pubsub_v1.SubscriberClient()
+    with pubsub_v1.PublisherClient() as publisher, pubsub_v1.SubscriberClient() as subscriber, tap:
         topic = publisher.topic_path(stack.project, "landing-objects")
         path = subscriber.subscription_path(stack.project, "landing-objects")
         with contextlib.suppress(gexc.AlreadyExists):
             publisher.create_topic(request={"name": topic})
         with contextlib.suppress(gexc.AlreadyExists):
             subscriber.create_subscription(request={"name": path, "topic": topic})
+        drain(tap, path)
         yield publisher, topic
-        while received := pull(subscriber, path, max_messages=1000, timeout=0.5):
-            ack(subscriber, path, [m.ack_id for m in received])
+        drain(tap, path)
+
+
+def drain(subscriber: pubsub_v1.SubscriberClient, path: str) -> None:
+    while received := pull(subscriber, path, max_messages=1000, timeout=2.0):
+        ack(subscriber, path, [m.ack_id for m in received])
 
 
 def notify(publisher: pubsub_v1.PublisherClient, topic: str, name: str, generation: int) -> None:
