@@ -57,6 +57,9 @@ from dagster_gcf_pipes.shared.tracing import carried
 #: how long a fan-out gathers its shards' progress records (trigger published, session opened) before writing
 #: them as one engine event (``SessionJournal(coalesce=...)``)
 PROGRESS_RECORD_SECONDS = 1.0
+#: how long a fan-out shard's session record waits for others to be written with it (one engine event for
+#: the shards that start together; ``SessionJournal(batch_sessions=...)``): added to each shard's start
+SESSION_BATCH_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,10 @@ class PipesPubSubClient(PipesPubSubClientSettings, PipesClient):
             key.shard: found for key, found in self._earlier_sessions(context, resolved).items()
             if key.shard >= 0 and key.function == function and key.partition_key == partition
         }
-        journal = SessionJournal(context, coalesce=PROGRESS_RECORD_SECONDS) if self._sessions.reattaching(resolved) else None
+        journal = (
+            SessionJournal(context, coalesce=PROGRESS_RECORD_SECONDS, batch_sessions=SESSION_BATCH_SECONDS)
+            if self._sessions.reattaching(resolved) else None
+        )
         fan_out = FanOutStep(StepContextData(), journal)
         with self._fan_out_replies(context, resolved, earlier, fan_out) as demux:
 

@@ -49,6 +49,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1, storage
 
 from dagster_gcf_pipes.orchestrator.session.end import TOMBSTONE_MARGIN_SECONDS
+from dagster_gcf_pipes.orchestrator.session.group_commit import GroupCommit
 from dagster_gcf_pipes.shared.layout import lease_key
 from dagster_gcf_pipes.shared.lease import ENDED, LeaseRecord, read_lease, write_lease
 from dagster_gcf_pipes.shared.retry import transient_retry
@@ -56,6 +57,10 @@ from dagster_gcf_pipes.shared.retry import transient_retry
 #: the metadata entry that marks this module's engine events; its value is the record's kind
 RECORD_KEY = "pipes_reattach_record"
 SESSION, TRIGGERED, OPENED, RELEASED = "session", "triggered", "opened", "released"
+#: a fan-out's SESSION records, written together (``SessionJournal(batch_sessions=...)``)
+SESSIONS = "sessions"
+#: the most session records one ``sessions`` event holds
+MAX_SESSIONS_A_RECORD = 100
 #: a fan-out's TRIGGERED and OPENED records, many sessions to one engine event (``SessionJournal(coalesce=...)``)
 PROGRESS = "progress"
 
@@ -176,11 +181,17 @@ class SessionJournal:
     journal): the records that only spare a later attempt work (which trigger message, which invocation
     opened) are gathered and written as one ``progress`` event when the oldest waited ``coalesce`` seconds and
     at ``flush()``: one Dagster event per second instead of two per shard. One lost in a crash costs a
-    re-attaching attempt a lease read, never a guarantee."""
+    re-attaching attempt a lease read, never a guarantee. ``batch_sessions`` (seconds, a fan-out's journal):
+    session records that arrive together are written as one ``sessions`` event (``group_commit.py``); each
+    ``session()`` still returns only once its record is written."""
 
-    def __init__(self, context: Context, *, coalesce: float | None = None):
+    def __init__(self, context: Context, *, coalesce: float | None = None, batch_sessions: float | None = None):
         self._context = context
         self._coalesce = coalesce
+        self._session_batches = (
+            GroupCommit(self._write_sessions, window=batch_sessions, max_items=MAX_SESSIONS_A_RECORD)
+            if batch_sessions is not None else None
+        )
         self._lock = threading.Lock()
         self._pending: dict[str, dict[str, str]] = {TRIGGERED: {}, OPENED: {}}
         self._oldest_pending = 0.0
@@ -191,9 +202,19 @@ class SessionJournal:
         )
 
     def session(self, record: SessionRecord, *, reattached: bool) -> None:
+        """Record the session; returns once the record is in the event log (its trigger may go out then)."""
+        if self._session_batches is not None and not reattached:
+            self._session_batches.add(record)
+            return
         what = "re-attaching to" if reattached else "recorded"
         self._write(SESSION, f"[pipes] {what} session {record.session_id} (replies kept in {', '.join(record.subscriptions)})",
                     record.metadata())
+
+    def _write_sessions(self, records: Sequence[SessionRecord]) -> None:
+        shards = ", ".join(str(r.shard) for r in records[:10]) + (", ..." if len(records) > 10 else "")
+        subscriptions = sorted({s for r in records for s in r.subscriptions})
+        self._write(SESSIONS, f"[pipes] recorded {len(records)} session(s) of shards {shards} (replies kept in "
+                    f"{', '.join(subscriptions)})", {"pipes_sessions": json.dumps([r.metadata() for r in records])})
 
     def triggered(self, session_id: str, message_id: str, topic: str) -> None:
         if self._coalesce is None:
@@ -289,22 +310,23 @@ def find_earlier_sessions(context: Context) -> tuple[list[str], dict[SessionKey,
             kind, values = found
             lines.append((index, ""))  # a record is no line of a session, but it orders them
             session_id = str(values.get("pipes_session_id", ""))
-            if kind == SESSION:
-                try:
-                    record = SessionRecord.from_metadata(values, run_id)
-                except CorruptRecord as exc:
-                    context.log.warning(
-                        f"[pipes] ignoring a session record of step {key} in run {run_id}: {exc}; it was not written "
-                        "by this library as it is now (edited, or corrupt): its session is not re-attached to"
-                    )
-                    continue
-                earlier = records.get(session_id)
-                if earlier is not None:  # re-attached: keep what the first attempts learned
-                    record = _merge(record, earlier)
-                records[session_id] = record
-                first_seen.setdefault(session_id, index)
-                latest.pop(record.key, None)
-                latest[record.key] = session_id
+            if kind in (SESSION, SESSIONS):
+                for session_values in [values] if kind == SESSION else _listed_records(values.get("pipes_sessions")):
+                    try:
+                        record = SessionRecord.from_metadata(session_values, run_id)
+                    except CorruptRecord as exc:
+                        context.log.warning(
+                            f"[pipes] ignoring a session record of step {key} in run {run_id}: {exc}; it was not "
+                            "written by this library as it is now (edited, or corrupt): its session is not re-attached to"
+                        )
+                        continue
+                    earlier = records.get(record.session_id)
+                    if earlier is not None:  # re-attached: keep what the first attempts learned
+                        record = _merge(record, earlier)
+                    records[record.session_id] = record
+                    first_seen.setdefault(record.session_id, index)
+                    latest.pop(record.key, None)
+                    latest[record.key] = record.session_id
             elif kind == TRIGGERED and session_id in records:
                 records[session_id] = _merge(records[session_id], trigger_message_id=str(values.get("pipes_trigger_message_id", "")))
             elif kind == OPENED and session_id in records:
@@ -324,6 +346,17 @@ def find_earlier_sessions(context: Context) -> tuple[list[str], dict[SessionKey,
         if session_id not in released
     }
     return chain, found_sessions
+
+
+def _listed_records(listed: Any) -> list[Mapping[str, Any]]:
+    """The session records a ``sessions`` event holds; a list that does not parse is one corrupt record."""
+    try:
+        found = json.loads(str(listed))
+    except ValueError:
+        found = None
+    if not isinstance(found, list):
+        return [{}]
+    return [values if isinstance(values, dict) else {} for values in found]
 
 
 def _string_map(listed: Any) -> dict[str, str]:

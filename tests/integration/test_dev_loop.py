@@ -4,6 +4,7 @@ the next trigger with no restart by hand; the pytest plugin's fixture works from
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -522,15 +523,27 @@ def test_dev_from_the_functions_own_folder_restarts_it_only_for_the_users_edits(
     process.wait(timeout=60)
 
 
-def listening_ports() -> set[int]:
-    """The local TCP ports some socket listens on (state 0A in /proc/net/tcp and tcp6)."""
-    ports = set()
+#: the local addresses (as /proc/net/tcp and tcp6 write them) of a listener that a server binding 127.0.0.1
+#: would meet: 127.0.0.1 itself, 0.0.0.0 and :: (any)
+_LOOPBACK_OR_ANY = {"0100007F", "00000000", "0" * 32}
+
+
+def listeners(port: int) -> dict[int, str]:
+    """The processes listening on TCP 127.0.0.1:``port`` (or on any address at ``port``), by pid."""
+    inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for row in Path(table).read_text().splitlines()[1:]:
-            local, state = row.split()[1], row.split()[3]
-            if state == "0A":
-                ports.add(int(local.rsplit(":", 1)[1], 16))
-    return ports
+            fields = row.split()
+            address, listened = fields[1].rsplit(":", 1)
+            if fields[3] == "0A" and int(listened, 16) == port and address in _LOOPBACK_OR_ANY:
+                inodes.add(f"socket:[{fields[9]}]")
+    found = {}
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) in inodes:
+                pid = int(fd.parts[2])
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    return found if found or not inodes else {-1: "a process of another user"}
 
 
 def test_sigkill_of_dev_leaves_neither_dagster_nor_the_stack_running(project: Path, gcf_pipes_command, tmp_path: Path):
@@ -555,5 +568,5 @@ def test_sigkill_of_dev_leaves_neither_dagster_nor_the_stack_running(project: Pa
     # nothing listens on the webserver's port any more. Not a bind probe: the port came from the ephemeral range,
     # and once freed the kernel may hand it to another test's outgoing connection, which refuses a bind
     # (EADDRINUSE, fresh-clone run ciD) though no server is there
-    assert port not in listening_ports(), f"something still listens on the webserver's port {port}"
+    assert listeners(port) == {}, f"still listening on the webserver's port {port}"
 
