@@ -149,12 +149,20 @@ def recorded_sessions(instance: DagsterInstance) -> list[str]:
     return [r.asset_materialization.metadata["pipes_session_id"].value for r in records]
 
 
-def wait_until_closed(project: str, subscription: str, session_ids: list[str], timeout: float = 60) -> None:
+def wiretap(stack: Any) -> pubsub_v1.SubscriberClient:
+    """A subscriber on the emulator itself, beneath the production-semantics layer: a test reading a
+    subscription's state through the layer with short pulls could miss messages (an empty pull while messages
+    wait; messages lost to its pull race until their ack deadline)."""
+    with stack.provisioning():
+        return pubsub_v1.SubscriberClient()
+
+
+def wait_until_closed(stack: Any, subscription: str, session_ids: list[str], timeout: float = 60) -> None:
     """Until the subscription holds every session's ``closed`` (what it pulls, it hands straight back)."""
-    path = f"projects/{project}/subscriptions/{subscription}"
+    path = f"projects/{stack.project}/subscriptions/{subscription}"
     closed: set[str] = set()
     deadline = time.monotonic() + timeout
-    with pubsub_v1.SubscriberClient() as subscriber:
+    with wiretap(stack) as subscriber:
         while set(session_ids) - closed:
             assert time.monotonic() < deadline, f"sessions {set(session_ids) - closed} never closed"
             received = pull(subscriber, path, max_messages=1000, timeout=1)
@@ -165,9 +173,9 @@ def wait_until_closed(project: str, subscription: str, session_ids: list[str], t
             nack(subscriber, path, [m.ack_id for m in received])
 
 
-def waiting_messages(project: str, subscription: str) -> int:
-    path = f"projects/{project}/subscriptions/{subscription}"
-    with pubsub_v1.SubscriberClient() as subscriber:
+def waiting_messages(stack: Any, subscription: str) -> int:
+    path = f"projects/{stack.project}/subscriptions/{subscription}"
+    with wiretap(stack) as subscriber:
         received = pull(subscriber, path, max_messages=1000, timeout=1)
         nack(subscriber, path, [m.ack_id for m in received])
     return len(received)
@@ -437,7 +445,7 @@ def run_round(
     project = stack.project
     sessions = trigger(client, [{"n": i} for i in range(3)] + [{"scenario": "raise"}], daemon.instance)
     ok, failed = sessions[:3], sessions[3]
-    wait_until_closed(project, DAEMON_TOPIC, sessions)
+    wait_until_closed(stack, DAEMON_TOPIC, sessions)
     with monkeypatch.context() as patch, whole_deliveries(stack):
         faults = DiesAtWrite(daemon, patch, k)
         if k is None:
@@ -455,5 +463,5 @@ def run_round(
     assert [s for s in ok if daemon.runs_with_key(s)] == []
     assert pending_entries(client) == []
     assert [session_objects(client, s) for s in sessions] == [[]] * 4
-    assert waiting_messages(project, DAEMON_TOPIC) == 0
+    assert waiting_messages(stack, DAEMON_TOPIC) == 0
     return faults.writes

@@ -89,7 +89,7 @@ def test_an_empty_pull_past_the_deadline_does_not_expire_a_session_whose_replies
     sensor = pipes_completion_sensor(subscription=replies, expiry_margin_seconds=0, pull_timeout_seconds=2)
     with DagsterInstance.ephemeral() as instance:
         (session_id,) = trigger(client, [{"n": 4}], instance)
-        wait_until_closed(stack.project, replies, [session_id])
+        wait_until_closed(stack, replies, [session_id])
         time.sleep(6.5)  # past registration + detached_start_timeout + function_timeout
 
         with pytest.MonkeyPatch.context() as patch:
