@@ -50,9 +50,10 @@ def closed() -> dict[str, Any]:
 
 
 class ScriptedFunction:
-    def __init__(self, project: str, trigger_topic: str):
-        self.project = project
-        self.subscriber = pubsub_v1.SubscriberClient()
+    def __init__(self, stack: Any, trigger_topic: str):
+        project = self.project = stack.project
+        with stack.provisioning():  # the trigger is taken on the emulator itself (a function gets it pushed)
+            self.subscriber = pubsub_v1.SubscriberClient()
         self.publisher = pubsub_v1.PublisherClient()
         self.subscription = self.subscriber.subscription_path(project, f"scripted-{uuid.uuid4().hex[:12]}")
         self.subscriber.create_subscription(request={
@@ -118,7 +119,7 @@ def scripted(stack: Any) -> Iterator[Callable[..., tuple[ScriptedFunction, concu
     functions: list[ScriptedFunction] = []
 
     def start(**client_overrides: Any) -> tuple[ScriptedFunction, concurrent.futures.Future]:
-        function = ScriptedFunction(stack.project, SCRIPTED_TOPIC)
+        function = ScriptedFunction(stack, SCRIPTED_TOPIC)
         functions.append(function)
         future = pool.submit(run_asset, make_client(trigger_topic=SCRIPTED_TOPIC, **client_overrides), {"n": 1})
         function.take_trigger()

@@ -30,7 +30,7 @@ def plant_lease(project: str, session_id: str, invocation: str, expires_in: floa
 
 
 def test_a_live_lease_of_another_invocation_blocks_the_delivery(stack):
-    h = FunctionHarness(stack.project, {"n": 1})
+    h = FunctionHarness(stack, {"n": 1})
     try:
         plant_lease(stack.project, h.session_id, "still-running", expires_in=300)
         assert not scenario_function(h.cloud_event()).ran
@@ -39,7 +39,7 @@ def test_a_live_lease_of_another_invocation_blocks_the_delivery(stack):
 
 
 def test_an_expired_lease_of_a_crashed_attempt_is_taken_over_by_the_retry(stack):
-    h = FunctionHarness(stack.project, {"n": 2})
+    h = FunctionHarness(stack, {"n": 2})
     try:
         plant_lease(stack.project, h.session_id, "crashed", expires_in=-1)
         outcome = scenario_function(h.cloud_event())
@@ -52,7 +52,7 @@ def test_an_expired_lease_of_a_crashed_attempt_is_taken_over_by_the_retry(stack)
 
 
 def test_only_one_of_several_concurrent_retries_takes_an_expired_lease_over(stack):
-    h = FunctionHarness(stack.project)
+    h = FunctionHarness(stack)
     try:
         plant_lease(stack.project, h.session_id, "crashed", expires_in=-1)
         gcs = storage.Client(project=stack.project)
@@ -69,7 +69,7 @@ def rfc3339(epoch: float) -> str:
 
 
 def test_a_delivery_after_the_start_window_does_not_run(stack):
-    h = FunctionHarness(stack.project, {"n": 3}, start_window=5.0)
+    h = FunctionHarness(stack, {"n": 3}, start_window=5.0)
     try:
         event = h.cloud_event(message_id="late-1")
         event.data["message"]["publishTime"] = rfc3339(time.time() - 60)  # Pub/Sub stamped it a minute ago
@@ -84,7 +84,7 @@ def test_a_delivery_after_the_start_window_does_not_run(stack):
 def test_the_start_window_counts_from_publish_time_not_from_the_orchestrators_clock(stack):
     """The trigger carries a window, not a wall-clock deadline: a delivery inside the window runs whatever
     the orchestrator's clock said when it built the trigger."""
-    h = FunctionHarness(stack.project, {"n": 4}, start_window=5.0)
+    h = FunctionHarness(stack, {"n": 4}, start_window=5.0)
     try:
         event = h.cloud_event(message_id="fresh-1")
         event.data["message"]["publishTime"] = rfc3339(time.time() - 1)
@@ -129,7 +129,7 @@ def test_a_malformed_lease_in_the_bucket_fails_no_other_session(stack, caplog):
 def test_a_delivery_meeting_a_malformed_lease_does_not_run(stack):
     """Nothing may claim a lease it cannot read: the delivery counts the session as ended (before: ValueError,
     and the trigger was redelivered)."""
-    h = FunctionHarness(stack.project, {"n": 6})
+    h = FunctionHarness(stack, {"n": 6})
     held = {**MALFORMED, "dagster_pipes_lease_state": "held"}
     lease = plant_object(stack.project, lease_key("harness", h.session_id), held)
     try:

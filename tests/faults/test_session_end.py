@@ -244,7 +244,7 @@ def test_a_function_past_its_timeout_closes_the_session_itself(stack, scenario: 
 def test_the_orchestrator_caps_a_session_at_startup_plus_function_timeout(stack):
     """A function that keeps heartbeating and never closes (an older release, a wedged process), configured
     with trigger_topic only. Before: nothing capped the session; heartbeats kept it open for as long as they came."""
-    function = ScriptedFunction(stack.project, SCRIPTED_TOPIC)
+    function = ScriptedFunction(stack, SCRIPTED_TOPIC)
     client = make_client(trigger_topic=SCRIPTED_TOPIC, function_timeout=2.0, startup_timeout=3.0,
                          heartbeat_interval=0.5, heartbeat_timeout=2.0)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
@@ -295,7 +295,7 @@ def test_a_session_ended_between_the_claim_and_the_handler_never_calls_the_handl
     """The orchestrator ends the session (a terminated run) just after this delivery claimed it: the check
     before the handler sees it, the handler is never called, and `closed` says why."""
     token = uuid.uuid4().hex
-    h = FunctionHarness(stack.project, {"token": token})
+    h = FunctionHarness(stack, {"token": token})
 
     def claim_then_end(gcs, bucket, key, invocation_id, lease_seconds):
         claim = claim_lease(gcs, bucket, key, invocation_id, lease_seconds)

@@ -13,7 +13,7 @@ from tests.integration.function_harness import FunctionHarness
 
 
 def test_a_context_object_that_is_gone_is_reported_through_closed(stack) -> None:
-    h = FunctionHarness(stack.project, {"n": 1})
+    h = FunctionHarness(stack, {"n": 1})
     try:
         trigger = Trigger.decode(h.data, h.attributes)
         missing = {"bucket": "pipes-payloads", "key": f"harness/{h.session_id}/context.json"}  # never written

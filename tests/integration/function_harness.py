@@ -30,8 +30,8 @@ def context_data(asset_key: str = "harness_asset") -> dict[str, Any]:
 class FunctionHarness:
     """One session: a test-owned reply subscription and the trigger to feed the entry point."""
 
-    def __init__(self, project: str, payload: Mapping[str, Any] | None = None, **channel: Any):
-        self.project = project
+    def __init__(self, stack: Any, payload: Mapping[str, Any] | None = None, **channel: Any):
+        project = self.project = stack.project
         self.session_id = new_session_id()
         params = ReplyChannelParams(
             topic=f"projects/{project}/topics/{REPLY_TOPIC}", session_id=self.session_id, bucket=PAYLOAD_BUCKET,
@@ -42,7 +42,8 @@ class FunctionHarness:
             "DAGSTER_PIPES_MESSAGES": encode_param(params.to_params()),
         }
         self.data, self.attributes = Trigger(self.session_id, dict(payload or {}), bootstrap).encode()
-        self.subscriber = pubsub_v1.SubscriberClient()
+        with stack.provisioning():  # the replies are read on the emulator itself: a test's reading is no product path
+            self.subscriber = pubsub_v1.SubscriberClient()
         self.subscription = self.subscriber.subscription_path(project, f"harness-{self.session_id}")
         self.subscriber.create_subscription(request={
             "name": self.subscription, "topic": params.topic, "filter": subscription_filter(self.session_id),

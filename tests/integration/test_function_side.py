@@ -33,7 +33,7 @@ def harness(stack: LocalStack):
     created: list[FunctionHarness] = []
 
     def make(payload=None, **channel) -> FunctionHarness:
-        created.append(FunctionHarness(stack.project, payload, **channel))
+        created.append(FunctionHarness(stack, payload, **channel))
         return created[-1]
 
     yield make
@@ -265,7 +265,7 @@ def test_the_sessions_log_lines_carry_the_requests_trace(stack):
 
     collect = Collect()
     logging.getLogger(LOGGER_NAME).addHandler(collect)
-    h = FunctionHarness(stack.project, {"n": 1})
+    h = FunctionHarness(stack, {"n": 1})
     try:
         event = h.cloud_event()
         event["traceparent"] = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

@@ -95,7 +95,7 @@ def test_an_inconsistent_mode_is_refused_before_anything_is_sent(stack, override
 
 
 def test_the_http_entry_point_runs_a_trigger_once_and_answers_each_delivery(stack, request):
-    harness = FunctionHarness(stack.project, {"n": 1})
+    harness = FunctionHarness(stack, {"n": 1})
     request.addfinalizer(harness.close)
     url = stack.function_urls[HTTP_TARGET]
     body = {"message": {"data": base64.b64encode(harness.data).decode(), "attributes": harness.attributes, "messageId": "1"}}

@@ -157,6 +157,13 @@ def test_a_killed_subscribers_messages_come_back_and_new_ones_go_elsewhere(layer
 
 
 def test_the_bare_emulator_keeps_feeding_a_killed_subscriber(bare: PubSub) -> None:
-    topic, subscription = bare.topic_and_subscription(ack_deadline_seconds=10)
-    _kill_a_subscriber_holding_a_message(bare, subscription, topic)
-    assert b"after the kill" not in _received_within(bare, subscription, 15)
+    """Whether it does depends on whether the emulator noticed the killed connection before the next publish:
+    in one fresh-clone run of about ten, under load, it had, and the new subscriber got the message at once.
+    So up to three tries (a new subscription each), one of which must show it."""
+    for _ in range(3):
+        topic, subscription = bare.topic_and_subscription(ack_deadline_seconds=10)
+        _kill_a_subscriber_holding_a_message(bare, subscription, topic)
+        if b"after the kill" not in _received_within(bare, subscription, 5):
+            return
+    pytest.fail("three times in three, the bare emulator gave the message published after a subscriber was killed "
+                "to the new subscriber at once, as production does: the layer's dead-stream ending may be redundant now")
