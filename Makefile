@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install node-test demo dev test test-long bench clean
+.PHONY: install node-test test-setup demo dev test test-long bench clean
 
 # the library with every side and the test tooling, plus the example function's own requirements (polars)
 EXAMPLE_REQUIREMENTS := examples/sales/function/requirements.txt
@@ -50,11 +50,17 @@ $(NODE_EXAMPLE)/node_modules/.installed: $(NODE_EXAMPLE)/package.json $(NODE_EXA
 # mostly wait on the emulators, so 4 share 2 cores well; PYTEST_WORKERS=0 runs it in one process
 PYTEST_WORKERS ?= 4
 
-test: install node-test $(NODE_EXAMPLE)/node_modules/.installed $(KIT_NODE)/node_modules/.installed
+# what the suite needs, set up side by side (make -j: the venv's install and the Node.js side's take a minute
+# between them on 2 cores, mostly waiting on the registries)
+test-setup: install node-test $(NODE_EXAMPLE)/node_modules/.installed $(KIT_NODE)/node_modules/.installed
+
+test:
+	$(MAKE) -j4 test-setup
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 # the scenarios the default run has at a smaller size, at their full length (pytest -m long)
-test-long: install node-test $(NODE_EXAMPLE)/node_modules/.installed $(KIT_NODE)/node_modules/.installed
+test-long:
+	$(MAKE) -j4 test-setup
 	$(PY) -m pytest -m long -n 2 --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 # the table, the chaos soak (bench/soak.py), the fan-out scale run to 10,000 shards with its CPU profile

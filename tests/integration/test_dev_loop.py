@@ -538,12 +538,12 @@ def listeners(port: int) -> dict[int, str]:
             if fields[3] == "0A" and int(listened, 16) == port and address in _LOOPBACK_OR_ANY:
                 inodes.add(f"socket:[{fields[9]}]")
     found = {}
-    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+    for fd in Path("/proc").glob("[0-9]*/task/*/fd/*"):  # every thread's: a zombie leader's other threads
         with contextlib.suppress(OSError):
             if os.readlink(fd) in inodes:
                 pid = int(fd.parts[2])
                 found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    return found if found or not inodes else {-1: "a process of another user"}
+    return found if found or not inodes else {-1: "no process (the socket is being closed)"}
 
 
 def test_sigkill_of_dev_leaves_neither_dagster_nor_the_stack_running(project: Path, gcf_pipes_command, tmp_path: Path):
@@ -565,8 +565,11 @@ def test_sigkill_of_dev_leaves_neither_dagster_nor_the_stack_running(project: Pa
     while alive(started) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert alive(started) == {}, "left running after SIGKILL of gcf-pipes dev"
-    # nothing listens on the webserver's port any more. Not a bind probe: the port came from the ephemeral range,
-    # and once freed the kernel may hand it to another test's outgoing connection, which refuses a bind
-    # (EADDRINUSE, fresh-clone run ciD) though no server is there
+    # and nothing listens on the webserver's port. Waited for too: a process whose main thread has exited shows
+    # as a zombie while its other threads still exit, holding its sockets (fresh-clone run ciF, under load). Not
+    # a bind probe: the port came from the ephemeral range, and once freed the kernel may hand it to another
+    # test's outgoing connection, which refuses a bind (EADDRINUSE, fresh-clone run ciD) though no server is there
+    while listeners(port) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert listeners(port) == {}, f"still listening on the webserver's port {port}"
 
