@@ -284,7 +284,7 @@ def test_the_function_writer_sends_every_method_and_metadata_type_valid(stack: L
             pipes.report_asset_materialization(metadata=metadata, data_version="v1", asset_key="a/b")
             pipes.report_asset_check("rows_valid", passed=False, severity="WARN", asset_key="c", metadata={"n": 1})
             pipes.report_custom_message("x" * 5000)  # above inline_threshold: its batch is claim-checked
-            time.sleep(0.5)  # quiet: heartbeats
+            time.sleep(2.0)  # quiet: heartbeats (ten intervals: under load a publish before it took most of 0.5 s)
             try:
                 raise ValueError("the cause")
             except ValueError as exc:
