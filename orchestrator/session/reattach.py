@@ -211,7 +211,8 @@ class SessionJournal:
                     record.metadata())
 
     def _write_sessions(self, records: Sequence[SessionRecord]) -> None:
-        shards = ", ".join(str(r.shard) for r in records[:10]) + (", ..." if len(records) > 10 else "")
+        listed = sorted(r.shard for r in records)
+        shards = ", ".join(map(str, listed[:10])) + (", ..." if len(listed) > 10 else "")
         subscriptions = sorted({s for r in records for s in r.subscriptions})
         self._write(SESSIONS, f"[pipes] recorded {len(records)} session(s) of shards {shards} (replies kept in "
                     f"{', '.join(subscriptions)})", {"pipes_sessions": json.dumps([r.metadata() for r in records])})

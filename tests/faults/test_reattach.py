@@ -246,7 +246,7 @@ def test_a_fan_out_killed_halfway_runs_only_the_shards_that_had_not_finished(sta
     assert_nothing_left(stack.project)
 
 
-@pytest.mark.parametrize("kills", [pytest.param(6, id="6"), pytest.param(20, id="20", marks=pytest.mark.long)])
+@pytest.mark.parametrize("kills", [pytest.param(4, id="4"), pytest.param(20, id="20", marks=pytest.mark.long)])
 def test_killed_at_random_moments_every_line_and_the_result_once(stack, tmp_path, kills):
     rng = random.Random(int(os.environ.get("REATTACH_SEED", time.time())))
     outcomes: Counter[str] = Counter()
