@@ -270,9 +270,11 @@ class Dispatcher:
     def run(self) -> None:
         """Deliver until the process is stopped or the subscription is deleted."""
         slots = threading.BoundedSemaphore(self.outstanding)
+        # the meter first: the "delivering" line is what the local stack waits for, and a reader of the meter
+        # may come right after it (a fresh-clone run read it before it was written)
+        self.meter.start({"semantics": self.semantics.name, "capacity": self.capacity})
         _log.info("delivering %s to %s: capacity %d, %s semantics%s", self.subscription, self.url, self.capacity,
                   self.semantics.name, ", fail-fast" if self.fail_fast else "")
-        self.meter.start({"semantics": self.semantics.name, "capacity": self.capacity})
         with ThreadPoolExecutor(max_workers=self.outstanding, thread_name_prefix="deliver") as pool:
             while True:
                 free = self._take_slots(slots)
