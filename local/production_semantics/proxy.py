@@ -54,6 +54,8 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_mess
 #: a waiting Pull asks the emulator again at least this often (a publish on its topic or a nack wakes it at
 #: once; this catches redeliveries after an ack deadline and messages published straight to the emulator)
 IDLE_POLL_SECONDS = 0.5
+#: how long before its race window a waiting Pull asks the emulator for the last time on its own
+LAST_ASK_MARGIN_SECONDS = 0.02
 #: how long a Pull without a client deadline is held
 NO_DEADLINE_HOLD_SECONDS = 60.0
 #: each upstream call the layer makes on its own behalf (lookups, the acks of filtered-out messages)
@@ -271,16 +273,22 @@ class Proxy(grpc.GenericRpcHandler):
         parsed.return_immediately = True
         upstream = parsed.SerializeToString()
         while True:
-            ready = [] if deadline - loop.time() < window else layer.deliveries.due(subscription, parsed.max_messages)
+            remaining = deadline - loop.time()
+            if remaining <= 0:  # over: a Pull past its deadline is handed nothing more (the race is the window)
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            ready = [] if remaining < window else layer.deliveries.due(subscription, parsed.max_messages)
             if not ready:
                 ready = await self._pull_upstream(subscription, upstream, parsed.max_messages, deadline, window, context)
             if ready:
                 return PullResponse(received_messages=ready).SerializeToString()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            # the last ask of its own is just before the race window: on Pub/Sub what became available before
+            # it reaches the client, and only what is handed out within the window (a publish or a nack waking
+            # the Pull there) is lost
+            now = loop.time()
+            last_ask = deadline - window - LAST_ASK_MARGIN_SECONDS
             await wait_any(
-                [subscription.signal, layer.registry.topic_signal(subscription.topic)], min(IDLE_POLL_SECONDS, remaining)
+                [subscription.signal, layer.registry.topic_signal(subscription.topic)],
+                max(0.0, min(IDLE_POLL_SECONDS, last_ask - now) if now < last_ask else deadline - now),
             )
 
     async def _pull_upstream(

@@ -34,7 +34,10 @@ def main(event):
         raise RuntimeError("failing the first delivery on purpose")
     time.sleep(float(attributes.get("sleep", 0)))
     record = {"event": dict(event.get_attributes()), "data": event.data, "start": started, "end": time.time()}
-    (records / (attributes["token"] + "-" + uuid.uuid4().hex + ".json")).write_text(json.dumps(record, default=str))
+    # written whole, then renamed: the test globs *.json while deliveries are still writing theirs
+    path = records / (attributes["token"] + "-" + uuid.uuid4().hex + ".json")
+    path.with_suffix(".part").write_text(json.dumps(record, default=str))
+    path.with_suffix(".part").replace(path)
 """
 
 Started = tuple[str, Any]

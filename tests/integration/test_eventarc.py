@@ -34,7 +34,10 @@ def main(event):
     records = pathlib.Path(os.environ["RECORDS"])
     prefix = attributes["token"] + "-" + message["messageId"] + "-"
     earlier = len(list(records.glob(prefix + "*.json")))
-    (records / (prefix + uuid.uuid4().hex + ".json")).write_text(json.dumps({"start": time.time()}))
+    # written whole, then renamed: the test globs *.json while other deliveries are still writing theirs
+    path = records / (prefix + uuid.uuid4().hex + ".json")
+    path.with_suffix(".part").write_text(json.dumps({"start": time.time()}))
+    path.with_suffix(".part").replace(path)
     if earlier < int(attributes.get("fail", 0)):
         raise RuntimeError("failing this delivery on purpose")
     time.sleep(max(0.0, float(attributes.get("sleep_until", 0)) - time.time()))

@@ -81,7 +81,7 @@ backlog_defs = Definitions(
 
 @pytest.fixture
 def backlog_feed(stack: Any) -> Iterator[Feed]:
-    with Feed(stack.project, SUBSCRIPTION) as feed:
+    with Feed(stack, SUBSCRIPTION) as feed:
         yield feed
 
 
