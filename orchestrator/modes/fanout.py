@@ -346,28 +346,38 @@ def run_fan_out(
                 log.warning(f"[shard {shard}] attempt {attempt} failed ({type(exc).__name__}); retrying as a new session")
         return ShardOutcome(shard, payload, attempt, time.monotonic() - shard_started, error=error)
 
+    outcomes: list[ShardOutcome] = []
+    waiting = iter(enumerate(payloads))
     with ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="pipes-shard") as pool:
-        # each shard's end is queued as it happens: O(1) a shard, where waiting on the set of pending futures
-        # costs O(pending) each time one ends (quadratic in the number of shards)
+        # each shard's end is queued as it happens (O(1) a shard, where waiting on the set of pending futures
+        # costs O(pending) each time one ends), and the next shard is submitted then: the pool never holds
+        # more than ``max_concurrency`` shards, whatever the number of payloads
         ended: queue.SimpleQueue[Future[ShardOutcome]] = queue.SimpleQueue()
-        futures: list[Future[ShardOutcome]] = []
-        for shard, payload in enumerate(payloads):
-            futures.append(pool.submit(attempt_all, shard, payload))
-            futures[-1].add_done_callback(ended.put)
+
+        def start_next() -> int:
+            item = next(waiting, None)
+            if item is None:
+                return 0
+            pool.submit(attempt_all, *item).add_done_callback(ended.put)
+            return 1
+
+        running = sum(start_next() for _ in range(max_concurrency))
         try:
-            for _ in futures:
-                while True:
-                    try:
-                        progress.shard_ended(ended.get(timeout=0.5).result())
-                        break
-                    except queue.Empty:
-                        progress.maybe_log()
+            while running:
+                try:
+                    outcome = ended.get(timeout=0.5).result()
+                except queue.Empty:
+                    progress.maybe_log()
+                    continue
+                outcomes.append(outcome)
+                progress.shard_ended(outcome)
+                running += start_next() - 1
                 progress.maybe_log()
         except (KeyboardInterrupt, DagsterExecutionInterruptedError):
             interrupted.set()
             raise
     progress.maybe_log(final=True)
-    outcomes = [f.result() for f in futures]
+    outcomes.sort(key=lambda o: o.shard)
     if any(not o.ok for o in outcomes):
         raise FanOutError(outcomes)
     return FanOutResult(outcomes, time.monotonic() - started, log)

@@ -124,10 +124,12 @@ def test_pubsub_unreachable_past_the_budget_fails_with_a_clear_error(stack):
         ttls = [subscriber.get_subscription(request={"subscription": s}).expiration_policy.ttl.total_seconds() for s in leftovers]
         for leftover in leftovers:
             subscriber.delete_subscription(request={"subscription": leftover})
-    assert not outcome.result.success
-    assert "FunctionHeartbeatTimeout" in outcome.failure_message
+    assert not outcome.result.success, outcome.log_messages[-20:]
+    assert "FunctionHeartbeatTimeout" in outcome.failure_message, outcome.failure_message
     # what was observed is said: Pub/Sub did not answer, not "the process probably died" (issue 24, item 15)
-    assert "Pub/Sub did not answer" in outcome.failure_message and "probably died" not in outcome.failure_message
+    assert "Pub/Sub did not answer" in outcome.failure_message and "probably died" not in outcome.failure_message, (
+        outcome.failure_message
+    )
     # tearing down could not reach Pub/Sub either: bounded, and the subscription is left to its expiration policy
     assert seconds_to_failure < 2.0 + 5.0 + 25.0, seconds_to_failure  # timeout + the channel's diagnosis + teardown
     assert any("its expiration policy removes it" in m for m in outcome.log_messages)

@@ -140,5 +140,7 @@ def test_run_many_runs_no_more_shards_at_once_than_the_deployed_function_can_tak
             subscriber.delete_subscription(request={"subscription": stack.trigger_subscription(topic)})
     assert result.success
     assert any("max_concurrency=6 is above the capacity of the deployed function (2 sessions at once" in m for m in logs)
-    assert meter["rejected"] == 0 and meter["queued"] == 0 and meter["deliveries"] >= 6, meter
+    # no 429; a delivery may wait a moment for an instance ("queued"): a shard ends for run_many when its
+    # `closed` arrives, and its function's request can still be finishing then (Cloud Run queues the next)
+    assert meter["rejected"] == 0 and meter["deliveries"] >= 6, meter
     assert seconds < 19.5, seconds  # a 429 alone costs 10 s queued + 10 s before its retry
