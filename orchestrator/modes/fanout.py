@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -346,32 +346,37 @@ def run_fan_out(
                 log.warning(f"[shard {shard}] attempt {attempt} failed ({type(exc).__name__}); retrying as a new session")
         return ShardOutcome(shard, payload, attempt, time.monotonic() - shard_started, error=error)
 
-    outcomes: list[ShardOutcome] = []
+    # each of ``max_concurrency`` runners takes the next payload when its shard ends: nothing waits in the
+    # pool whatever the number of payloads, and each end is queued as it happens (O(1) a shard, where waiting
+    # on the set of pending futures costs O(pending) each time one ends)
     waiting = iter(enumerate(payloads))
-    with ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="pipes-shard") as pool:
-        # each shard's end is queued as it happens (O(1) a shard, where waiting on the set of pending futures
-        # costs O(pending) each time one ends), and the next shard is submitted then: the pool never holds
-        # more than ``max_concurrency`` shards, whatever the number of payloads
-        ended: queue.SimpleQueue[Future[ShardOutcome]] = queue.SimpleQueue()
+    taking = threading.Lock()
+    ended: queue.SimpleQueue[ShardOutcome] = queue.SimpleQueue()
 
-        def start_next() -> int:
-            item = next(waiting, None)
+    def runner() -> None:
+        while not interrupted.is_set():
+            with taking:
+                item = next(waiting, None)
             if item is None:
-                return 0
-            pool.submit(attempt_all, *item).add_done_callback(ended.put)
-            return 1
+                return
+            try:
+                ended.put(attempt_all(*item))
+            except BaseException as exc:  # noqa: BLE001 - the step waits for an outcome of every shard
+                ended.put(ShardOutcome(item[0], item[1], 0, 0.0, error=exc))
 
-        running = sum(start_next() for _ in range(max_concurrency))
+    outcomes: list[ShardOutcome] = []
+    with ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="pipes-shard") as pool:
+        for _ in range(min(max_concurrency, len(payloads))):
+            pool.submit(runner)
         try:
-            while running:
+            while len(outcomes) < len(payloads):
                 try:
-                    outcome = ended.get(timeout=0.5).result()
+                    outcome = ended.get(timeout=0.5)
                 except queue.Empty:
                     progress.maybe_log()
                     continue
                 outcomes.append(outcome)
                 progress.shard_ended(outcome)
-                running += start_next() - 1
                 progress.maybe_log()
         except (KeyboardInterrupt, DagsterExecutionInterruptedError):
             interrupted.set()

@@ -349,12 +349,17 @@ def find_earlier_sessions(context: Context) -> tuple[list[str], dict[SessionKey,
     return chain, found_sessions
 
 
+def _json_of(listed: Any) -> Any:
+    """The JSON a record's metadata value holds; None for one that does not parse."""
+    try:
+        return json.loads(str(listed))
+    except ValueError:
+        return None
+
+
 def _listed_records(listed: Any) -> list[Mapping[str, Any]]:
     """The session records a ``sessions`` event holds; a list that does not parse is one corrupt record."""
-    try:
-        found = json.loads(str(listed))
-    except ValueError:
-        found = None
+    found = _json_of(listed)
     if not isinstance(found, list):
         return [{}]
     return [values if isinstance(values, dict) else {} for values in found]
@@ -362,20 +367,14 @@ def _listed_records(listed: Any) -> list[Mapping[str, Any]]:
 
 def _string_map(listed: Any) -> dict[str, str]:
     """The session-to-value map a ``progress`` record holds; empty for one that does not parse."""
-    try:
-        found = json.loads(str(listed))
-    except ValueError:
-        return {}
+    found = _json_of(listed)
     return {k: v for k, v in found.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(found, dict) else {}
 
 
 def _session_ids(listed: Any) -> list[str]:
     """The session ids a ``released`` record lists; none from one that does not parse."""
-    try:
-        ids = json.loads(str(listed))
-    except ValueError:
-        return []
-    return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
+    found = _json_of(listed)
+    return [i for i in found if isinstance(i, str)] if isinstance(found, list) else []
 
 
 def _merge(record: SessionRecord, earlier: SessionRecord | None = None, **changes: str) -> SessionRecord:
