@@ -91,16 +91,18 @@ def orchestrator(stack: LocalStack, home: Path, spec: dict[str, Any]) -> Iterato
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **stack.environment, "PYTHONPATH": str(REPO_ROOT)}
     output = home / "orchestrator.log"
-    with output.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.faults.reattach_job", str(home), json.dumps(spec)], cwd=REPO_ROOT, env=env,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        with DagsterInstance.from_config(str(home)) as instance:
+    # the instance's storage is created here before the orchestrator opens it: two processes creating a new
+    # SQLite instance's tables at once fail one of them ("table alembic_version already exists")
+    with DagsterInstance.from_config(str(home)) as instance:
+        with output.open("w") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tests.faults.reattach_job", str(home), json.dumps(spec)], cwd=REPO_ROOT,
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        try:
             yield Orchestrator(process, instance, spec, output)
-    finally:
-        kill_group(process)
+        finally:
+            kill_group(process)
 
 
 def kill_group(process: subprocess.Popen) -> None:
