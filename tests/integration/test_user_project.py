@@ -103,7 +103,7 @@ def project(tmp_path: Path) -> Path:
 
 
 def test_the_function_side_installs_without_dagster_and_builds_the_users_function(wheel: Path, project: Path):
-    python = fresh_venv(project.parent / "function-venv", f"{wheel}[function]", compile_bytecode=False)
+    python = fresh_venv(project.parent / "function-venv", f"{wheel}[function]", compile_bytecode=False, with_uv=True)
     probe = subprocess.run([str(python), "-c", "import dagster"], capture_output=True, text=True)
     assert "No module named 'dagster'" in probe.stderr
     installed = subprocess.run([str(python), "-m", "pip", "list", "--format=json"], capture_output=True, text=True,
@@ -133,7 +133,9 @@ def test_the_function_side_installs_without_dagster_and_builds_the_users_functio
 
 
 def test_the_dagster_side_materializes_the_users_asset_on_the_local_stack(wheel: Path, project: Path):
-    python = fresh_venv(project.parent / "dagster-venv", f"{wheel}[local]", "six>=1.16", compile_bytecode=False)
+    python = fresh_venv(
+        project.parent / "dagster-venv", f"{wheel}[local]", "six>=1.16", compile_bytecode=False, with_uv=True
+    )
     (project / "run_locally.py").write_text(textwrap.dedent(RUN_ON_LOCAL_STACK))
     run = subprocess.run([str(python), "run_locally.py"], cwd=project, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
