@@ -34,6 +34,14 @@ def wait_until_pullable(subscriber: pubsub_v1.SubscriberClient, path: str, timeo
         return
 
 
+def wiretap(stack: Any) -> pubsub_v1.SubscriberClient:
+    """A subscriber on the emulator itself, beneath the production-semantics layer: a test reading a
+    subscription's state through the layer with short pulls could miss messages (an empty pull while messages
+    wait; messages lost to its pull race until their ack deadline)."""
+    with stack.provisioning():
+        return pubsub_v1.SubscriberClient()
+
+
 @contextlib.contextmanager
 def whole_deliveries(stack: Any) -> Iterator[None]:
     """Every pull gets every message waiting, each once: the production-semantics layer's delivery faults off

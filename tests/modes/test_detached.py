@@ -46,7 +46,7 @@ from dagster_gcf_pipes.shared.protocol import Reply
 from tests.conftest import PAYLOAD_BUCKET, TEST_TOPIC
 from tests.integration.helpers import make_client
 from tests.modes.daemon import DaemonDied, SensorDaemon, sensor_daemon
-from tests.modes.subscriptions import wait_until_pullable, whole_deliveries
+from tests.modes.subscriptions import wait_until_pullable, whole_deliveries, wiretap
 
 ASSET = AssetKey("detached_asset")
 
@@ -147,14 +147,6 @@ def recorded_sessions(instance: DagsterInstance) -> list[str]:
     """The session id of every materialization of ASSET the instance holds."""
     records = instance.fetch_materializations(ASSET, limit=1000).records
     return [r.asset_materialization.metadata["pipes_session_id"].value for r in records]
-
-
-def wiretap(stack: Any) -> pubsub_v1.SubscriberClient:
-    """A subscriber on the emulator itself, beneath the production-semantics layer: a test reading a
-    subscription's state through the layer with short pulls could miss messages (an empty pull while messages
-    wait; messages lost to its pull race until their ack deadline)."""
-    with stack.provisioning():
-        return pubsub_v1.SubscriberClient()
 
 
 def wait_until_closed(stack: Any, subscription: str, session_ids: list[str], timeout: float = 60) -> None:

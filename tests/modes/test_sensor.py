@@ -63,7 +63,7 @@ from dagster_gcf_pipes.orchestrator.definitions.sensors import (
 from dagster_gcf_pipes.orchestrator.diagnostics.errors import PipesPubSubConfigError
 from dagster_gcf_pipes.orchestrator.session.pull import pull
 from tests.modes.daemon import DaemonDied, SensorDaemon, TickStatus, sensor_daemon
-from tests.modes.subscriptions import wait_until_published, wait_until_pullable, whole_deliveries
+from tests.modes.subscriptions import wait_until_published, wait_until_pullable, whole_deliveries, wiretap
 
 # --------------------------------------------------------------------------------------------- the code
 # location the daemon test loads (this file, by path): an asset with config and a sensor that is running.
@@ -121,8 +121,7 @@ class Feed:
     def __init__(self, stack: Any, name: str):
         self.publisher = pubsub_v1.PublisherClient()
         self.subscriber = pubsub_v1.SubscriberClient()
-        with stack.provisioning():
-            self.wiretap = pubsub_v1.SubscriberClient()
+        self.wiretap = wiretap(stack)
         self.name = name
         self.topic = self.publisher.create_topic(request={"name": self.publisher.topic_path(stack.project, name)}).name
         self.path = self.subscriber.subscription_path(stack.project, name)
