@@ -29,6 +29,23 @@ def wait_for_object(project: str, name: str, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+def wait_until_the_step_acknowledged_a_reply(stack: LocalStack, timeout: float = 60.0) -> None:
+    """Until the one session's reply subscription has an acknowledgement, as the production-semantics layer
+    counts them: the step has received and handled a reply. Without the layer (no NOT_FOUND window after
+    CreateSubscription) two seconds."""
+    if stack.semantics is None:
+        time.sleep(2.0)
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        subscriptions = session_subscriptions(stack.project)
+        meter = stack.semantics.meter()
+        if any(meter.subscription(s).acknowledge_calls for s in subscriptions):
+            return
+        assert time.monotonic() < deadline, f"the step acknowledged no reply within {timeout}s ({subscriptions})"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def own_function(stack: LocalStack):
     """A Functions Framework process of the test's own, which it may kill; its push subscription is removed after."""
@@ -105,11 +122,11 @@ def test_pubsub_unreachable_past_the_budget_fails_with_a_clear_error(stack):
     token = uuid.uuid4().hex
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         run = pool.submit(run_asset, client, {"sleep": 8, "token": token})
-        # once the handler runs (not after a fixed 1.5 s: under load the session had not opened by then, and the
-        # step failed on its startup timeout instead), and its `opened` had time to reach the step (a NOT_FOUND
-        # window after the subscription's creation, the layer's hold-backs)
+        # once the step has acknowledged a reply (`opened`): not after a fixed wait, for under load the reply
+        # stream could still be re-opening through the NOT_FOUND window after the subscription's creation, and
+        # the step then failed on its startup timeout instead
         wait_for_object(stack.project, f"started/{token}", timeout=60)
-        time.sleep(2.0)
+        wait_until_the_step_acknowledged_a_reply(stack)
         emulator.kill(signal.SIGSTOP)
         started = time.monotonic()
         try:
