@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from traceback import TracebackException
 from types import TracebackType
@@ -23,6 +24,7 @@ from dagster_pipes import (
 
 from dagster_gcf_pipes.function import tracing
 from dagster_gcf_pipes.function.cancellation import Cancellation
+from dagster_gcf_pipes.shared.protocol import LEASE_ENDED_PARAM
 
 
 class SessionCancelled(Exception):
@@ -41,8 +43,10 @@ class CloudFunctionPipesContext(PipesContext):
         context_loader: PipesContextLoader,
         message_writer: PipesMessageWriter,
         cancellation: Cancellation,
+        end_lease: Callable[[], bool] | None = None,
     ) -> None:
         self._close_lock = threading.Lock()
+        self._end_lease = end_lease
         try:
             super().__init__(params_loader, context_loader, message_writer)
         except Exception as exc:
@@ -75,9 +79,18 @@ class CloudFunctionPipesContext(PipesContext):
         self.close(pipes_exception(TracebackException.from_exception(exc_value)) if exc_value is not None else None)
 
     def close(self, exc: PipesException | None = None) -> None:
+        """``PipesContext.close``, which ends the session's lease first (``end_lease``, when given) and says in
+        ``closed`` whether it did: the orchestrator then need not write the session's tombstone itself."""
         # the deadline closes the session from the watcher's thread while the handler may be closing it too
         with self._close_lock:
-            super().close(exc)
+            if self._closed:
+                return
+            params: dict[str, Any] = {"exception": exc} if exc else {}
+            if self._end_lease is not None and self._end_lease():
+                params[LEASE_ENDED_PARAM] = True
+            self._message_channel.write_message(_message("closed", params))
+            self._io_stack.close()
+            self._closed = True
 
     def close_at_deadline(self, message: str, handler_thread: threading.Thread) -> None:
         """Close the session with ``SessionTimeout(message)`` while the handler still runs: ``closed`` carries
@@ -103,9 +116,13 @@ def _report_unloadable_context(params_loader: PipesParamsLoader, writer: PipesMe
         with writer.open(params_loader.load_messages_params()) as channel:
             exception = pipes_exception(TracebackException.from_exception(exc))
             for method, params in (("opened", writer.get_opened_payload()), ("closed", {"exception": exception})):
-                channel.write_message({PIPES_PROTOCOL_VERSION_FIELD: PIPES_PROTOCOL_VERSION, "method": method, "params": params})
+                channel.write_message(_message(method, params))
     except Exception:  # noqa: BLE001 - the channel fails too: the original error is what the function raises
         pass
+
+
+def _message(method: str, params: dict[str, Any]) -> Any:
+    return {PIPES_PROTOCOL_VERSION_FIELD: PIPES_PROTOCOL_VERSION, "method": method, "params": params}
 
 
 def pipes_exception(tb: TracebackException) -> PipesException:

@@ -6,7 +6,8 @@ The object is created with ``if_generation_match=0``, so GCS creates it only if 
 atomically. A held lease records when it expires (``lease_seconds`` after the claim, derived by the
 orchestrator from the function's timeout): a lease left by an attempt that crashed can be taken over after
 that, with ``if_generation_match`` set to the stale lease's generation so that only one retry wins. An
-ended lease (``shared/lease.py``) is never taken over: the session is over.
+ended lease (``shared/lease.py``) is never taken over: the session is over. The invocation that holds the
+lease ends it itself as it closes the session, over the generation it claimed (``end_own_lease``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from google.cloud import storage
 
 from dagster_gcf_pipes.shared.claim_check import CLAIM, parse_gs_url
 from dagster_gcf_pipes.shared.layout import lease_key, trigger_key
-from dagster_gcf_pipes.shared.lease import HELD, LeaseRecord, read_lease, write_lease
+from dagster_gcf_pipes.shared.lease import HELD, LeaseRecord, read_lease, tombstone, write_lease
 from dagster_gcf_pipes.shared.protocol import Attr, ProtocolError, require_session_id
-from dagster_gcf_pipes.shared.retry import transient_retry
+from dagster_gcf_pipes.shared.retry import TRANSIENT_ERRORS, transient_retry
 
 _log = logging.getLogger(__name__)
 
@@ -38,37 +39,70 @@ class Claim(enum.Enum):
         return self is Claim.CLAIMED
 
 
-@transient_retry()
 def claim_lease(client: storage.Client, bucket: str, key: str, invocation_id: str, lease_seconds: float) -> Claim:
     """Try to take the session's lease for ``invocation_id``."""
+    return take_lease(client, bucket, key, invocation_id, lease_seconds)[0]
+
+
+@transient_retry()
+def take_lease(
+    client: storage.Client, bucket: str, key: str, invocation_id: str, lease_seconds: float
+) -> tuple[Claim, int]:
+    """``claim_lease``, with the generation of the lease this invocation now holds (0 if it holds none), over
+    which it ends the lease when it closes the session (``end_own_lease``)."""
     now = time.time()
     record = LeaseRecord(HELD, invocation_id=invocation_id, expires_at=now + lease_seconds)
+    blob = client.bucket(bucket).blob(key)
     try:
-        write_lease(client.bucket(bucket).blob(key), record, generation=0)
-        return Claim.CLAIMED
+        write_lease(blob, record, generation=0)
+        return Claim.CLAIMED, blob.generation or 0
     except gexc.PreconditionFailed:
         pass
     held = client.bucket(bucket).get_blob(key)
     if held is None:  # removed between our two calls: only a sweep or a lifecycle rule removes leases
-        return Claim.ENDED
+        return Claim.ENDED, 0
     lease = read_lease(held)
     if lease.ended:
         _log.info("lease gs://%s/%s: the session already ended (%s): this delivery is late and does not run",
                   bucket, key, lease.reason)
-        return Claim.ENDED
+        return Claim.ENDED, 0
     if lease.invocation_id == invocation_id:
-        return Claim.CLAIMED  # a retried upload whose first attempt landed: that lease is ours
+        return Claim.CLAIMED, held.generation or 0  # a retried upload whose first attempt landed: ours
     if lease.expires_at > now:
         _log.info("lease gs://%s/%s is held by invocation %s: this delivery is a duplicate and does not run",
                   bucket, key, lease.invocation_id)
-        return Claim.HELD
+        return Claim.HELD, 0
     try:
         write_lease(held, record, generation=held.generation)
     except gexc.PreconditionFailed:
-        return Claim.HELD  # another retry took the stale lease first (or the orchestrator ended it)
+        return Claim.HELD, 0  # another retry took the stale lease first (or the orchestrator ended it)
     _log.warning("lease gs://%s/%s of invocation %s expired; invocation %s takes the session over",
                  bucket, key, lease.invocation_id, invocation_id)
-    return Claim.CLAIMED
+    return Claim.CLAIMED, held.generation or 0
+
+
+def end_own_lease(
+    client: storage.Client, bucket: str, key: str, invocation_id: str, generation: int, *, start_window: float
+) -> bool:
+    """End the session in the lease this invocation holds (``generation``, as it claimed it), as it closes the
+    session: the tombstone a late delivery finds, written here so that the orchestrator need not write it.
+    False when the lease changed since the claim (the orchestrator ended the session, or a retry took it
+    over: then it is not ours to end) or GCS could not be reached within the retry budget; the orchestrator
+    then ends it as before."""
+    record = tombstone("the function closed the session", start_window, invocation_id)
+    try:
+        _write_if_unchanged(client.bucket(bucket).blob(key), record, generation)
+        return True
+    except gexc.PreconditionFailed:
+        return False
+    except (gexc.GoogleAPIError, *TRANSIENT_ERRORS) as exc:
+        _log.warning("could not end the lease gs://%s/%s (%r): the orchestrator ends it", bucket, key, exc)
+        return False
+
+
+@transient_retry(max_seconds=10.0)
+def _write_if_unchanged(blob: storage.Blob, record: LeaseRecord, generation: int) -> None:
+    write_lease(blob, record, generation)
 
 
 def why_stop(client: storage.Client, bucket: str, key: str, invocation_id: str) -> str | None:

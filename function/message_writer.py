@@ -26,7 +26,7 @@ from google.cloud import pubsub_v1
 
 from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore
 from dagster_gcf_pipes.shared.layout import reply_key
-from dagster_gcf_pipes.shared.protocol import Reply, ReplyChannelParams
+from dagster_gcf_pipes.shared.protocol import OWNER_TOKEN_EXTRA, Reply, ReplyChannelParams
 from dagster_gcf_pipes.shared.pubsub import publish
 from dagster_gcf_pipes.shared.signing import sign
 from dagster_gcf_pipes.shared.tracing import carried
@@ -34,9 +34,14 @@ from dagster_gcf_pipes.shared.tracing import carried
 _log = logging.getLogger(__name__)
 
 
-def opened_extras(invocation_id: str, trace_id: str | None) -> dict[str, Any]:
-    """What a writer reports in ``opened``: the invocation that owns the session, and the request's trace."""
-    return {"invocation_id": invocation_id, **({"trace_id": trace_id} if trace_id else {})}
+def opened_extras(invocation_id: str, trace_id: str | None, owner_token: str = "") -> dict[str, Any]:
+    """What a writer reports in ``opened``: the invocation that owns the session, the request's trace, and
+    the trigger's owner token (the orchestrator then accepts the invocation without reading the lease)."""
+    return {
+        "invocation_id": invocation_id,
+        **({"trace_id": trace_id} if trace_id else {}),
+        **({OWNER_TOKEN_EXTRA: owner_token} if owner_token else {}),
+    }
 
 
 class PubSubMessageWriter(PipesMessageWriter["PubSubMessageWriterChannel"]):
@@ -54,11 +59,13 @@ class PubSubMessageWriter(PipesMessageWriter["PubSubMessageWriterChannel"]):
         self._blob_store_factory = blob_store_factory
         self._signing_secret = signing_secret
         self.invocation_id = invocation_id or uuid.uuid4().hex
+        self._trace_id = trace_id
         self._opened_extras = opened_extras(self.invocation_id, trace_id)
 
     @contextmanager
     def open(self, params: PipesParams) -> Iterator[PubSubMessageWriterChannel]:
         settings = ReplyChannelParams.from_params(params)
+        self._opened_extras = opened_extras(self.invocation_id, self._trace_id, settings.owner_token)
         channel = PubSubMessageWriterChannel(
             publisher=self._publisher,
             blob_store=self._blob_store_factory(settings.bucket),

@@ -20,13 +20,14 @@ from typing import Any
 
 from dagster_pipes import PipesMessageWriter
 from google.api_core import exceptions as gexc
+from google.cloud import storage
 
 from dagster_gcf_pipes.function import clients
 from dagster_gcf_pipes.function.cancellation import Cancellation, deadline_margin, watch_session
 from dagster_gcf_pipes.function.context import CloudFunctionPipesContext, ContextUnloadable, SessionCancelled
 from dagster_gcf_pipes.function.context_loader import PipesInlineOrGCSContextLoader
 from dagster_gcf_pipes.function.gcs_chunk_writer import GCSChunkMessageWriter
-from dagster_gcf_pipes.function.lease import Claim, claim_lease, ended_session_of_claim, why_stop
+from dagster_gcf_pipes.function.lease import Claim, end_own_lease, ended_session_of_claim, take_lease, why_stop
 from dagster_gcf_pipes.function.logs import current_trace
 from dagster_gcf_pipes.function.message_writer import PubSubMessageWriter
 from dagster_gcf_pipes.function.stdio import capture_output
@@ -163,7 +164,7 @@ def _run_session(
     gcs = clients.storage_client()
     key = lease_key(settings.prefix, trigger.session_id)
     try:
-        claim = claim_lease(gcs, settings.bucket, key, invocation_id, settings.lease_seconds)
+        claim, generation = take_lease(gcs, settings.bucket, key, invocation_id, settings.lease_seconds)
     except PERMANENT_GCS_ERRORS as exc:  # no such bucket (or no valid name): no redelivery creates it
         problem = ProtocolError(
             f"session {trigger.session_id}: its lease gs://{settings.bucket}/{key} cannot be written ({exc.code} "
@@ -188,7 +189,10 @@ def _run_session(
     try:
         with (
             handler_span(trigger.session_id),  # the session's replies and the user's spans nest under it
-            CloudFunctionPipesContext(read.params, PipesInlineOrGCSContextLoader(gcs), writer, cancellation) as pipes,
+            CloudFunctionPipesContext(
+                read.params, PipesInlineOrGCSContextLoader(gcs), writer, cancellation,
+                end_lease=_lease_ender(gcs, settings, key, invocation_id, generation),
+            ) as pipes,
             watch_session(
                 functools.partial(why_stop, gcs, settings.bucket, key, invocation_id),
                 cancellation,
@@ -214,6 +218,18 @@ def _run_session(
             _log.exception("session %s: the handler raised; reported to Dagster", trigger.session_id)
         return SessionOutcome(trigger.session_id, invocation_id, ran=True, error=exc)
     return SessionOutcome(trigger.session_id, invocation_id, ran=True)
+
+
+def _lease_ender(
+    gcs: storage.Client, settings: ReplyChannelParams, key: str, invocation_id: str, generation: int
+) -> Callable[[], bool] | None:
+    """How the session's context ends the lease as it closes the session, if it may: only on the Pub/Sub
+    channel with a start window to keep the tombstone for (the earlier design's orchestrator ends it)."""
+    if settings.channel == REPLY_CHANNEL_GCS or settings.start_window is None or not generation:
+        return None
+    return functools.partial(
+        end_own_lease, gcs, settings.bucket, key, invocation_id, generation, start_window=settings.start_window
+    )
 
 
 def _deadline(settings: ReplyChannelParams, arrived: float) -> float | None:

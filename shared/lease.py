@@ -1,8 +1,9 @@
 """The session lease object ``PREFIX/leases/SESSION``, which both sides read and write.
 
 Its life: the first delivery of the trigger creates it **held** (``if_generation_match=0``) and runs the
-session; when the session ends, the orchestrator rewrites it **ended** (with a generation precondition, or
-creates it ended if no function ever claimed it). An ended lease is the session's tombstone: a later
+session; when the session ends, it is rewritten **ended** with a generation precondition: by the function
+itself as it closes the session (over the generation it claimed, before it sends ``closed``, which then says
+so), or else by the orchestrator (which creates it ended if no function ever claimed it). An ended lease is the session's tombstone: a later
 delivery of the same trigger cannot claim it, so it never runs, and the function polls it to learn that
 the session was cancelled or abandoned. The tombstone is kept ``keep_seconds`` after it was written (the
 trigger's start window plus a margin: after that the trigger's start window refuses every late delivery of
@@ -21,12 +22,18 @@ from dataclasses import asdict, dataclass
 
 from google.cloud import storage
 
+from dagster_gcf_pipes.shared.protocol import CLOCK_SKEW_ALLOWANCE_SECONDS
 from dagster_gcf_pipes.shared.retry import transient_retry
 
 HELD = "held"
 ENDED = "ended"
 
 _FIELD = "dagster_pipes_lease_"
+
+#: how long past the start window a tombstone is kept: the trigger's own deadline with its skew allowance,
+#: for an orchestrator clock off either way, and a minute for a function's clock against Pub/Sub's
+#: publishTime and a delivery in flight when the window closes
+TOMBSTONE_MARGIN_SECONDS = 2 * CLOCK_SKEW_ALLOWANCE_SECONDS + 60.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,12 @@ class LeaseRecord:
             reason=values.get("reason", ""),
             keep_seconds=_seconds(values, "keep_seconds"),
         )
+
+
+def tombstone(reason: str, start_window: float, invocation_id: str = "") -> LeaseRecord:
+    """The ended record of a session whose trigger had ``start_window`` seconds to start it."""
+    return LeaseRecord(ENDED, invocation_id=invocation_id, reason=reason,
+                       keep_seconds=start_window + TOMBSTONE_MARGIN_SECONDS)
 
 
 class MalformedLease(ValueError):

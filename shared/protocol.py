@@ -48,6 +48,13 @@ DEFAULT_INLINE_THRESHOLD = 1_000_000
 CLOCK_SKEW_ALLOWANCE_SECONDS = 600.0
 
 
+#: the key of ``opened``'s extras that echoes the trigger's ``owner_token``
+OWNER_TOKEN_EXTRA = "owner_token"
+#: the key of ``closed``'s params that is true when the function ended its own lease before sending it (so
+#: the orchestrator need not write the session's tombstone)
+LEASE_ENDED_PARAM = "lease_ended"
+
+
 class Attr:
     """Attribute names on every message of the protocol."""
 
@@ -255,6 +262,10 @@ class ReplyChannelParams:
     #: trigger's own deadline, which a re-publish of the same bytes (a fresh ``publishTime``) cannot move;
     #: checked with ``CLOCK_SKEW_ALLOWANCE_SECONDS`` of slack. None in triggers of earlier releases
     issued_at: float | None = None
+    #: a random token of this session (32 hex digits), which the function echoes in ``opened``
+    #: (``extras[OWNER_TOKEN_EXTRA]``): the orchestrator then accepts the invocation as the session's owner
+    #: without reading the lease. "" from an orchestrator of an earlier release
+    owner_token: str = ""
 
     @classmethod
     def from_params(cls, params: Any) -> ReplyChannelParams:

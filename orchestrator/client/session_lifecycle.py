@@ -10,6 +10,7 @@ its subscription, record it released). The steps of dagster-aws's ``PipesBaseCli
 from __future__ import annotations
 
 import functools
+import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -62,6 +63,7 @@ from dagster_gcf_pipes.shared.claim_check import ClaimCheck, GCSBlobStore
 from dagster_gcf_pipes.shared.layout import chunks_prefix, context_key, trigger_key
 from dagster_gcf_pipes.shared.lease import read_lease
 from dagster_gcf_pipes.shared.protocol import (
+    LEASE_ENDED_PARAM,
     REPLY_CHANNEL_GCS,
     REPLY_CHANNEL_PUBSUB,
     ReplyChannelParams,
@@ -361,14 +363,18 @@ class SessionLifecycle:
         finally:
             reason = f"{ended_because}; the orchestrator stopped listening"
             known = reader.lease_read if isinstance(reader, PipesPubSubMessageReader) else None
+            # the function ended its lease before it sent `closed` (the tombstone is written)
+            ended_by_function = (reader.closed_params or {}).get(LEASE_ENDED_PARAM) is True
             if demux is not None and journal is not None:
                 # a fan-out group's replies are kept until the group ends: a later attempt may replay them
-                self.end_lease(resolved.gcs, session_id, reason, known)
+                if not ended_by_function:
+                    self.end_lease(resolved.gcs, session_id, reason, known)
                 if run.fan_out is not None:
                     run.fan_out.ended.add(session_id)
             else:
                 # durable: a late or duplicate delivery of the trigger finds the session ended and does not run
-                self.end(resolved.gcs, session_id, reason, known)
+                # (ended by the function: the lease is read for GCS's clock, which the sweep goes by)
+                self.end(resolved.gcs, session_id, reason, None if ended_by_function else known)
             if journal is not None and demux is None and isinstance(reader, PipesPubSubMessageReader):
                 journal.released(reader.subscription_paths, [session_id])
             if subscriber is not None:
@@ -493,6 +499,7 @@ class SessionLifecycle:
             signed=bool(self.settings.signing_secret),
             # with start_window, the trigger's own deadline: a re-publish (a fresh publishTime) cannot move it
             issued_at=time.time(),
+            owner_token=secrets.token_hex(16),
         )
 
     def _cancel(

@@ -37,16 +37,19 @@ from google.cloud import storage
 
 from dagster_gcf_pipes.shared.claim_check import GCSBlobStore
 from dagster_gcf_pipes.shared.layout import group_prefix, lease_key, leases_prefix, session_prefix
-from dagster_gcf_pipes.shared.lease import ENDED, LeaseRecord, MalformedLease, fetch_lease, read_lease, write_lease
+from dagster_gcf_pipes.shared.lease import (
+    LeaseRecord,
+    MalformedLease,
+    fetch_lease,
+    read_lease,
+    tombstone,
+    write_lease,
+)
 from dagster_gcf_pipes.shared.protocol import CLOCK_SKEW_ALLOWANCE_SECONDS
 from dagster_gcf_pipes.shared.retry import TRANSIENT_ERRORS, transient_retry
 
 _log = logging.getLogger(__name__)
 
-#: how long past the start window a tombstone is kept: the trigger's own deadline with its skew allowance,
-#: for an orchestrator clock off either way, and a minute for a function's clock against Pub/Sub's
-#: publishTime and a delivery in flight when the window closes
-TOMBSTONE_MARGIN_SECONDS = 2 * CLOCK_SKEW_ALLOWANCE_SECONDS + 60.0
 SWEEP_INTERVAL_SECONDS = 60.0
 #: a claim landing between our read and our write is retried; more than a few in a row cannot happen
 _END_ATTEMPTS = 5
@@ -68,7 +71,7 @@ def end_lease(
     ``known``: the lease as this process last read it; the tombstone is first written over that generation
     without reading the lease again (one request instead of two when the lease did not change since)."""
     blob = gcs.bucket(bucket).blob(lease_key(prefix, session_id))
-    record = LeaseRecord(ENDED, reason=reason, keep_seconds=start_window + TOMBSTONE_MARGIN_SECONDS)
+    record = tombstone(reason, start_window)
     for attempt in range(_END_ATTEMPTS):
         held = known if attempt == 0 and known is not None else gcs.bucket(bucket).get_blob(blob.name)
         if held is None:

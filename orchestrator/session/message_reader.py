@@ -22,6 +22,7 @@ which may be a tombstone swept by then.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import sys
 import threading
@@ -48,6 +49,7 @@ from dagster_gcf_pipes.shared.claim_check import ClaimCheck
 from dagster_gcf_pipes.shared.layout import lease_key, session_prefix
 from dagster_gcf_pipes.shared.lease import fetch_lease, read_lease
 from dagster_gcf_pipes.shared.protocol import (
+    OWNER_TOKEN_EXTRA,
     Attr,
     ProtocolError,
     Reply,
@@ -80,6 +82,14 @@ def decode_reply(
             "the function must have the orchestrator's signing secret"
         )
     return Reply.decode(body, attributes)
+
+
+def _opened_extras(reply: Reply) -> Mapping[str, Any]:
+    """The extras of the ``opened`` that starts this batch 0 (empty if it does not start with one)."""
+    first = reply.messages[0] if reply.messages else {}
+    params = first.get("params") if first.get("method") == "opened" else None
+    extras = params.get("extras") if isinstance(params, Mapping) else None
+    return extras if isinstance(extras, Mapping) else {}
 
 
 def _seq_of(attributes: Mapping[str, str]) -> int | None:
@@ -267,9 +277,10 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
         reply = decode_reply(
             message.data, attributes, self._claim_check, self._signing_secret, bucket=params.bucket, prefix=params.prefix
         )
-        if reply.seq == 0 and not self.opened and not self._may_open(reply.invocation_id):
+        if reply.seq == 0 and not self.opened and not self._may_open(reply):
             raise ProtocolError(
-                f"'opened' of invocation {reply.invocation_id}, which does not hold the session lease "
+                f"'opened' of invocation {reply.invocation_id}, which neither echoes the trigger's owner token nor "
+                "holds the session lease "
                 f"gs://{params.bucket}/{lease_key(params.prefix, self.session_id)}: not from the function that "
                 "claimed the trigger (forged, or a stray publisher on the reply topic); ignored"
             )
@@ -284,8 +295,18 @@ class PipesPubSubMessageReader(SessionWaiter, PipesMessageReader):
                 self._hand_to_dagster(pipes_message)
             self._cond.notify_all()
 
-    def _may_open(self, invocation_id: str) -> bool:
-        return invocation_id == self._known_invocation or self._holds_lease(invocation_id)
+    def _may_open(self, reply: Reply) -> bool:
+        """Whether the invocation of this batch 0 may own the session: the one the earlier attempts recorded,
+        or one whose ``opened`` echoes the trigger's owner token (which only the trigger carried), or else
+        (a function of an earlier release; a re-attached reader, which holds a token of its own) one the
+        session lease names."""
+        if reply.invocation_id == self._known_invocation:
+            return True
+        token = _opened_extras(reply).get(OWNER_TOKEN_EXTRA)
+        expected = self._channel_params.owner_token
+        if isinstance(token, str) and expected and hmac.compare_digest(token.encode(), expected.encode()):
+            return True
+        return self._holds_lease(reply.invocation_id)
 
     def _holds_lease(self, invocation_id: str) -> bool:
         """Whether the session lease names ``invocation_id``: a function claims it before sending ``opened``,

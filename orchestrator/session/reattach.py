@@ -48,10 +48,9 @@ from dagster._core.events.log import EventLogEntry
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1, storage
 
-from dagster_gcf_pipes.orchestrator.session.end import TOMBSTONE_MARGIN_SECONDS
 from dagster_gcf_pipes.orchestrator.session.group_commit import GroupCommit
 from dagster_gcf_pipes.shared.layout import lease_key
-from dagster_gcf_pipes.shared.lease import ENDED, LeaseRecord, read_lease, write_lease
+from dagster_gcf_pipes.shared.lease import read_lease, tombstone, write_lease
 from dagster_gcf_pipes.shared.retry import transient_retry
 
 #: the metadata entry that marks this module's engine events; its value is the record's kind
@@ -443,8 +442,7 @@ def probe(
     blob = gcs.bucket(bucket).blob(lease_key(prefix, record.session_id))
     held = gcs.bucket(bucket).get_blob(blob.name)
     if held is None:
-        ended = LeaseRecord(ENDED, reason=NEVER_STARTED,
-                            keep_seconds=start_window + TOMBSTONE_MARGIN_SECONDS)
+        ended = tombstone(NEVER_STARTED, start_window)
         try:
             write_lease(blob, ended, generation=0)
         except gexc.PreconditionFailed:

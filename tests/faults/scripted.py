@@ -30,8 +30,8 @@ def pipes_message(method: str, params: Mapping[str, Any] | None = None) -> dict[
     return {PIPES_PROTOCOL_VERSION_FIELD: PIPES_PROTOCOL_VERSION, "method": method, "params": params}
 
 
-def opened() -> dict[str, Any]:
-    return pipes_message("opened", {"extras": {}})
+def opened(owner_token: str | None = None) -> dict[str, Any]:
+    return pipes_message("opened", {"extras": {"owner_token": owner_token} if owner_token is not None else {}})
 
 
 def log(text: str) -> dict[str, Any]:

@@ -85,14 +85,20 @@ def test_a_claim_check_object_over_the_cap_is_refused_before_download(stack, scr
     assert session_objects(stack.project) == []
 
 
-def test_a_forged_opened_does_not_hijack_the_session(stack, scripted):
-    """A forger who learned the session id sends ``opened`` before the function starts. Without the lease it
-    holds no claim on the session: its ``opened`` is ignored and its later batches are fenced off, named as what
-    they may be (forged), not as a duplicate execution."""
+@pytest.mark.parametrize("by_token", [False, True], ids=["the-lease-names-the-owner", "the-owner-token-echoed"])
+def test_a_forged_opened_does_not_hijack_the_session(stack, scripted, by_token: bool):
+    """A forger who learned the session id sends ``opened`` before the function starts, without the trigger's
+    owner token (a guess, or none) and without the lease: its ``opened`` is ignored and its later batches are
+    fenced off, named as what they may be (forged), not as a duplicate execution. The real function's
+    ``opened`` is accepted because the lease names it (a function of an earlier release, which sends no token),
+    or because it echoes the trigger's token (the real function then claims no lease: no lease read)."""
     f, run = scripted()
-    forged_opened = f.raw(dumps([opened(), log("hijacked")], "batch"), Reply(f.params.session_id, "forger", 0).attributes())
+    assert len(f.params.owner_token) == 32
+    forged = opened(owner_token="0" * 32) if by_token else opened()
+    forged_opened = f.raw(dumps([forged, log("hijacked")], "batch"), Reply(f.params.session_id, "forger", 0).attributes())
     f.batch("forger", 1, [materialization(f.asset_key, who="forger"), closed()])
-    f.batch("real", 0, [opened(), log("the function's line")])  # claims the lease first, as the function does
+    real = opened(owner_token=f.params.owner_token) if by_token else opened()
+    f.batch("real", 0, [real, log("the function's line")], lease=not by_token)  # claims the lease first, if not by token
     f.batch("real", 1, [materialization(f.asset_key, who="real"), closed()])
 
     outcome = finished(run)
@@ -100,7 +106,7 @@ def test_a_forged_opened_does_not_hijack_the_session(stack, scripted):
     assert outcome.metadata["who"] == "real"
     assert "hijacked" not in outcome.log_messages and "the function's line" in outcome.log_messages
     (ignored,) = dropped(outcome, forged_opened)
-    assert "'opened' of invocation forger, which does not hold the session lease" in ignored
+    assert "'opened' of invocation forger, which neither echoes the trigger's owner token nor holds the session lease" in ignored
     (fenced,) = [m for m in outcome.log_messages if "dropping replies of invocation forger" in m]
     assert "forged by someone who can publish to the reply topic" in fenced and "duplicate execution" not in fenced
     assert session_objects(stack.project) == []

@@ -20,6 +20,7 @@ from google.cloud import pubsub_v1, storage
 from dagster_gcf_pipes.orchestrator.client import session_lifecycle
 from dagster_gcf_pipes.orchestrator.session import end
 from dagster_gcf_pipes.shared.claim_check import GCSBlobStore
+from dagster_gcf_pipes.shared.lease import TOMBSTONE_MARGIN_SECONDS
 from dagster_gcf_pipes.shared.protocol import CLOCK_SKEW_ALLOWANCE_SECONDS, Attr
 from tests.conftest import PAYLOAD_BUCKET, TEST_TOPIC
 from tests.faults.test_session_end import deliver_by_pull, handler_runs, tombstone
@@ -77,7 +78,7 @@ def test_the_exact_trigger_republished_after_its_tombstone_was_swept_does_not_ru
         assert ended is not None and tombstone(stack.project, session_id, prefix).ended
 
         monkeypatch.setattr(end, "_last_sweep", {})  # this process swept the prefix at the run's teardown
-        past_its_time = ended.updated + timedelta(seconds=WINDOW + end.TOMBSTONE_MARGIN_SECONDS + 1)
+        past_its_time = ended.updated + timedelta(seconds=WINDOW + TOMBSTONE_MARGIN_SECONDS + 1)
         assert end.sweep_tombstones(gcs, PAYLOAD_BUCKET, prefix, server_now=past_its_time) == 1
         assert tombstone(stack.project, session_id, prefix) is None
 

@@ -17,7 +17,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1, storage
 
 from dagster_gcf_pipes.function import session as session_module
-from dagster_gcf_pipes.function.lease import claim_lease
+from dagster_gcf_pipes.function.lease import take_lease
 from dagster_gcf_pipes.function.session import SessionOutcome, run_session
 from dagster_gcf_pipes.orchestrator.client import session_lifecycle
 from dagster_gcf_pipes.orchestrator.session.end import end_lease
@@ -173,6 +173,11 @@ def test_the_exact_trigger_republished_after_a_normal_finish_neither_runs_nor_le
     (trigger,) = [r.message for r in response.received_messages]
     assert (trigger.attributes[Attr.BODY] == "claim") is claim_checked
 
+    # the function ended its own lease as it closed the session, and the orchestrator left that tombstone be
+    ended = tombstone(stack.project, session_of(trigger))
+    assert ended is not None and ended.reason == "the function closed the session", ended
+    assert ended.invocation_id == outcome.metadata["pipes_invocation_id"]
+
     deliver_by_push(stack, trigger)
     assert not deliver_by_pull(trigger).ran
     assert handler_runs(stack.project, token) == 1
@@ -298,11 +303,11 @@ def test_a_session_ended_between_the_claim_and_the_handler_never_calls_the_handl
     h = FunctionHarness(stack, {"token": token})
 
     def claim_then_end(gcs, bucket, key, invocation_id, lease_seconds):
-        claim = claim_lease(gcs, bucket, key, invocation_id, lease_seconds)
+        claimed = take_lease(gcs, bucket, key, invocation_id, lease_seconds)
         end_lease(gcs, bucket, "harness", h.session_id, start_window=60.0, reason="the Dagster run was terminated")
-        return claim
+        return claimed
 
-    monkeypatch.setattr(session_module, "claim_lease", claim_then_end)
+    monkeypatch.setattr(session_module, "take_lease", claim_then_end)
     try:
         outcome = scenario_function(h.cloud_event())
         closed = h.read_until_closed()[-1]
@@ -311,3 +316,5 @@ def test_a_session_ended_between_the_claim_and_the_handler_never_calls_the_handl
     assert not outcome.ran and "the Dagster run was terminated" in str(outcome.error)
     assert handler_runs(stack.project, token) == 0
     assert "SessionCancelled" in closed["params"]["exception"]["message"]
+    # the lease is not the function's to end any more (the orchestrator ended it): `closed` does not say it did
+    assert "lease_ended" not in closed["params"]
