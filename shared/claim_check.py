@@ -13,7 +13,7 @@ pointer must stay inside its own session's folder), and no object above ``MAX_CL
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -88,14 +88,26 @@ class GCSBlobStore:
 
     @transient_retry()
     def delete_prefix(self, prefix: str) -> int:
-        """Delete every object under ``prefix``; returns how many were deleted."""
-        blobs = list(self.client.list_blobs(self.bucket, prefix=prefix))
-        for blob in blobs:
+        """Delete every object under ``prefix``, a page of the listing at a time; returns how many."""
+        deleted = 0
+        for blob in list_objects(self.client, self.bucket, prefix):
             try:
                 blob.delete()
             except gexc.NotFound:
                 pass
-        return len(blobs)
+            deleted += 1
+        return deleted
+
+
+#: the most objects a page of a listing holds: Cloud Storage's own limit ("maxResults ... or 1,000 items,
+#: whichever is smaller", https://cloud.google.com/storage/docs/json_api/v1/objects/list), asked for
+#: explicitly, since fake-gcs-server answers a listing without maxResults in one page of every object
+LIST_PAGE_SIZE = 1000
+
+
+def list_objects(client: storage.Client, bucket: str, prefix: str) -> Iterator[storage.Blob]:
+    """The objects under ``prefix``, fetched a page of ``LIST_PAGE_SIZE`` at a time (never all at once)."""
+    return iter(client.list_blobs(bucket, prefix=prefix, page_size=LIST_PAGE_SIZE))
 
 
 def validate_threshold(threshold: int) -> int:

@@ -33,6 +33,7 @@ from google.cloud import storage
 
 from dagster_gcf_pipes.orchestrator.diagnostics.errors import PipesPubSubConfigError
 from dagster_gcf_pipes.orchestrator.modes.detached_progress import SessionProgress
+from dagster_gcf_pipes.shared.claim_check import list_objects
 from dagster_gcf_pipes.shared.retry import transient_retry
 
 _SESSION_KEY = "pipes-detached-session"
@@ -136,7 +137,7 @@ class DetachedRegistry:
     def pending(self, warn: Callable[[str], None]) -> dict[str, RegistryEntry]:
         """Every pending session; an entry that does not parse is reported through ``warn`` and left alone."""
         entries = {}
-        for blob in self.gcs.list_blobs(self.bucket, prefix=self.prefix):
+        for blob in list_objects(self.gcs, self.bucket, self.prefix):
             metadata: Mapping[str, Any] = blob.metadata or {}
             try:
                 session = PendingSession.from_json(metadata[_SESSION_KEY])

@@ -35,7 +35,7 @@ from datetime import datetime
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
-from dagster_gcf_pipes.shared.claim_check import GCSBlobStore
+from dagster_gcf_pipes.shared.claim_check import GCSBlobStore, list_objects
 from dagster_gcf_pipes.shared.layout import group_prefix, lease_key, leases_prefix, session_prefix
 from dagster_gcf_pipes.shared.lease import (
     LeaseRecord,
@@ -159,7 +159,7 @@ def sweep_tombstones(gcs: storage.Client, bucket: str, prefix: str, *, server_no
             return 0
         _last_sweep[(bucket, prefix)] = time.monotonic()
     swept = 0
-    for blob in gcs.list_blobs(bucket, prefix=leases_prefix(prefix)):
+    for blob in list_objects(gcs, bucket, leases_prefix(prefix)):
         lease = _listed_lease(bucket, blob)
         if lease is not None and lease.ended and (server_now - blob.updated).total_seconds() > lease.keep_seconds:
             try:
