@@ -15,6 +15,7 @@ import subprocess
 import signal
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,12 @@ from tests.conformance.implementations import PROBED, Implementation
 from tests.conftest import PAYLOAD_BUCKET, REPLY_TOPIC
 from tests.faults.cancel_run import interrupt_run
 from tests.integration.helpers import session_objects, session_subscriptions
-from tests.integration.test_protocol_conformance_python import Spy
+from tests.integration.test_protocol_conformance_python import Spy, check_lease, check_replies, complete, of_session
+from tests.unit.test_protocol_schemas import decode_param, strict_json
 
+PREFIX = "dagster-pipes"
+#: the reason of the tombstone a function writes as it closes its session (docs/protocol.md 9.4)
+CLOSED_BY_THE_FUNCTION = "the function closed the session"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
           "critical": logging.CRITICAL}
 
@@ -41,6 +46,14 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 def assert_nothing_left(stack: LocalStack) -> None:
     assert session_subscriptions(stack.project) == []
     assert session_objects(stack.project) == []
+
+
+def tombstone_reason(stack: LocalStack, session_id: str) -> str:
+    blob = storage.Client(project=stack.project).bucket(PAYLOAD_BUCKET).get_blob(lease_key(PREFIX, session_id))
+    assert blob is not None, f"no lease for session {session_id}"
+    lease = read_lease(blob)
+    assert lease.ended, lease
+    return lease.reason
 
 
 def materializations(outcome: Any) -> dict[str, Any]:
@@ -194,12 +207,65 @@ def test_a_trigger_delivered_twice_runs_the_handler_once_and_never_after_the_end
     assert kit.handler_runs(payload["token"]) == 1
     assert len(outcome.result.get_asset_materialization_events()) == 1
     lease = read_lease(storage.Client(project=kit.stack.project).bucket(PAYLOAD_BUCKET).get_blob(
-        lease_key("dagster-pipes", session_id)))
+        lease_key(PREFIX, session_id)))
     assert lease.ended  # the tombstone that refused the late delivery
     assert_nothing_left(kit.stack)
 
 
 # ---------------------------------------------------------------------------------------------- the end of a session
+
+
+@dataclass(frozen=True)
+class Captured:
+    """One session as the wire and the bucket saw it."""
+
+    #: the trigger's DAGSTER_PIPES_MESSAGES, decoded
+    channel_params: dict[str, Any]
+    #: the function's Pipes messages, in order (every reply checked against the schemas)
+    messages: list[dict[str, Any]]
+    #: the lease's record after the run (checked against the schemas)
+    lease: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def captured(kit: Kit) -> Captured:
+    """One session of the ``logs`` case captured on the trigger and reply topics, and its lease read after the
+    run: what the scenarios on the session's owner and its end read."""
+    triggers, replies = Spy(kit.stack, kit.topic), Spy(kit.stack, REPLY_TOPIC)
+    try:
+        outcome = kit.run(kit.payload("logs", tag="kit-end"))
+        (trigger,) = triggers.pull_until(lambda m: len(m) >= 1)
+        session_id = trigger.attributes[Attr.SESSION]
+        sent = replies.pull_until(lambda m: complete(of_session(m, session_id), None))
+    finally:
+        triggers.close()
+        replies.close()
+    assert outcome.result.success, outcome.failure_message
+    assert trigger.attributes[Attr.BODY] == "inline"
+    return Captured(
+        decode_param(strict_json(trigger.data)["DAGSTER_PIPES_MESSAGES"]),
+        check_replies(of_session(sent, session_id), None, session_id=session_id, prefix=PREFIX, secret=None),
+        check_lease(storage.Client(project=kit.stack.project), PREFIX, session_id, "ended"),
+    )
+
+
+def test_opened_echoes_the_triggers_owner_token(captured: Captured) -> None:
+    """The orchestrator then accepts the invocation as the session's owner without reading the lease."""
+    token = captured.channel_params["owner_token"]
+    assert re.fullmatch(r"[0-9a-f]{32}", token), token
+    opened = captured.messages[0]
+    assert opened["params"]["extras"].get("owner_token") == token, opened
+
+
+def test_the_function_ends_its_own_lease_as_it_closes_and_closed_says_so(captured: Captured) -> None:
+    """The tombstone is the function's (its invocation, its reason), written over the generation it claimed,
+    and ``closed`` says so: the orchestrator leaves it be."""
+    opened, closed = captured.messages[0], captured.messages[-1]
+    assert closed["params"].get("lease_ended") is True, closed
+    assert captured.lease["reason"] == CLOSED_BY_THE_FUNCTION, captured.lease
+    assert captured.lease["invocation_id"] == opened["params"]["extras"]["invocation_id"]
+    assert captured.lease["keep_seconds"] == pytest.approx(captured.channel_params["start_window"] + 1260)
+
 
 
 def test_a_terminated_run_cancels_the_function_which_sees_it(kit: Kit) -> None:
@@ -212,6 +278,10 @@ def test_a_terminated_run_cancels_the_function_which_sees_it(kit: Kit) -> None:
     assert any("asked the function to cancel session" in m for m in report["logs"]), report["logs"]
     assert any("closed after cancellation" in m for m in report["logs"]), report["logs"]
     assert kit.handler_runs(payload["token"]) == 1
+    # the orchestrator ended the lease to cancel the session: the function's own end, over the generation it
+    # claimed, was refused (412), and the orchestrator's reason stands
+    (asked,) = [m for m in report["logs"] if "asked the function to cancel session" in m]
+    assert tombstone_reason(kit.stack, asked.rsplit(" ", 1)[-1]) != CLOSED_BY_THE_FUNCTION
     assert_nothing_left(kit.stack)
 
 
@@ -233,6 +303,9 @@ def test_the_function_timeout_closes_the_session_and_nothing_after_reaches_the_s
         assert str(kit.implementation.handler_file) not in error, error  # the declared gap: no stack
     assert "kit-timeout after the end" not in outcome.log_messages  # written after `closed`: dropped
     assert len(outcome.result.get_asset_materialization_events()) == 0
+    # closed at the deadline, the session's lease was ended by the function as at any close
+    session_id = re.search(r"session ([0-9a-f]{32}): the handler was still running", error).group(1)  # type: ignore[union-attr]
+    assert tombstone_reason(kit.stack, session_id) == CLOSED_BY_THE_FUNCTION
     assert_nothing_left(kit.stack)
 
 
@@ -248,7 +321,7 @@ def test_a_killed_function_stops_heartbeating_and_the_step_fails_naming_it(own_k
             run = pool.submit(own_kit.run, payload, client=client)
             own_kit.wait_for_mark("started", payload["token"])
             (trigger,) = spy.pull_until(lambda m: len(m) >= 1)
-            lease = lease_key("dagster-pipes", trigger.attributes[Attr.SESSION])
+            lease = lease_key(PREFIX, trigger.attributes[Attr.SESSION])
             time.sleep(0.6)  # a heartbeat through: the function is known alive
             held = read_lease(bucket.get_blob(lease))
             killed_at = time.monotonic()
