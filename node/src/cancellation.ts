@@ -63,11 +63,13 @@ export interface WatchOptions {
   interval: number;
   /** `monotonic()` seconds, or null for no deadline */
   deadline: number | null;
-  onDeadline: () => void;
+  /** awaited: stopping the watch waits for it */
+  onDeadline: () => void | Promise<void>;
 }
 
 /** Check `whyStop()` now, then every `interval` seconds until the returned stop function is called or the
- * session is cancelled; call `onDeadline()` once at `deadline` if the watch lasts that long. */
+ * session is cancelled; call `onDeadline()` once at `deadline` if the watch lasts that long (no check after
+ * it; the stop function waits for it to finish). */
 export async function watchSession(
   whyStop: () => Promise<string | null>,
   cancellation: Cancellation,
@@ -90,7 +92,7 @@ export async function watchSession(
     if (stopped) return;
     if (deadline !== null && monotonic() >= deadline) {
       try {
-        options.onDeadline();
+        await options.onDeadline();
       } catch (error) {
         log.warning('cancellation', `closing the session at the function's deadline failed: ${String(error)}`);
       }

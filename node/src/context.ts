@@ -9,6 +9,7 @@ import {format} from 'node:util';
 
 import {Cancellation} from './cancellation';
 import {PipesMessage} from './messageWriter';
+import {LEASE_ENDED_PARAM} from './protocol';
 import {PyFloat} from './pyjson';
 
 export const PIPES_PROTOCOL_VERSION = '0.1';
@@ -207,15 +208,19 @@ export class PipesContext {
   private readonly data: PipesContextData;
   private readonly sink: MessageSink;
   private readonly cancellation: Cancellation;
+  private readonly endLease?: () => Promise<boolean>;
   private readonly materialized = new Set<string>();
   private closed = false;
+  private closing: Promise<void> | null = null;
   /** Lines sent to the Dagster step's log. */
   readonly log: PipesLogger;
 
-  constructor(data: PipesContextData, sink: MessageSink, cancellation: Cancellation) {
+  /** `endLease`: ends the session's lease as the session closes, true if it did (see `close`). */
+  constructor(data: PipesContextData, sink: MessageSink, cancellation: Cancellation, endLease?: () => Promise<boolean>) {
     this.data = data;
     this.sink = sink;
     this.cancellation = cancellation;
+    this.endLease = endLease;
     this.log = new PipesLogger((message, level) => this.writeMessage('log', {message, level}));
   }
 
@@ -246,10 +251,19 @@ export class PipesContext {
     this.writeMessage('opened', {extras});
   }
 
-  /** Write `closed`, with the exception that ended the handler if one did; later calls do nothing. */
-  close(exception: PipesException | null = null): void {
-    if (this.closed) return;
-    this.writeMessage('closed', exception ? {exception} : {});
+  /** Write `closed`, with the exception that ended the handler if one did. The session's lease is ended first
+   * (`endLease`, when given) and `closed` says whether it was (`lease_ended`): the orchestrator then need not
+   * write the session's tombstone itself. A later call (the handler's end after the deadline closed the
+   * session) waits for the first and writes nothing. */
+  close(exception: PipesException | null = null): Promise<void> {
+    this.closing ??= this.writeClosed(exception);
+    return this.closing;
+  }
+
+  private async writeClosed(exception: PipesException | null): Promise<void> {
+    const params: Record<string, unknown> = exception ? {exception} : {};
+    if (this.endLease !== undefined && (await this.endLease())) params[LEASE_ENDED_PARAM] = true;
+    this.writeMessage('closed', params);
     this.closed = true;
   }
 

@@ -4,8 +4,10 @@
  * The first execution of a trigger creates it **held** with `ifGenerationMatch=0` (GCS creates it only if
  * it does not exist, atomically) and runs the session; every other execution (a redelivery, a retry while
  * it runs, a duplicate after the end) finds it and does not run. A held lease that expired (its invocation
- * crashed) may be taken over, conditionally on the stale generation. An **ended** lease, the orchestrator's
- * tombstone, is never taken over; the running function polls it to learn it was cancelled.
+ * crashed) may be taken over, conditionally on the stale generation. An **ended** lease, the session's
+ * tombstone, is never taken over; the running function polls it to learn it was cancelled. The invocation
+ * that holds the lease ends it itself as it closes the session, over the generation it claimed
+ * (`endOwnLease`); else the orchestrator ends it.
  *
  * The record is the object's custom metadata; the body repeats it as JSON, and the orchestrator reads the
  * body's `invocation_id` to accept an `opened`: both are written exactly as the Python side writes them.
@@ -15,7 +17,7 @@ import type {File, Storage} from '@google-cloud/storage';
 import {CLAIM, parseGsUrl} from './claimCheck';
 import {leaseKey, triggerKey} from './layout';
 import {log} from './logs';
-import {Attr, Attributes, ProtocolError, requireSessionId} from './protocol';
+import {Attr, Attributes, CLOCK_SKEW_ALLOWANCE_SECONDS, ProtocolError, requireSessionId} from './protocol';
 import {PyFloat, dumps, pyFloatRepr} from './pyjson';
 import {statusOf, withRetry} from './retry';
 
@@ -37,6 +39,19 @@ export interface LeaseRecord {
 
 export function leaseRecord(fields: Partial<LeaseRecord> & {state: string}): LeaseRecord {
   return {invocation_id: '', expires_at: 0, reason: '', keep_seconds: 0, ...fields};
+}
+
+/** How long past the start window a tombstone is kept (shared/lease.py `TOMBSTONE_MARGIN_SECONDS`): the
+ * trigger's own deadline with its skew allowance, for an orchestrator clock off either way, and a minute for
+ * a function's clock against Pub/Sub's publishTime and a delivery in flight when the window closes. */
+export const TOMBSTONE_MARGIN_SECONDS = 2 * CLOCK_SKEW_ALLOWANCE_SECONDS + 60.0;
+
+/** The reason of the tombstone a function writes as it closes its session. */
+export const CLOSED_BY_THE_FUNCTION = 'the function closed the session';
+
+/** The ended record of a session whose trigger had `startWindow` seconds to start it. */
+export function tombstone(reason: string, startWindow: number, invocationId = ''): LeaseRecord {
+  return leaseRecord({state: ENDED, invocation_id: invocationId, reason, keep_seconds: startWindow + TOMBSTONE_MARGIN_SECONDS});
 }
 
 /** The object's custom metadata: each field as Python's `str()` writes it. */
@@ -136,45 +151,84 @@ async function fetchLease(storage: Storage, bucket: string, key: string): Promis
 
 export type Claim = 'claimed' | 'held' | 'ended';
 
+export interface TakenLease {
+  claim: Claim;
+  /** the generation of the lease this invocation now holds (0 if it holds none), over which it ends the lease
+   * as it closes the session (`endOwnLease`) */
+  generation: number;
+}
+
 /** Try to take the session's lease for `invocationId`; transient errors retried. */
-export function claimLease(
+export function takeLease(
   storage: Storage,
   bucket: string,
   key: string,
   invocationId: string,
   leaseSeconds: number,
-): Promise<Claim> {
+): Promise<TakenLease> {
+  const none = (claim: Claim): TakenLease => ({claim, generation: 0});
   return withRetry(`claiming the lease gs://${bucket}/${key}`, async () => {
     const now = Date.now() / 1000;
     const record = leaseRecord({state: HELD, invocation_id: invocationId, expires_at: now + leaseSeconds});
     const file = storage.bucket(bucket).file(key);
     try {
       await writeLease(file, record, 0);
-      return 'claimed';
+      return {claim: 'claimed', generation: generationOf(file)};
     } catch (error) {
       if (statusOf(error) !== 412) throw error;
     }
     const held = await fetchLease(storage, bucket, key);
-    if (held === null) return 'ended'; // removed between our two calls: only a sweep removes leases
+    if (held === null) return none('ended'); // removed between our two calls: only a sweep removes leases
     const lease = held.record;
     if (lease.state !== HELD) {
       log.info('lease', `lease gs://${bucket}/${key}: the session already ended (${lease.reason}): this delivery is late and does not run`);
-      return 'ended';
+      return none('ended');
     }
-    if (lease.invocation_id === invocationId) return 'claimed'; // a retried upload whose first attempt landed
+    if (lease.invocation_id === invocationId) return {claim: 'claimed', generation: held.generation}; // a retried upload whose first attempt landed
     if (lease.expires_at > now) {
       log.info('lease', `lease gs://${bucket}/${key} is held by invocation ${lease.invocation_id}: this delivery is a duplicate and does not run`);
-      return 'held';
+      return none('held');
     }
     try {
       await writeLease(file, record, held.generation);
     } catch (error) {
-      if (statusOf(error) === 412) return 'held'; // another retry took the stale lease first (or it was ended)
+      if (statusOf(error) === 412) return none('held'); // another retry took the stale lease first (or it was ended)
       throw error;
     }
     log.warning('lease', `lease gs://${bucket}/${key} of invocation ${lease.invocation_id} expired; invocation ${invocationId} takes the session over`);
-    return 'claimed';
+    return {claim: 'claimed', generation: generationOf(file)};
   });
+}
+
+/** The generation of the object `file` was last written as (the upload's answer), 0 if unknown. */
+function generationOf(file: File): number {
+  return Number(file.metadata.generation ?? 0) || 0;
+}
+
+/** End the session in the lease this invocation holds (`generation`, as it claimed it), as it closes the
+ * session: the tombstone a late delivery finds, written here so that the orchestrator need not write it.
+ * Transient errors are retried for at most 10 s. False when the lease changed since the claim (412: the
+ * orchestrator ended the session, or a retry took it over; it is not ours to end) or the write failed
+ * otherwise (logged); the orchestrator then ends it as before. */
+export async function endOwnLease(
+  storage: Storage,
+  bucket: string,
+  key: string,
+  invocationId: string,
+  generation: number,
+  startWindow: number,
+): Promise<boolean> {
+  const record = tombstone(CLOSED_BY_THE_FUNCTION, startWindow, invocationId);
+  const file = storage.bucket(bucket).file(key);
+  try {
+    await withRetry(`ending the lease gs://${bucket}/${key}`, () => writeLease(file, record, generation), {maxSeconds: 10});
+    return true;
+  } catch (error) {
+    if (statusOf(error) !== 412) {
+      log.warning('lease', `could not end the lease gs://${bucket}/${key} (${String(error)}): the orchestrator ends it`);
+    }
+    return false;
+  }
 }
 
 /** Why the session `invocationId` runs must stop, or null while the lease is still its own. One metadata GET. */

@@ -15,7 +15,7 @@ import {BlobStore, ClaimCheck} from './claimCheck';
 import {Publisher} from './clients';
 import {replyKey} from './layout';
 import {log} from './logs';
-import {Attributes, ReplyChannelParams, batchBody, replyAttributes} from './protocol';
+import {Attributes, OWNER_TOKEN_EXTRA, ReplyChannelParams, batchBody, replyAttributes} from './protocol';
 import {COMPACT, dumps} from './pyjson';
 import {sign} from './signing';
 
@@ -25,9 +25,14 @@ export interface PipesMessage {
   params: Record<string, unknown> | null;
 }
 
-/** What the writer reports in `opened`: the invocation that owns the session, and the request's trace. */
-export function openedExtras(invocationId: string, traceId: string | undefined): Record<string, string> {
-  return {invocation_id: invocationId, ...(traceId ? {trace_id: traceId} : {})};
+/** What the writer reports in `opened`: the invocation that owns the session, the request's trace, and the
+ * trigger's owner token (the orchestrator then accepts the invocation without reading the lease). */
+export function openedExtras(invocationId: string, traceId: string | undefined, ownerToken = ''): Record<string, string> {
+  return {
+    invocation_id: invocationId,
+    ...(traceId ? {trace_id: traceId} : {}),
+    ...(ownerToken ? {[OWNER_TOKEN_EXTRA]: ownerToken} : {}),
+  };
 }
 
 const seconds = (): number => performance.now() / 1000;

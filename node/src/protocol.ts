@@ -18,6 +18,12 @@ export const MAX_CLAIM_BYTES = 64 * 1024 * 1024;
 /** How far the orchestrator's clock may be from the function's (see `issued_at`). */
 export const CLOCK_SKEW_ALLOWANCE_SECONDS = 600.0;
 
+/** The key of `opened`'s extras that echoes the trigger's `owner_token`. */
+export const OWNER_TOKEN_EXTRA = 'owner_token';
+/** The key of `closed`'s params that is true when the function ended its own lease before sending it (the
+ * orchestrator then need not write the session's tombstone). */
+export const LEASE_ENDED_PARAM = 'lease_ended';
+
 export const BOOTSTRAP_KEYS = ['DAGSTER_PIPES_CONTEXT', 'DAGSTER_PIPES_MESSAGES'] as const;
 
 export const REPLY_CHANNEL_PUBSUB = 'pubsub';
@@ -105,6 +111,9 @@ export interface ReplyChannelParams {
   start_window: number | null;
   signed: boolean;
   issued_at: number | null;
+  /** a random token of the session, echoed in `opened` (`extras[OWNER_TOKEN_EXTRA]`): the orchestrator then
+   * accepts the invocation as the session's owner without reading the lease; "" from an earlier release */
+  owner_token: string;
 }
 
 type Kind = 'string' | 'int' | 'number' | 'boolean';
@@ -134,6 +143,7 @@ const FIELDS: Record<keyof ReplyChannelParams, FieldSpec> = {
   start_window: {kind: 'number', default: null, optional: true},
   signed: {kind: 'boolean', default: false},
   issued_at: {kind: 'number', default: null, optional: true},
+  owner_token: {kind: 'string', default: ''},
 };
 
 function fieldProblem(spec: FieldSpec, value: unknown): string | null {

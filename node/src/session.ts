@@ -1,6 +1,7 @@
 /**
  * One Pipes session on the function side (function/session.py): decode the trigger, refuse it if it must
- * not start, claim the lease, open Pipes, watch the lease and the deadline, run the handler, close.
+ * not start, claim the lease, open Pipes, watch the lease and the deadline, run the handler, close (the
+ * lease ended by this invocation, then `closed`).
  *
  * `runSession` never throws for a handler error: that reaches Dagster through `closed` (with its stack) and
  * is returned, so the platform does not redeliver a trigger whose failure Dagster already knows about. A
@@ -18,10 +19,10 @@ import {BlobStore} from './claimCheck';
 import * as clients from './clients';
 import {PipesContext, PipesContextData, SessionCancelled, pipesException} from './context';
 import {leaseKey} from './layout';
-import {claimLease, endedSessionOfClaim, whyStop} from './lease';
+import {endOwnLease, endedSessionOfClaim, takeLease, whyStop} from './lease';
 import {currentTrace, log} from './logs';
 import {ReplyWriter, openedExtras} from './messageWriter';
-import {Attributes, CLOCK_SKEW_ALLOWANCE_SECONDS, MAX_CLAIM_BYTES, ProtocolError} from './protocol';
+import {Attributes, CLOCK_SKEW_ALLOWANCE_SECONDS, MAX_CLAIM_BYTES, ProtocolError, ReplyChannelParams} from './protocol';
 import {statusOf} from './retry';
 import {SECRET_ENV_VAR} from './signing';
 import {captureOutput} from './stdio';
@@ -107,6 +108,20 @@ async function endedSession(services: Services, data: Buffer, attributes: Attrib
   }
 }
 
+/** How the session's context ends the lease as it closes the session, if it may: with a start window to keep
+ * the tombstone for, and a lease this invocation claimed (on the Pub/Sub channel, the only one served here). */
+function leaseEnder(
+  services: Services,
+  settings: ReplyChannelParams,
+  key: string,
+  invocationId: string,
+  generation: number,
+): (() => Promise<boolean>) | undefined {
+  const startWindow = settings.start_window;
+  if (startWindow === null || !generation) return undefined;
+  return () => endOwnLease(services.storage, settings.bucket, key, invocationId, generation, startWindow);
+}
+
 /** Run `handler` for one trigger message (see the module comment for what it returns and throws). */
 export async function runSession(
   handler: Handler,
@@ -148,9 +163,9 @@ async function run(handler: Handler, data: Buffer, attributes: Attributes, optio
   }
 
   const key = leaseKey(settings.prefix, sessionId);
-  let claim;
+  let taken;
   try {
-    claim = await claimLease(services.storage, settings.bucket, key, invocationId, settings.lease_seconds);
+    taken = await takeLease(services.storage, settings.bucket, key, invocationId, settings.lease_seconds);
   } catch (error) {
     const status = statusOf(error);
     if (status !== 404 && status !== 400) throw error; // what a redelivery may fix
@@ -162,7 +177,7 @@ async function run(handler: Handler, data: Buffer, attributes: Attributes, optio
     log.error('session', `dropping trigger message ${messageId}: ${problem.message}`);
     return {sessionId, invocationId, ran: false, error: problem};
   }
-  if (claim !== 'claimed') return {sessionId, invocationId, ran: false};
+  if (taken.claim !== 'claimed') return {sessionId, invocationId, ran: false};
 
   log.info('session', `session ${sessionId}: invocation ${invocationId} starts (trigger message ${messageId})`);
   const writer = new ReplyWriter({
@@ -175,19 +190,21 @@ async function run(handler: Handler, data: Buffer, attributes: Attributes, optio
   const cancellation = new Cancellation();
   let pipes: PipesContext;
   try {
-    pipes = new PipesContext(await loadContext(read.contextParams, services), writer, cancellation);
+    const contextData = await loadContext(read.contextParams, services);
+    const endLease = leaseEnder(services, settings, key, invocationId, taken.generation);
+    pipes = new PipesContext(contextData, writer, cancellation, endLease);
   } catch (error) {
     log.error('session', `session ${sessionId}: the Pipes context could not be loaded: ${String(error)}`);
     return {sessionId, invocationId, ran: true, error};
   }
-  pipes.open(openedExtras(invocationId, options.traceId));
+  pipes.open(openedExtras(invocationId, options.traceId, settings.owner_token));
   writer.start();
 
   const deadline =
     settings.function_timeout === null
       ? null
       : arrived + settings.function_timeout - deadlineMargin(settings.function_timeout);
-  const onDeadline = (): void => {
+  const onDeadline = (): Promise<void> => {
     const message =
       `session ${sessionId}: the handler was still running at the function's timeout (function_timeout=` +
       `${settings.function_timeout}s, less ${deadlineMargin(settings.function_timeout ?? 0)}s to report it); the ` +
@@ -195,7 +212,7 @@ async function run(handler: Handler, data: Buffer, attributes: Attributes, optio
       '--timeout, then function_timeout), or split the work (run_many)';
     log.error('session', message);
     cancellation.set(`the function's timeout (function_timeout=${settings.function_timeout}s) is reached`);
-    pipes.close({message: `SessionTimeout: ${message}\n`, stack: [], name: 'SessionTimeout', cause: null, context: null});
+    return pipes.close({message: `SessionTimeout: ${message}\n`, stack: [], name: 'SessionTimeout', cause: null, context: null});
   };
 
   let handlerStarted = false;
@@ -212,9 +229,9 @@ async function run(handler: Handler, data: Buffer, attributes: Attributes, optio
   } catch (error) {
     failure = error;
   } finally {
-    await stopWatching();
+    await stopWatching(); // before the lease is ended: the watch would read the tombstone as a cancellation
   }
-  pipes.close(failure === undefined ? null : pipesException(failure));
+  await pipes.close(failure === undefined ? null : pipesException(failure));
   try {
     await writer.close();
   } catch (error) {

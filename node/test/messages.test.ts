@@ -22,7 +22,7 @@ function context(data: Partial<PipesContextData> = {}): {pipes: PipesContext; si
   return {pipes, sink, cancellation};
 }
 
-test('the same calls write the same bytes as dagster-pipes', () => {
+test('the same calls write the same bytes as dagster-pipes', async () => {
   const {pipes, sink} = context();
   pipes.open(openedExtras(python.replies.invocation, '4bf92f3577b34da6a3ce929d0e0e4736'));
   pipes.log.debug('debug line');
@@ -50,10 +50,34 @@ test('the same calls write the same bytes as dagster-pipes', () => {
   pipes.reportCustomMessage({k: [1, 2.5, null, '\u00fc'], n: {deep: true}});
   pipes.logExternalStream('stdout', 'printed line\n');
   pipes.logExternalStream('stderr', 'oops\n', {x: 1});
-  pipes.close();
+  await pipes.close();
   assert.deepEqual(sink.encoded, python.pipes_messages);
   assert.deepEqual(openedExtras(python.replies.invocation, undefined), python.opened_extras.without_trace);
   assert.deepEqual(openedExtras(python.replies.invocation, '4bf92f3577b34da6a3ce929d0e0e4736'), python.opened_extras.with_trace);
+  const {token, extras} = python.opened_extras.with_owner_token;
+  assert.deepEqual(openedExtras(python.replies.invocation, '4bf92f3577b34da6a3ce929d0e0e4736', token), extras);
+});
+
+test("closed: the lease is ended first, and closed says so as the Python side's context does", async () => {
+  const timeout = {message: 'SessionTimeout: late\n', stack: [], name: 'SessionTimeout', cause: null, context: null};
+  for (const [ended, exception, expected] of [
+    [true, timeout, python.closed.lease_ended],
+    [false, null, python.closed.lease_not_ended],
+  ] as const) {
+    const sink = new Capture();
+    let release: (ended: boolean) => void = () => {};
+    const pipes = new PipesContext(python.pipes_context_data, sink, new Cancellation(), () => new Promise((resolve) => (release = resolve)));
+    const first = pipes.close(exception);
+    const second = pipes.close(); // the handler's end, while the deadline's close ends the lease: waits for it
+    pipes.log.info('written while the lease is ended'); // still before `closed`
+    assert.equal(pipes.isClosed, false);
+    release(ended);
+    await Promise.all([first, second]);
+    assert.equal(sink.encoded.length, 2);
+    assert.match(sink.encoded[0], /"method":"log"/);
+    assert.equal(sink.encoded[1], expected);
+    assert.throws(() => pipes.log.info('late'), DagsterPipesError);
+  }
 });
 
 test("the step's context, as dagster-pipes reads it", () => {
@@ -77,7 +101,7 @@ test("the step's context, as dagster-pipes reads it", () => {
   assert.throws(() => single.partitionKey, /does not target any partitions/);
 });
 
-test('reports the orchestrator could not take are refused where they are made', () => {
+test('reports the orchestrator could not take are refused where they are made', async () => {
   const {pipes} = context();
   assert.throws(() => pipes.reportAssetMaterialization(), /targets multiple assets: pass assetKey/);
   assert.throws(() => pipes.reportAssetMaterialization({assetKey: 'other'}), /Invalid asset key/);
@@ -95,7 +119,7 @@ test('reports the orchestrator could not take are refused where they are made', 
   );
   const none = context({asset_keys: null}).pipes;
   assert.throws(() => none.reportAssetMaterialization(), /does not target a specific asset/);
-  pipes.close();
+  await pipes.close();
   assert.throws(() => pipes.log.info('late'), DagsterPipesError);
 });
 

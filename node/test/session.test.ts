@@ -84,16 +84,23 @@ test('the lease watch: checked before the handler, then every interval; a reason
   assert.equal(calls, 3); // no more checks once cancelled
 });
 
-test('the lease watch survives a failing check, and calls onDeadline once at the deadline', async () => {
+test('the lease watch survives a failing check, calls onDeadline once at the deadline, and its stop waits for it', async () => {
   const cancellation = new Cancellation();
   let deadlines = 0;
+  let closedAtDeadline = false;
   const stop = await watchSession(async () => Promise.reject(Object.assign(new Error('unavailable'), {code: 503})), cancellation, {
     interval: 0.01,
     deadline: monotonic() + 0.05,
-    onDeadline: () => deadlines++,
+    onDeadline: async () => {
+      deadlines++;
+      await sleep(200); // the session's close: the lease ended, then `closed`
+      closedAtDeadline = true;
+    },
   });
   await sleep(150);
+  assert.equal(closedAtDeadline, false);
   await stop();
+  assert.equal(closedAtDeadline, true);
   assert.equal(deadlines, 1);
   assert.equal(cancellation.isSet, false);
   assert.equal(deadlineMargin(540), 10);

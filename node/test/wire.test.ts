@@ -4,7 +4,9 @@ import {test} from 'node:test';
 
 import {BlobStore, ClaimCheck, unwrap} from '../src/claimCheck';
 import * as layout from '../src/layout';
-import {ENDED, leaseBody, leaseFromMetadata, leaseMetadata, readLease} from '../src/lease';
+import type {Storage} from '@google-cloud/storage';
+
+import {ENDED, endOwnLease, leaseBody, leaseFromMetadata, leaseMetadata, readLease} from '../src/lease';
 import {batchBody, replyAttributes} from '../src/protocol';
 import {COMPACT, dumps} from '../src/pyjson';
 import {canonical, sign} from '../src/signing';
@@ -94,4 +96,39 @@ test('lease: a record that does not parse counts as ended', () => {
   assert.match(bad.reason, /state "mine" is neither/);
   assert.match(readLease({...held, dagster_pipes_lease_expires_at: 'soon'}).reason, /expires_at "soon" is not a finite/);
   assert.match(readLease({...held, dagster_pipes_lease_expires_at: '-1'}).reason, /not a finite, non-negative/);
+});
+
+/** A Cloud Storage client that records each upload and answers it with the next of `failures` (then success). */
+function recordingStorage(failures: {code: number}[] = []): {storage: Storage; uploads: Record<string, unknown>[]} {
+  const uploads: Record<string, unknown>[] = [];
+  const file = (bucket: string, key: string) => ({
+    save: async (data: string, options: {contentType: string; metadata: {metadata: unknown}; preconditionOpts: {ifGenerationMatch: number}}) => {
+      uploads.push({bucket, key, body: data, metadata: options.metadata.metadata, content_type: options.contentType,
+                    generation: options.preconditionOpts.ifGenerationMatch});
+      const failure = failures.shift();
+      if (failure) throw Object.assign(new Error(`status ${failure.code}`), failure);
+    },
+  });
+  const storage = {bucket: (bucket: string) => ({file: (key: string) => file(bucket, key)})} as unknown as Storage;
+  return {storage, uploads};
+}
+
+test('the own lease ended as the Python side ends it: the same upload, over the generation claimed', async () => {
+  const f = python.own_tombstone;
+  const {storage, uploads} = recordingStorage();
+  assert.equal(await endOwnLease(storage, f.bucket, f.key, f.invocation, f.generation, f.start_window), f.ended);
+  const {ended, invocation, start_window, ...upload} = f;
+  assert.deepEqual(uploads, [upload]);
+});
+
+test('the own lease: a transient error retried; a 412 (not ours any more) or another error is false', async () => {
+  const f = python.own_tombstone;
+  const end = (storage: Storage) => endOwnLease(storage, f.bucket, f.key, f.invocation, f.generation, f.start_window);
+  const flaky = recordingStorage([{code: 503}]);
+  assert.equal(await end(flaky.storage), true);
+  assert.equal(flaky.uploads.length, 2);
+  const taken = recordingStorage([{code: 412}]);
+  assert.equal(await end(taken.storage), false);
+  assert.equal(taken.uploads.length, 1);
+  assert.equal(await end(recordingStorage([{code: 403}]).storage), false);
 });
