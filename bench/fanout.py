@@ -3,7 +3,8 @@
     python -m bench.fanout [--shards 1 20 100] [--concurrency 20] [--profile PATH] [--results PATH]
 
 Prints one table: shards, concurrency, wall time, ratio to one shard, the orchestrator's CPU per shard, peak
-RSS and threads (``--results``: also as JSON, which ``bench.plots`` draws as docs/img/fan_out.png). ``--profile``: the largest fan-out runs under py-spy (``bench/profile.py``), which writes its
+RSS and threads (``--results``: also as JSON, which ``bench.plots`` draws as docs/img/fan_out.png), then the
+CPU a shard of each of the local stack's processes. Each step runs on a fresh stack. ``--profile``: the largest fan-out runs under py-spy (``bench/profile.py``), which writes its
 samples to PATH, and the table of where its CPU went follows.
 """
 
@@ -31,6 +32,26 @@ def current_rss_mb() -> float:
     """This process's resident set size now (Linux), unlike ru_maxrss, which keeps the peak of earlier runs."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def process_group_cpu_seconds(pgid: int) -> float:
+    """User and system CPU seconds of every live process in the process group ``pgid`` (Linux): a server the
+    local stack started, with its children (the emulator's JVM under its launcher)."""
+    ticks = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[2]) == pgid:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _server_kind(name: str) -> str:
+    """A server's name without its topic (``function-bench-trigger`` -> ``function``)."""
+    return name.removesuffix(f"-{TOPIC}")
 
 
 def fan_out_seconds(
@@ -82,28 +103,44 @@ def main() -> None:
                         help="the run's console logger level (Dagster's default DEBUG prints every event; WARNING: what a user can save)")
     args = parser.parse_args()
     function = LocalFunction("tests/functions/main.py", "main", TOPIC, env={"THREADS": str(max(8, args.concurrency * 2))})
-    with LocalStack(functions=[function]) as stack, stack.activated():
-        client = PipesPubSubClient(trigger_topic=TOPIC, reply_topic="pipes-replies", bucket="pipes-payloads")
-        fan_out_seconds(client, 1, 1)  # warm up imports and the function instance
-        rows = []
-        for shards in args.shards:
+    rows = []
+    stack_cpu: dict[int, dict[str, float]] = {}
+    for shards in args.shards:
+        # a fresh stack for each step: fake-gcs-server's in-memory backend finds an object by scanning the
+        # bucket, so the tombstones an earlier step left (kept for the start window) would slow this one down,
+        # which Cloud Storage's lookups do not
+        with LocalStack(functions=[function]) as stack, stack.activated():
+            client = PipesPubSubClient(trigger_topic=TOPIC, reply_topic="pipes-replies", bucket="pipes-payloads")
+            fan_out_seconds(client, 1, 1)  # warm up imports and the function instance
+            servers = {name: server.process.pid for name, server in stack.servers.items() if server.process is not None}
+            servers_before = {name: process_group_cpu_seconds(pid) for name, pid in servers.items()}
             profiling = args.profile is not None and shards == max(args.shards)
             with sampled(args.profile) if profiling else nullcontext():
                 cpu = time.process_time()
                 seconds, threads, rss_mb = fan_out_seconds(client, shards, min(args.concurrency, shards), args.console_log_level, args.events_on_disk)
                 cpu_ms = 1000 * (time.process_time() - cpu) / shards
-            rows.append((shards, min(args.concurrency, shards), seconds, cpu_ms, threads, rss_mb))
+            stack_cpu[shards] = {
+                _server_kind(name): 1000 * (process_group_cpu_seconds(pid) - servers_before[name]) / shards
+                for name, pid in servers.items()
+            }
+        rows.append((shards, min(args.concurrency, shards), seconds, cpu_ms, threads, rss_mb))
     base = rows[0][2] if rows and rows[0][0] == 1 else None
     print("\n| shards | concurrency | wall s | × one shard | orchestrator CPU ms per shard | peak threads | peak RSS MB |"
           "\n|---:|---:|---:|---:|---:|---:|---:|")
     for shards, concurrency, seconds, cpu_ms, threads, rss_mb in rows:
         ratio = f"{seconds / base:.2f}" if base else "-"
         print(f"| {shards} | {concurrency} | {seconds:.2f} | {ratio} | {cpu_ms:.1f} | {threads} | {rss_mb:.0f} |")
+    kinds = list(next(iter(stack_cpu.values()), {}))
+    print("\nThe local stack's CPU, ms a shard, by process (they share the 2 cores with the orchestrator):\n")
+    print("| shards | orchestrator | " + " | ".join(kinds) + " |\n|---:|---:|" + "---:|" * len(kinds))
+    for shards, _, _, cpu_ms, _, _ in rows:
+        print(f"| {shards} | {cpu_ms:.1f} | " + " | ".join(f"{stack_cpu[shards].get(k, 0.0):.1f}" for k in kinds) + " |")
     if args.results is not None:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps({"cores": os.cpu_count(), "fan_out": [
             {"shards": shards, "concurrency": concurrency, "seconds": seconds, "cpu_seconds": cpu_ms * shards / 1000,
-             "threads": threads, "rss_mb": rss_mb} for shards, concurrency, seconds, cpu_ms, threads, rss_mb in rows]}, indent=1))
+             "threads": threads, "rss_mb": rss_mb, "stack_cpu_ms_per_shard": stack_cpu[shards]}
+            for shards, concurrency, seconds, cpu_ms, threads, rss_mb in rows]}, indent=1))
     if args.profile is not None:
         print(f"\nWhere the orchestrator's CPU went in the {rows[-1][0]:,}-shard step (py-spy samples in {args.profile}):\n")
         print(profile_table(breakdown(args.profile), rows[-1][3]))

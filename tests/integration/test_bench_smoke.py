@@ -55,3 +55,6 @@ def test_the_fan_out_bench_profiles_its_largest_step(tmp_path: Path) -> None:
     assert profile.read_text().strip(), "py-spy wrote no samples"
     shares = {row[1].strip(): float(row[2].strip().rstrip("%")) for row in rows if row[2].strip().endswith("%")}
     assert 99.0 <= sum(shares.values()) <= 101.0 and shares, run.stdout
+    # where the rest of the 2 cores went: each of the local stack's processes, per step
+    stack_table = run.stdout.split("by process", 1)[1]
+    assert "| fake-gcs-server |" in stack_table and "| pubsub-emulator |" in stack_table, run.stdout
