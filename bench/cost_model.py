@@ -206,8 +206,9 @@ CAPACITIES = (100, 1000)
 FAN_OUT_SHARDS = (10_000, 100_000)
 #: Cloud Storage class A operations (object writes) per 10,000, standard storage
 USD_PER_10K_CLASS_A = 0.05
-#: a shard's lease writes: the function's claim and the orchestrator's tombstone (class A); the orchestrator's
-#: owner check reads the lease's metadata (class B, not priced here)
+#: a shard's lease writes (class A), both the function's: its claim, and the tombstone it writes as it closes
+#: (the orchestrator writes it only for a session that did not close; it reads the lease only for an
+#: `opened` without the trigger's owner token)
 LEASE_WRITES_PER_SHARD = 2
 
 
