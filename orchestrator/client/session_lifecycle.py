@@ -152,12 +152,15 @@ class SessionLifecycle:
     def __init__(self, settings: PipesPubSubClientSettings):
         self.settings = settings
 
-    def end(self, gcs: storage.Client, session_id: str, reason: str, known: storage.Blob | None = None) -> None:
+    def end(
+        self, gcs: storage.Client, session_id: str, reason: str, known: storage.Blob | None = None,
+        written_after: float | None = None,
+    ) -> None:
         """The session is over: ended in its lease (a trigger delivered later finds it ended and does not run),
         its other objects deleted (``session_end.end_session``). ``known``: the lease as last read."""
         settings = self.settings
         end_session(gcs, settings.bucket, settings.prefix, session_id, start_window=settings.startup_timeout,
-                    reason=reason, known=known)
+                    reason=reason, known=known, written_after=written_after)
 
     def end_lease(self, gcs: storage.Client, session_id: str, reason: str, known: storage.Blob | None = None) -> storage.Blob:
         """End the session in its lease only, and return the tombstone: its objects stay (a fan-out group's
@@ -302,7 +305,7 @@ class SessionLifecycle:
             else:
                 assert key is not None
                 journal.session(self._record(run, reader, session_id, key, reply_topic), reattached=False)
-        started = time.monotonic()
+        started, started_at = time.monotonic(), time.time()
         ended_because = "the session closed"
         try:
             # the op context: Dagster's pipes code reads run_id from it, which AssetExecutionContext deprecates
@@ -374,7 +377,8 @@ class SessionLifecycle:
             else:
                 # durable: a late or duplicate delivery of the trigger finds the session ended and does not run
                 # (ended by the function: the lease is read for GCS's clock, which the sweep goes by)
-                self.end(resolved.gcs, session_id, reason, None if ended_by_function else known)
+                self.end(resolved.gcs, session_id, reason, None if ended_by_function else known,
+                         written_after=started_at if attach is None else None)
             if journal is not None and demux is None and isinstance(reader, PipesPubSubMessageReader):
                 journal.released(reader.subscription_paths, [session_id])
             if subscriber is not None:

@@ -18,8 +18,9 @@ whose time has passed (at most once per ``SWEEP_INTERVAL_SECONDS`` per process a
 their age by GCS's own timestamps (``updated``) only, never by this machine's clock, and skipping (with a
 warning) any object there whose record does not parse: nothing another session left in the bucket may fail
 this one. A bucket lifecycle rule on the prefix is the backstop for an orchestrator that stops for good.
-Writing a tombstone also reads GCS's clock against this machine's: one warning per process when they are
-further apart than the allowance, which the trigger's deadline relies on.
+Writing a tombstone, or finding the one the function wrote at the end of a session this process started,
+also reads GCS's clock against this machine's: one warning per process when they are further apart than
+the allowance, which the trigger's deadline relies on.
 """
 
 from __future__ import annotations
@@ -111,12 +112,15 @@ def _check_clock(before: float, server_time: datetime | None, after: float) -> N
 
 def end_session(
     gcs: storage.Client, bucket: str, prefix: str, session_id: str, *, start_window: float, reason: str,
-    known: storage.Blob | None = None,
+    known: storage.Blob | None = None, written_after: float | None = None,
 ) -> None:
     """The session is over: end its lease durably, delete every other object of the session, and sweep the
     tombstones whose time has passed (a sweep that fails is logged: it is housekeeping, never the session's
-    outcome)."""
+    outcome). ``written_after``: this machine's time before which nobody can have ended the lease (the
+    trigger's sending): a tombstone the function wrote is then held against this machine's clock too."""
     tombstone = end_lease(gcs, bucket, prefix, session_id, start_window=start_window, reason=reason, known=known)
+    if written_after is not None:
+        _check_clock(written_after, tombstone.updated, time.time())
     GCSBlobStore(gcs, bucket).delete_prefix(session_prefix(prefix, session_id))
     if tombstone.updated is not None:
         _sweep_logged(gcs, bucket, prefix, tombstone.updated)

@@ -6,6 +6,8 @@ orchestrator's clock."""
 from __future__ import annotations
 
 import concurrent.futures
+import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from dagster_gcf_pipes.function import session as session_module
 from dagster_gcf_pipes.function.lease import take_lease
 from dagster_gcf_pipes.function.session import SessionOutcome, run_session
 from dagster_gcf_pipes.orchestrator.client import session_lifecycle
+from dagster_gcf_pipes.orchestrator.session import end
 from dagster_gcf_pipes.orchestrator.session.end import end_lease
 from dagster_gcf_pipes.shared.claim_check import GCSBlobStore
 from dagster_gcf_pipes.shared.layout import lease_key
@@ -47,6 +50,25 @@ def test_an_orchestrator_clock_minutes_behind_does_not_make_triggers_late(stack,
     assert outcome.metadata["n"] == 7
     assert session_subscriptions(stack.project) == []
     assert session_objects(stack.project) == []
+
+
+def test_an_orchestrator_clock_far_off_is_warned_about_from_the_tombstone_the_function_wrote(
+    stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """The trigger's own deadline trusts the orchestrator's clock within 600 s. The orchestrator no longer
+    writes the tombstone of a session the function closed, so it holds the function's against its own clock
+    (GCS stamped it after the trigger was sent): a clock 15 minutes fast is warned about, once."""
+    skewed = SimpleNamespace(time=lambda: time.time() + 900, monotonic=time.monotonic, sleep=time.sleep)
+    monkeypatch.setattr(session_lifecycle, "time", skewed)
+    monkeypatch.setattr(end, "time", skewed)
+    monkeypatch.setattr(end, "_clock_warned", threading.Event())
+    with caplog.at_level(logging.WARNING, logger=end.__name__):
+        outcome = run_asset(make_client(startup_timeout=10.0), {"n": 7})
+
+    assert outcome.result.success, outcome.failure_message
+    assert tombstone(stack.project, outcome.metadata["pipes_session_id"]).reason == "the function closed the session"
+    (warning,) = [r.getMessage() for r in caplog.records if "Synchronise the clock" in r.getMessage()]
+    assert "ahead of Cloud Storage's" in warning, warning
 
 
 # ------------------------------------------------------------------------------------------- helpers
